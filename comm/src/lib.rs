@@ -1,0 +1,1 @@
+//! fpdt-comm
