@@ -1,0 +1,642 @@
+//! Streams and events.
+//!
+//! A [`Stream`] runs the operations enqueued on it in order. On the cpu
+//! device each stream is a worker thread; on the meta device a stream is a
+//! virtual clock that advances by the cost model's time for each operation.
+//! An [`Event`] marks a point in a stream; another stream can wait for it,
+//! and the host can wait for it. A failed operation makes its stream refuse
+//! later work, and every event recorded after it carries the failure, so an
+//! error reaches whoever waits, on any stream, instead of being lost.
+
+use std::borrow::Cow;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam::channel::{Receiver, Sender};
+
+use crate::device::{Core, DeviceKind};
+use crate::error::{Result, RuntimeError};
+use crate::memory::{MemRef, Space, View};
+use crate::trace::{OpKind, TraceEvent};
+
+/// What an operation costs: the meta device turns it into a predicted time;
+/// the trace reports it beside measured times.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Work {
+    /// Kind of operation.
+    pub kind: OpKind,
+    /// Floating-point operations.
+    pub flops: f64,
+    /// Bytes read and written (kernels) or moved (copies, collectives).
+    pub bytes: u64,
+}
+
+impl Work {
+    /// A kernel doing `flops` and touching `bytes`.
+    pub fn kernel(flops: f64, bytes: u64) -> Work {
+        Work {
+            kind: OpKind::Kernel,
+            flops,
+            bytes,
+        }
+    }
+
+    /// A collective moving `bytes` per rank over the interconnect.
+    pub fn collective(bytes: u64) -> Work {
+        Work {
+            kind: OpKind::Collective,
+            flops: 0.0,
+            bytes,
+        }
+    }
+}
+
+/// The host function a cpu kernel runs: inputs as byte slices, outputs as
+/// mutable byte slices, in the order the views were given.
+pub type HostFn =
+    Box<dyn FnOnce(&[&[u8]], &mut [&mut [u8]]) -> std::result::Result<(), String> + Send>;
+
+#[derive(Debug, Clone)]
+struct Failure {
+    stream: String,
+    op: String,
+    message: String,
+}
+
+impl Failure {
+    fn to_error(&self) -> RuntimeError {
+        RuntimeError::StreamFailed {
+            stream: self.stream.clone(),
+            op: self.op.clone(),
+            message: self.message.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Completion {
+    time_ns: u64,
+    failure: Option<Failure>,
+}
+
+struct EventState {
+    stream: Arc<str>,
+    /// On the meta device: the device, whose host clock a host wait advances.
+    meta: Option<Arc<Core>>,
+    done: Mutex<Option<Completion>>,
+    cv: Condvar,
+}
+
+/// A point in a stream: complete when everything enqueued before it on that
+/// stream has run. Cheap to clone.
+#[derive(Clone)]
+pub struct Event {
+    inner: Arc<EventState>,
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Event(stream `{}`, complete: {})",
+            self.inner.stream,
+            self.is_complete()
+        )
+    }
+}
+
+impl Event {
+    fn new(stream: Arc<str>, meta: Option<Arc<Core>>) -> Event {
+        Event {
+            inner: Arc::new(EventState {
+                stream,
+                meta,
+                done: Mutex::new(None),
+                cv: Condvar::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Completion>> {
+        self.inner.done.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn complete(&self, time_ns: u64, failure: Option<Failure>) {
+        *self.lock() = Some(Completion { time_ns, failure });
+        self.inner.cv.notify_all();
+    }
+
+    /// Whether the event has completed (successfully or not).
+    pub fn is_complete(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    /// Blocks the host until the event completes, then reports the failure
+    /// of its stream, if any. Gives up after `timeout`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<u64> {
+        let g = self.lock();
+        let (g, _) = self
+            .inner
+            .cv
+            .wait_timeout_while(g, timeout, |c| c.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        match &*g {
+            None => Err(RuntimeError::Timeout {
+                what: format!("an event of stream `{}`", self.inner.stream),
+                secs: timeout.as_secs_f64(),
+            }),
+            Some(c) => {
+                if let Some(core) = &self.inner.meta {
+                    core.advance_meta_host(c.time_ns);
+                }
+                match &c.failure {
+                    Some(f) => Err(f.to_error()),
+                    None => Ok(c.time_ns),
+                }
+            }
+        }
+    }
+
+    /// Time at which the event completed, in nanoseconds on its device's
+    /// clock (measured on cpu, predicted on meta); None while pending.
+    pub fn time_ns(&self) -> Option<u64> {
+        self.lock().as_ref().map(|c| c.time_ns)
+    }
+
+    fn failure(&self) -> Option<Failure> {
+        self.lock().as_ref().and_then(|c| c.failure.clone())
+    }
+}
+
+enum Body {
+    Host(HostFn),
+    Copy,
+    Record(Event),
+    Wait(Event),
+}
+
+struct Job {
+    name: Cow<'static, str>,
+    work: Work,
+    reads: Vec<MemRef>,
+    writes: Vec<MemRef>,
+    body: Body,
+}
+
+/// A cpu stream's worker thread and its queue.
+struct Worker {
+    tx: Mutex<Option<Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A meta stream's virtual clock.
+struct MetaClock {
+    now_ns: u64,
+}
+
+enum Exec {
+    Worker(Worker),
+    Meta(Mutex<MetaClock>),
+}
+
+pub(crate) struct StreamInner {
+    id: u32,
+    name: Arc<str>,
+    core: Arc<Core>,
+    failure: Arc<Mutex<Option<Failure>>>,
+    exec: Exec,
+}
+
+/// An ordered queue of operations on a device. Cheap to clone (a handle).
+#[derive(Clone)]
+pub struct Stream {
+    inner: Arc<StreamInner>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stream(`{}` on {})", self.inner.name, self.inner.core.name)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Stream {
+    pub(crate) fn new(core: Arc<Core>, id: u32, name: &str) -> Result<Stream> {
+        let name: Arc<str> = Arc::from(name);
+        let failure = Arc::new(Mutex::new(None));
+        let exec = match core.kind {
+            DeviceKind::Meta => Exec::Meta(Mutex::new(MetaClock { now_ns: 0 })),
+            DeviceKind::Cpu => {
+                let (tx, rx) = crossbeam::channel::unbounded::<Job>();
+                let ctx = WorkerCtx {
+                    id,
+                    name: name.clone(),
+                    core: core.clone(),
+                    failure: failure.clone(),
+                };
+                let thread = std::thread::Builder::new()
+                    .name(format!("fpdt-{}-{}", core.name, name))
+                    .spawn(move || ctx.run(rx))
+                    .map_err(|source| RuntimeError::Io {
+                        what: format!("starting the worker thread of stream `{name}`"),
+                        source,
+                    })?;
+                Exec::Worker(Worker {
+                    tx: Mutex::new(Some(tx)),
+                    thread: Mutex::new(Some(thread)),
+                })
+            }
+            DeviceKind::Cuda => {
+                return Err(RuntimeError::Unsupported {
+                    device: "cuda",
+                    what: "streams (the cuda backend is not built in yet)".into(),
+                })
+            }
+        };
+        Ok(Stream {
+            inner: Arc::new(StreamInner {
+                id,
+                name,
+                core,
+                failure,
+                exec,
+            }),
+        })
+    }
+
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The stream's number within its device (its row in the trace).
+    pub fn id(&self) -> u32 {
+        self.inner.id
+    }
+
+    /// The kind of device the stream belongs to.
+    pub fn device_kind(&self) -> DeviceKind {
+        self.inner.core.kind
+    }
+
+    /// The name of the device the stream belongs to.
+    pub fn device_name(&self) -> &str {
+        &self.inner.core.name
+    }
+
+    /// Whether two handles name the same stream.
+    pub fn same_as(&self, other: &Stream) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    fn check_device(&self, v: &View<'_>, what: &str) -> Result<()> {
+        if !self.inner.core.owns(v.inner()) {
+            return Err(RuntimeError::Invalid(format!(
+                "{what}: buffer `{}` belongs to another device than stream `{}` ({})",
+                v.tag(),
+                self.inner.name,
+                self.inner.core.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records an event after everything enqueued so far.
+    pub fn record(&self) -> Result<Event> {
+        let meta = (self.inner.core.kind == DeviceKind::Meta).then(|| self.inner.core.clone());
+        let ev = Event::new(self.inner.name.clone(), meta);
+        self.submit(Job {
+            name: Cow::Borrowed("record"),
+            work: Work::kernel(0.0, 0),
+            reads: Vec::new(),
+            writes: Vec::new(),
+            body: Body::Record(ev.clone()),
+        })?;
+        Ok(ev)
+    }
+
+    /// Makes later work on this stream wait until `event` completed. If the
+    /// event's stream failed, this stream fails too.
+    pub fn wait(&self, event: &Event) -> Result<()> {
+        self.submit(Job {
+            name: Cow::Borrowed("wait"),
+            work: Work::kernel(0.0, 0),
+            reads: Vec::new(),
+            writes: Vec::new(),
+            body: Body::Wait(event.clone()),
+        })
+    }
+
+    /// Blocks the host until everything enqueued so far has run; reports the
+    /// stream's failure if any.
+    pub fn synchronize(&self) -> Result<()> {
+        let ev = self.record()?;
+        ev.wait_timeout(self.inner.core.wait_timeout).map(|_| ())
+    }
+
+    /// Copies `src` to `dst` (same length; any of host and device memory).
+    pub fn copy(&self, src: View<'_>, dst: View<'_>) -> Result<()> {
+        self.check_device(&src, "copy source")?;
+        self.check_device(&dst, "copy destination")?;
+        if src.len() != dst.len() {
+            return Err(RuntimeError::Invalid(format!(
+                "copy: source `{}` has {} bytes but destination `{}` has {}",
+                src.tag(),
+                src.len(),
+                dst.tag(),
+                dst.len()
+            )));
+        }
+        if src.overlaps(&dst) {
+            return Err(RuntimeError::Invalid(format!(
+                "copy: source and destination overlap in `{}`",
+                src.tag()
+            )));
+        }
+        let kind = match (src.space(), dst.space()) {
+            (Space::Host, Space::Device) => OpKind::CopyH2D,
+            (Space::Device, Space::Host) => OpKind::CopyD2H,
+            (Space::Device, Space::Device) => OpKind::CopyD2D,
+            (Space::Host, Space::Host) => OpKind::CopyH2H,
+        };
+        let name = format!("{} {}", kind.as_str(), dst.tag());
+        self.submit(Job {
+            name: Cow::Owned(name),
+            work: Work {
+                kind,
+                flops: 0.0,
+                bytes: src.len() as u64,
+            },
+            reads: vec![src.to_ref(false)],
+            writes: vec![dst.to_ref(true)],
+            body: Body::Copy,
+        })
+    }
+
+    /// Enqueues a host function as a kernel: on the cpu device it runs on the
+    /// stream's worker over the bytes of `reads` and `writes`; on the meta
+    /// device it is not run, and its `work` advances the stream's clock. The
+    /// views of one call must not overlap where one of them is written.
+    pub fn launch_host(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        work: Work,
+        reads: &[View<'_>],
+        writes: &[View<'_>],
+        f: HostFn,
+    ) -> Result<()> {
+        let name = name.into();
+        if self.inner.core.kind == DeviceKind::Cuda {
+            return Err(RuntimeError::Unsupported {
+                device: "cuda",
+                what: format!("host kernel `{name}`"),
+            });
+        }
+        for v in reads.iter().chain(writes) {
+            self.check_device(v, &name)?;
+        }
+        for (i, w) in writes.iter().enumerate() {
+            for (j, o) in writes.iter().enumerate() {
+                if i != j && w.overlaps(o) {
+                    return Err(RuntimeError::Invalid(format!(
+                        "{name}: outputs {i} and {j} overlap in `{}`",
+                        w.tag()
+                    )));
+                }
+            }
+            for (j, r) in reads.iter().enumerate() {
+                if w.overlaps(r) {
+                    return Err(RuntimeError::Invalid(format!(
+                        "{name}: output {i} overlaps input {j} in `{}`",
+                        w.tag()
+                    )));
+                }
+            }
+        }
+        self.submit(Job {
+            name,
+            work,
+            reads: reads.iter().map(|v| v.to_ref(false)).collect(),
+            writes: writes.iter().map(|v| v.to_ref(true)).collect(),
+            body: Body::Host(f),
+        })
+    }
+
+    fn submit(&self, job: Job) -> Result<()> {
+        match &self.inner.exec {
+            Exec::Worker(w) => {
+                let tx = lock(&w.tx);
+                match tx.as_ref() {
+                    Some(tx) => tx.send(job).map_err(|_| RuntimeError::StreamClosed {
+                        stream: self.inner.name.to_string(),
+                    }),
+                    None => Err(RuntimeError::StreamClosed {
+                        stream: self.inner.name.to_string(),
+                    }),
+                }
+            }
+            Exec::Meta(clock) => {
+                self.run_meta(&mut lock(clock), job);
+                Ok(())
+            }
+        }
+    }
+
+    /// The meta device: advance the virtual clock; run nothing.
+    fn run_meta(&self, clock: &mut MetaClock, job: Job) {
+        let core = &self.inner.core;
+        let host_now = core.meta_host_time();
+        let start = clock.now_ns.max(host_now);
+        match job.body {
+            Body::Record(ev) => {
+                clock.now_ns = start;
+                ev.complete(start, lock(&self.inner.failure).clone());
+            }
+            Body::Wait(ev) => {
+                let t = ev.time_ns().unwrap_or(start);
+                clock.now_ns = start.max(t);
+                if let Some(f) = ev.failure() {
+                    lock(&self.inner.failure).get_or_insert(f);
+                }
+            }
+            Body::Host(_) | Body::Copy => {
+                let dur = core.cost.duration_ns(&job.work);
+                clock.now_ns = start + dur;
+                core.trace.record(TraceEvent {
+                    stream: self.inner.name.clone(),
+                    stream_id: self.inner.id,
+                    name: job.name,
+                    kind: job.work.kind,
+                    bytes: job.work.bytes,
+                    flops: job.work.flops,
+                    start_ns: start,
+                    end_ns: start + dur,
+                });
+            }
+        }
+    }
+
+    /// Predicted time of the stream's clock on the meta device, in
+    /// nanoseconds (None on other devices).
+    pub fn meta_time_ns(&self) -> Option<u64> {
+        match &self.inner.exec {
+            Exec::Meta(c) => Some(lock(c).now_ns),
+            Exec::Worker(_) => None,
+        }
+    }
+
+    /// Stops accepting work; what is queued still runs. Later enqueues fail
+    /// with [`RuntimeError::StreamClosed`].
+    pub(crate) fn close(&self) {
+        if let Exec::Worker(w) = &self.inner.exec {
+            lock(&w.tx).take();
+        }
+    }
+
+    /// Whether the stream accepts work.
+    pub fn is_open(&self) -> bool {
+        match &self.inner.exec {
+            Exec::Worker(w) => lock(&w.tx).is_some(),
+            Exec::Meta(_) => true,
+        }
+    }
+
+    /// The failure that stopped this stream, if any.
+    pub fn failure(&self) -> Option<RuntimeError> {
+        lock(&self.inner.failure).as_ref().map(Failure::to_error)
+    }
+}
+
+impl Drop for StreamInner {
+    fn drop(&mut self) {
+        if let Exec::Worker(w) = &self.exec {
+            // Closing the channel ends the worker after the queued work.
+            lock(&w.tx).take();
+            if let Some(t) = lock(&w.thread).take() {
+                // A job that held the last handle of its own stream drops it
+                // on the worker thread: joining there would wait forever.
+                if t.thread().id() != std::thread::current().id() {
+                    let _ = t.join();
+                }
+            }
+        }
+    }
+}
+
+struct WorkerCtx {
+    id: u32,
+    name: Arc<str>,
+    core: Arc<Core>,
+    failure: Arc<Mutex<Option<Failure>>>,
+}
+
+impl WorkerCtx {
+    fn run(self, rx: Receiver<Job>) {
+        for job in rx {
+            self.run_job(job);
+        }
+    }
+
+    fn fail(&self, op: &str, message: String) {
+        lock(&self.failure).get_or_insert(Failure {
+            stream: self.name.to_string(),
+            op: op.to_string(),
+            message,
+        });
+    }
+
+    fn run_job(&self, job: Job) {
+        let Job {
+            name,
+            work,
+            reads,
+            writes,
+            body,
+        } = job;
+        match body {
+            Body::Record(ev) => {
+                let f = lock(&self.failure).clone();
+                ev.complete(self.core.now_ns(), f);
+            }
+            Body::Wait(ev) => match ev.wait_timeout(self.core.wait_timeout) {
+                Ok(_) => {}
+                Err(RuntimeError::StreamFailed {
+                    stream,
+                    op,
+                    message,
+                }) => {
+                    lock(&self.failure).get_or_insert(Failure {
+                        stream,
+                        op,
+                        message,
+                    });
+                }
+                Err(e) => self.fail("wait", e.to_string()),
+            },
+            Body::Host(_) | Body::Copy if lock(&self.failure).is_some() => {
+                // The stream has failed: later work is skipped.
+            }
+            Body::Host(f) => {
+                let start = self.core.now_ns();
+                let r = run_with_borrows(&name, &reads, &writes, |ins, outs| f(ins, outs));
+                let end = self.core.now_ns();
+                match r {
+                    Ok(()) => self.trace(name, work, start, end),
+                    Err(msg) => self.fail(&name, msg),
+                }
+            }
+            Body::Copy => {
+                let start = self.core.now_ns();
+                let r = run_with_borrows(&name, &reads, &writes, |ins, outs| {
+                    outs[0].copy_from_slice(ins[0]);
+                    Ok(())
+                });
+                let end = self.core.now_ns();
+                match r {
+                    Ok(()) => self.trace(name, work, start, end),
+                    Err(msg) => self.fail(&name, msg),
+                }
+            }
+        }
+        // `reads` and `writes` drop here: the blocks they hold may return to
+        // their allocator now that the work is done.
+    }
+
+    fn trace(&self, name: Cow<'static, str>, work: Work, start: u64, end: u64) {
+        self.core.trace.record(TraceEvent {
+            stream: self.name.clone(),
+            stream_id: self.id,
+            name,
+            kind: work.kind,
+            bytes: work.bytes,
+            flops: work.flops,
+            start_ns: start,
+            end_ns: end,
+        });
+    }
+}
+
+/// Takes every view's bytes in the registry, runs `f` over them, gives them
+/// back. A conflict (a race in the schedule) fails without touching memory.
+fn run_with_borrows(
+    name: &str,
+    reads: &[MemRef],
+    writes: &[MemRef],
+    f: impl FnOnce(&[&[u8]], &mut [&mut [u8]]) -> std::result::Result<(), String>,
+) -> std::result::Result<(), String> {
+    let mut rb = Vec::with_capacity(reads.len());
+    for r in reads {
+        rb.push(r.borrow(name).map_err(|e| e.to_string())?);
+    }
+    let mut wb = Vec::with_capacity(writes.len());
+    for w in writes {
+        wb.push(w.borrow(name).map_err(|e| e.to_string())?);
+    }
+    let ins: Vec<&[u8]> = rb.iter().map(|b| b.bytes()).collect();
+    let mut outs: Vec<&mut [u8]> = wb.iter().map(|b| b.bytes_mut()).collect();
+    f(&ins, &mut outs)
+}

@@ -1,0 +1,217 @@
+//! Tracing: every enqueued operation, with its stream, kind, size, start and
+//! end, written as a Chrome trace (JSON) that Perfetto and chrome://tracing
+//! open.
+//!
+//! On the cpu device the times are wall-clock times measured by the stream
+//! workers; on the meta device they are the cost model's predicted times, so
+//! the same viewer shows a measured and a predicted step.
+
+use std::borrow::Cow;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::error::{Result, RuntimeError};
+
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpKind {
+    /// A kernel or a host function standing in for one.
+    Kernel,
+    /// Host memory to device memory.
+    CopyH2D,
+    /// Device memory to host memory.
+    CopyD2H,
+    /// Device memory to device memory.
+    CopyD2D,
+    /// Host memory to host memory.
+    CopyH2H,
+    /// A collective communication operation.
+    Collective,
+}
+
+impl OpKind {
+    /// Whether the operation is a copy.
+    pub fn is_copy(self) -> bool {
+        matches!(
+            self,
+            OpKind::CopyH2D | OpKind::CopyD2H | OpKind::CopyD2D | OpKind::CopyH2H
+        )
+    }
+
+    /// Short name used as the trace category.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Kernel => "kernel",
+            OpKind::CopyH2D => "h2d",
+            OpKind::CopyD2H => "d2h",
+            OpKind::CopyD2D => "d2d",
+            OpKind::CopyH2H => "h2h",
+            OpKind::Collective => "collective",
+        }
+    }
+}
+
+/// One recorded operation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TraceEvent {
+    /// The stream's name.
+    pub stream: Arc<str>,
+    /// The stream's number within its device.
+    pub stream_id: u32,
+    /// The operation's name (kernel name, "offload kv", ...).
+    pub name: Cow<'static, str>,
+    /// What it does.
+    pub kind: OpKind,
+    /// Bytes moved (copies, collectives) or touched (kernels).
+    pub bytes: u64,
+    /// Floating-point operations (kernels).
+    pub flops: f64,
+    /// Start, in nanoseconds since the device was created (measured on cpu,
+    /// predicted on meta).
+    pub start_ns: u64,
+    /// End, in the same clock.
+    pub end_ns: u64,
+}
+
+impl TraceEvent {
+    /// Duration in nanoseconds.
+    pub fn duration_ns(&self) -> u64 {
+        self.end_ns.saturating_sub(self.start_ns)
+    }
+}
+
+/// The trace of one device. Recording can be switched off; it is on by default.
+#[derive(Debug)]
+pub struct Trace {
+    device: String,
+    enabled: AtomicBool,
+    events: Mutex<Vec<TraceEvent>>,
+}
+
+impl Trace {
+    pub(crate) fn new(device: String) -> Self {
+        Trace {
+            device,
+            enabled: AtomicBool::new(true),
+            events: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Turns recording on or off.
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether recording is on.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record(&self, ev: TraceEvent) {
+        if self.is_enabled() {
+            self.lock().push(ev);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<TraceEvent>> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the events recorded so far, in completion order per stream.
+    pub fn events(&self) -> Vec<TraceEvent> {
+        self.lock().clone()
+    }
+
+    /// Forgets the events recorded so far.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// The device's name, used as the process name in Chrome traces.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Writes this trace as a Chrome trace JSON file.
+    pub fn write_chrome(&self, path: &Path) -> Result<()> {
+        write_chrome_trace(&[self], path)
+    }
+}
+
+/// Renders several devices' traces (one process each, one thread per stream)
+/// as Chrome trace JSON.
+pub fn chrome_trace_json(traces: &[&Trace]) -> String {
+    use serde_json::json;
+    let mut all = Vec::new();
+    for (pid, t) in traces.iter().enumerate() {
+        all.push(json!({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
+                        "args": {"name": t.device()}}));
+        let events = t.events();
+        let mut named = std::collections::BTreeMap::new();
+        for e in &events {
+            named.entry(e.stream_id).or_insert_with(|| e.stream.clone());
+        }
+        for (tid, name) in named {
+            all.push(json!({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
+                            "args": {"name": name.as_ref()}}));
+        }
+        for e in &events {
+            all.push(json!({
+                "name": e.name, "cat": e.kind.as_str(), "ph": "X",
+                "ts": e.start_ns as f64 / 1e3, "dur": e.duration_ns() as f64 / 1e3,
+                "pid": pid, "tid": e.stream_id,
+                "args": {"bytes": e.bytes, "flops": e.flops},
+            }));
+        }
+    }
+    json!({ "traceEvents": all, "displayTimeUnit": "ms" }).to_string()
+}
+
+/// Writes several devices' traces to one Chrome trace JSON file.
+pub fn write_chrome_trace(traces: &[&Trace], path: &Path) -> Result<()> {
+    let json = chrome_trace_json(traces);
+    let io = |source| RuntimeError::Io {
+        what: format!("writing trace {}", path.display()),
+        source,
+    };
+    let mut f = std::fs::File::create(path).map_err(io)?;
+    f.write_all(json.as_bytes()).map_err(io)?;
+    Ok(())
+}
+
+/// Total time in nanoseconds during which at least one event of `a` and one
+/// event of `b` ran at the same time: the overlap a trace proves.
+pub fn overlap_ns(a: &[&TraceEvent], b: &[&TraceEvent]) -> u64 {
+    let merge = |evs: &[&TraceEvent]| {
+        let mut iv: Vec<(u64, u64)> = evs.iter().map(|e| (e.start_ns, e.end_ns)).collect();
+        iv.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in iv {
+            match out.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        out
+    };
+    let (a, b) = (merge(a), merge(b));
+    let (mut i, mut j, mut total) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        let s = a[i].0.max(b[j].0);
+        let e = a[i].1.min(b[j].1);
+        if e > s {
+            total += e - s;
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    total
+}
