@@ -652,7 +652,10 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("512 B"), "{msg}");
         assert!(msg.contains("`q`"), "{msg}");
-        assert!(msg.contains("4.00 KiB in use of a 4.00 KiB budget"), "{msg}");
+        assert!(
+            msg.contains("4.00 KiB in use of a 4.00 KiB budget"),
+            "{msg}"
+        );
         assert!(msg.contains("largest free block 1020 KiB"), "{msg}");
     }
 }

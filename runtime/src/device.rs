@@ -342,7 +342,12 @@ impl Device {
         r
     }
 
-    fn alloc_in(&self, space: Space, bytes: usize, tag: &'static str) -> Result<fpdt_alloc::SlabBlock> {
+    fn alloc_in(
+        &self,
+        space: Space,
+        bytes: usize,
+        tag: &'static str,
+    ) -> Result<fpdt_alloc::SlabBlock> {
         let slab = match space {
             Space::Device => &self.inner.device_mem,
             Space::Host => &self.inner.host_mem,

@@ -51,7 +51,9 @@ pub enum RuntimeError {
     },
 
     /// The host tried to read or write a buffer that enqueued work still uses.
-    #[error("buffer `{tag}` is still used by enqueued work ({pending}); synchronize before {what}")]
+    #[error(
+        "buffer `{tag}` is still used by enqueued work ({pending}); synchronize before {what}"
+    )]
     BufferBusy {
         /// Tag of the buffer.
         tag: &'static str,

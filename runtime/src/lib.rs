@@ -30,11 +30,15 @@ mod memory;
 mod stream;
 pub mod trace;
 
-pub use chunk::{ChunkMover, DoubleBuffer, HostChunk, HostSlot, Pending, PendingSlot, Resident, SlotGuard};
+pub use chunk::{
+    ChunkMover, DoubleBuffer, HostChunk, HostSlot, Pending, PendingSlot, Resident, SlotGuard,
+};
 pub use cost::CostModel;
 pub use device::{CpuConfig, Device, DeviceKind, MetaConfig};
 pub use error::{Result, RuntimeError};
-pub use memory::{AllocEvent, DeviceBuffer, HostBuffer, HostRead, MemoryLedger, Space, SpaceUsage, View};
+pub use memory::{
+    AllocEvent, DeviceBuffer, HostBuffer, HostRead, MemoryLedger, Space, SpaceUsage, View,
+};
 pub use stream::{Event, HostFn, Stream, Work};
 pub use trace::{OpKind, Trace, TraceEvent};
 

@@ -216,7 +216,11 @@ pub struct Stream {
 
 impl std::fmt::Debug for Stream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Stream(`{}` on {})", self.inner.name, self.inner.core.name)
+        write!(
+            f,
+            "Stream(`{}` on {})",
+            self.inner.name, self.inner.core.name
+        )
     }
 }
 

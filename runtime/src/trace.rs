@@ -149,16 +149,20 @@ pub fn chrome_trace_json(traces: &[&Trace]) -> String {
     use serde_json::json;
     let mut all = Vec::new();
     for (pid, t) in traces.iter().enumerate() {
-        all.push(json!({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
-                        "args": {"name": t.device()}}));
+        all.push(
+            json!({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
+                        "args": {"name": t.device()}}),
+        );
         let events = t.events();
         let mut named = std::collections::BTreeMap::new();
         for e in &events {
             named.entry(e.stream_id).or_insert_with(|| e.stream.clone());
         }
         for (tid, name) in named {
-            all.push(json!({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
-                            "args": {"name": name.as_ref()}}));
+            all.push(
+                json!({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
+                            "args": {"name": name.as_ref()}}),
+            );
         }
         for e in &events {
             all.push(json!({
