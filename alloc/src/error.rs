@@ -25,6 +25,9 @@ pub enum AllocError {
         /// The largest block that could have been handed out.
         largest_free: usize,
     },
+    /// The NUMA topology could not be read.
+    #[error("topology: {0}")]
+    Topology(String),
     /// A configuration that cannot work (budget above the region, misaligned base, ...).
     #[error("invalid allocator configuration: {0}")]
     InvalidConfig(String),
