@@ -9,8 +9,10 @@
 //!
 //! Naive f64 references in [`reference`] are the oracle for both.
 
+pub mod cpu;
 mod error;
 pub mod launch;
+pub mod reference;
 
 pub use error::PtxError;
 pub use launch::{Arg, Dim3, KernelLaunch};
