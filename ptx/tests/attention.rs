@@ -12,7 +12,13 @@ use fpdt_ptx::{reference, PtxError};
 use half::bf16;
 
 fn shape(q: usize, kv: usize, h: usize, kvh: usize, d: usize) -> AttnShape {
-    AttnShape { q_tokens: q, kv_tokens: kv, heads: h, kv_heads: kvh, head_dim: d }
+    AttnShape {
+        q_tokens: q,
+        kv_tokens: kv,
+        heads: h,
+        kv_heads: kvh,
+        head_dim: d,
+    }
 }
 
 struct Inputs<E> {
@@ -60,7 +66,10 @@ fn check_fwd<E: Element>(seed: u64) {
             f64::from(scale),
         );
         let (eo, el) = (rel_err(&o, &ro), rel_err(&lse, &rl));
-        assert!(eo < 1e-5 && el < 1e-5, "{s:?} causal={causal}: o err {eo:e}, lse err {el:e}");
+        assert!(
+            eo < 1e-5 && el < 1e-5,
+            "{s:?} causal={causal}: o err {eo:e}, lse err {el:e}"
+        );
     }
 }
 
@@ -97,14 +106,20 @@ fn check_bwd<E: Element>(seed: u64) {
             &x.q, &x.k, &x.v, &lse, &x.do_, &delta, &s, causal, scale, &mut dq, &mut dk, &mut dv,
         )
         .unwrap();
-        let (rq, rk, rv) = reference::attn_bwd_analytic(&q, &k, &v, &do_, &s, causal, f64::from(scale));
-        let add = |a: &[f32], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| f64::from(*x) + y).collect() };
+        let (rq, rk, rv) =
+            reference::attn_bwd_analytic(&q, &k, &v, &do_, &s, causal, f64::from(scale));
+        let add = |a: &[f32], b: &[f64]| -> Vec<f64> {
+            a.iter().zip(b).map(|(x, y)| f64::from(*x) + y).collect()
+        };
         let (eq, ek, ev) = (
             rel_err(&dq, &add(&dq0, &rq)),
             rel_err(&dk, &add(&dk0, &rk)),
             rel_err(&dv, &add(&dv0, &rv)),
         );
-        assert!(eq < 1e-5 && ek < 1e-5 && ev < 1e-5, "{s:?} causal={causal}: dq {eq:e} dk {ek:e} dv {ev:e}");
+        assert!(
+            eq < 1e-5 && ek < 1e-5 && ev < 1e-5,
+            "{s:?} causal={causal}: dq {eq:e} dk {ek:e} dv {ev:e}"
+        );
     }
 }
 
@@ -138,7 +153,11 @@ fn reference_gradient_matches_finite_differences() {
     for (s, causal) in [(shape(3, 4, 2, 1, 4), false), (shape(4, 4, 2, 2, 3), true)] {
         let mut r = rng(11);
         let f = |x: Vec<f32>| x.into_iter().map(f64::from).collect::<Vec<f64>>();
-        let (q, k, v) = (f(uniform(&mut r, s.q_len(), 1.0)), f(uniform(&mut r, s.kv_len(), 1.0)), f(uniform(&mut r, s.kv_len(), 1.0)));
+        let (q, k, v) = (
+            f(uniform(&mut r, s.q_len(), 1.0)),
+            f(uniform(&mut r, s.kv_len(), 1.0)),
+            f(uniform(&mut r, s.kv_len(), 1.0)),
+        );
         let w = f(uniform(&mut r, s.q_len(), 1.0));
         let scale = 0.7;
         let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
@@ -148,8 +167,13 @@ fn reference_gradient_matches_finite_differences() {
         let (dq, dk, dv) = reference::attn_bwd_analytic(&q, &k, &v, &w, &s, causal, scale);
         let (o, lse) = reference::attn_fwd(&q, &k, &v, &s, causal, scale);
         let delta = reference::attn_delta(&w, &o, s.head_dim);
-        let (pq, pk, pv) = reference::attn_bwd_pair(&q, &k, &v, &lse, &w, &delta, &s, causal, scale);
-        assert!(rel_err64(&pq, &dq) < 1e-12 && rel_err64(&pk, &dk) < 1e-12 && rel_err64(&pv, &dv) < 1e-12);
+        let (pq, pk, pv) =
+            reference::attn_bwd_pair(&q, &k, &v, &lse, &w, &delta, &s, causal, scale);
+        assert!(
+            rel_err64(&pq, &dq) < 1e-12
+                && rel_err64(&pk, &dk) < 1e-12
+                && rel_err64(&pv, &dv) < 1e-12
+        );
         let h = 1e-6;
         let fd = |which: usize, i: usize| -> f64 {
             let mut a = [q.clone(), k.clone(), v.clone()];
@@ -162,7 +186,10 @@ fn reference_gradient_matches_finite_differences() {
         for (which, g) in [&dq, &dk, &dv].into_iter().enumerate() {
             let num: Vec<f64> = (0..g.len()).map(|i| fd(which, i)).collect();
             let e = rel_err64(g, &num);
-            assert!(e < 1e-7, "tensor {which}: analytic vs finite difference {e:e}");
+            assert!(
+                e < 1e-7,
+                "tensor {which}: analytic vs finite difference {e:e}"
+            );
         }
     }
 }
@@ -211,7 +238,10 @@ fn chunked<E: Element>(u: usize, c: usize, h: usize, kvh: usize, d: usize, seed:
         let mut oi = vec![0.0f32; pair.q_len()];
         let mut li = vec![f32::NEG_INFINITY; pair.rows()];
         for j in 0..=i {
-            let (kj, vj) = (rows(&x.k, j * c, (j + 1) * c, kw), rows(&x.v, j * c, (j + 1) * c, kw));
+            let (kj, vj) = (
+                rows(&x.k, j * c, (j + 1) * c, kw),
+                rows(&x.v, j * c, (j + 1) * c, kw),
+            );
             let mut oj = vec![0.0f32; pair.q_len()];
             let mut lj = vec![0.0f32; pair.rows()];
             cpu::attn_fwd_chunk(&qi, &kj, &vj, &pair, i == j, scale, &mut oj, &mut lj).unwrap();
@@ -223,7 +253,11 @@ fn chunked<E: Element>(u: usize, c: usize, h: usize, kvh: usize, d: usize, seed:
     let (q, k, v, do_) = (to_f64(&x.q), to_f64(&x.k), to_f64(&x.v), to_f64(&x.do_));
     let (ro, rl) = reference::attn_fwd(&q, &k, &v, &full, true, f64::from(scale));
     assert!(rel_err(&o, &ro) < 1e-5, "chunked o {:e}", rel_err(&o, &ro));
-    assert!(rel_err(&lse, &rl) < 1e-5, "chunked lse {:e}", rel_err(&lse, &rl));
+    assert!(
+        rel_err(&lse, &rl) < 1e-5,
+        "chunked lse {:e}",
+        rel_err(&lse, &rl)
+    );
 
     // Backward: the final o is stored as E (as on the device).
     let o_e: Vec<E> = to_e(&o);
@@ -233,25 +267,55 @@ fn chunked<E: Element>(u: usize, c: usize, h: usize, kvh: usize, d: usize, seed:
     let mut dk = vec![0.0f32; full.kv_len()];
     let mut dv = vec![0.0f32; full.kv_len()];
     for i in 0..u {
-        let (ki, vi) = (rows(&x.k, i * c, (i + 1) * c, kw), rows(&x.v, i * c, (i + 1) * c, kw));
+        let (ki, vi) = (
+            rows(&x.k, i * c, (i + 1) * c, kw),
+            rows(&x.v, i * c, (i + 1) * c, kw),
+        );
         let mut dki = vec![0.0f32; pair.kv_len()];
         let mut dvi = vec![0.0f32; pair.kv_len()];
         for qc in i..u {
-            let (qq, dd) = (rows(&x.q, qc * c, (qc + 1) * c, qw), rows(&x.do_, qc * c, (qc + 1) * c, qw));
-            let (lq, deq) = (rows(&lse, qc * c, (qc + 1) * c, h), rows(&delta, qc * c, (qc + 1) * c, h));
+            let (qq, dd) = (
+                rows(&x.q, qc * c, (qc + 1) * c, qw),
+                rows(&x.do_, qc * c, (qc + 1) * c, qw),
+            );
+            let (lq, deq) = (
+                rows(&lse, qc * c, (qc + 1) * c, h),
+                rows(&delta, qc * c, (qc + 1) * c, h),
+            );
             let mut dqq = rows(&dq, qc * c, (qc + 1) * c, qw);
-            cpu::attn_bwd_chunk(&qq, &ki, &vi, &lq, &dd, &deq, &pair, qc == i, scale, &mut dqq, &mut dki, &mut dvi)
-                .unwrap();
+            cpu::attn_bwd_chunk(
+                &qq,
+                &ki,
+                &vi,
+                &lq,
+                &dd,
+                &deq,
+                &pair,
+                qc == i,
+                scale,
+                &mut dqq,
+                &mut dki,
+                &mut dvi,
+            )
+            .unwrap();
             dq[qc * c * qw..(qc + 1) * c * qw].copy_from_slice(&dqq);
         }
         dk[i * c * kw..(i + 1) * c * kw].copy_from_slice(&dki);
         dv[i * c * kw..(i + 1) * c * kw].copy_from_slice(&dvi);
     }
-    let (rq, rk, rv) = reference::attn_bwd_analytic(&q, &k, &v, &do_, &full, true, f64::from(scale));
+    let (rq, rk, rv) =
+        reference::attn_bwd_analytic(&q, &k, &v, &do_, &full, true, f64::from(scale));
     // f32 storage of o: exact path; bf16 o perturbs delta at bf16 precision.
-    let t = if E::DTYPE == cpu::DType::F32 { 1e-5 } else { 1e-2 };
+    let t = if E::DTYPE == cpu::DType::F32 {
+        1e-5
+    } else {
+        1e-2
+    };
     let (eq, ek, ev) = (rel_err(&dq, &rq), rel_err(&dk, &rk), rel_err(&dv, &rv));
-    assert!(eq < t && ek < t && ev < t, "chunked backward: dq {eq:e} dk {ek:e} dv {ev:e}");
+    assert!(
+        eq < t && ek < t && ev < t,
+        "chunked backward: dq {eq:e} dk {ek:e} dv {ev:e}"
+    );
 }
 
 #[test]
@@ -276,14 +340,24 @@ fn bad_arguments_are_named() {
         #[allow(unreachable_patterns)]
         _ => "other",
     };
-    let e = cpu::attn_fwd_chunk(&x.q[1..], &x.k, &x.v, &s, false, 0.1, &mut o, &mut lse).unwrap_err();
+    let e =
+        cpu::attn_fwd_chunk(&x.q[1..], &x.k, &x.v, &s, false, 0.1, &mut o, &mut lse).unwrap_err();
     assert_eq!(arg(e), "q");
     let bad = shape(4, 4, 4, 3, 64);
     let e = cpu::attn_fwd_chunk(&x.q, &x.k, &x.v, &bad, false, 0.1, &mut o, &mut lse).unwrap_err();
     assert_eq!(arg(e), "kv_heads");
     let rect = shape(4, 2, 4, 2, 64);
-    let e = cpu::attn_fwd_chunk(&x.q, &x.k[..rect.kv_len()], &x.v[..rect.kv_len()], &rect, true, 0.1, &mut o, &mut lse)
-        .unwrap_err();
+    let e = cpu::attn_fwd_chunk(
+        &x.q,
+        &x.k[..rect.kv_len()],
+        &x.v[..rect.kv_len()],
+        &rect,
+        true,
+        0.1,
+        &mut o,
+        &mut lse,
+    )
+    .unwrap_err();
     assert_eq!(arg(e), "kv_tokens");
     let mut small = vec![0.0f32; 3];
     let e = cpu::attn_fwd_chunk(&x.q, &x.k, &x.v, &s, false, 0.1, &mut o, &mut small).unwrap_err();

@@ -55,7 +55,10 @@ impl AttnShape {
     /// Multiply-adds times two of the forward (QK^T and PV), causal halving
     /// not counted.
     pub fn fwd_flops(&self) -> f64 {
-        4.0 * self.q_tokens as f64 * self.kv_tokens as f64 * self.heads as f64 * self.head_dim as f64
+        4.0 * self.q_tokens as f64
+            * self.kv_tokens as f64
+            * self.heads as f64
+            * self.head_dim as f64
     }
 
     /// Checks the shape rules for `kernel`: non-zero sizes, `kv_heads`
@@ -185,13 +188,19 @@ pub fn attn_fwd_chunk<E: Element>(
         let mut m = vec![f32::NEG_INFINITY; bq];
         let mut l = vec![0.0f32; bq];
         let mut alpha = vec![1.0f32; bq];
-        let kv_end = if causal { (i0 + bq).min(s.kv_tokens) } else { s.kv_tokens };
+        let kv_end = if causal {
+            (i0 + bq).min(s.kv_tokens)
+        } else {
+            s.kv_tokens
+        };
         let mut j0 = 0;
         while j0 < kv_end {
             let bk = BK.min(kv_end - j0);
             let kv = &k[j0 * ks + g * d..];
             let vv = &v[j0 * ks + g * d..];
-            gemm_f32(bq, bk, d, &mut st, bk, false, qv, qs, 1, kv, 1, ks, c, false)?;
+            gemm_f32(
+                bq, bk, d, &mut st, bk, false, qv, qs, 1, kv, 1, ks, c, false,
+            )?;
             let mask = (causal && j0 + bk > i0 + 1).then_some((i0, j0));
             online_softmax_tile(&mut st, bq, bk, mask, &mut m, &mut l, &mut alpha);
             for (r, a) in alpha.iter().enumerate() {
@@ -199,7 +208,9 @@ pub fn attn_fwd_chunk<E: Element>(
                     acc[r * d..][..d].iter_mut().for_each(|x| *x *= a);
                 }
             }
-            gemm_f32(bq, d, bk, &mut acc, d, true, &st, bk, 1, vv, ks, 1, 1.0, false)?;
+            gemm_f32(
+                bq, d, bk, &mut acc, d, true, &st, bk, 1, vv, ks, 1, 1.0, false,
+            )?;
             j0 += bk;
         }
         let mut lse_t = vec![f32::NEG_INFINITY; bq];
@@ -261,7 +272,11 @@ pub fn lse_merge(
         }
         // sigmoid(b - a) and -logsigmoid(a - b) = softplus(b - a), stably.
         let x = b - a;
-        let sig = if x >= 0.0 { 1.0 / (1.0 + (-x).exp()) } else { x.exp() / (1.0 + x.exp()) };
+        let sig = if x >= 0.0 {
+            1.0 / (1.0 + (-x).exp())
+        } else {
+            x.exp() / (1.0 + x.exp())
+        };
         let softplus = x.max(0.0) + (-x.abs()).exp().ln_1p();
         lse[r] = a + softplus;
         for (p, q) in or.iter_mut().zip(oj) {
@@ -286,7 +301,11 @@ pub fn attn_delta<E: Element, O: Element>(
     let n = mul(KN, "delta", rows, head_dim)?;
     check_len(KN, "do", do_.len(), n)?;
     check_len(KN, "o", o.len(), n)?;
-    for ((dr, a), b) in delta.iter_mut().zip(do_.chunks(head_dim)).zip(o.chunks(head_dim)) {
+    for ((dr, a), b) in delta
+        .iter_mut()
+        .zip(do_.chunks(head_dim))
+        .zip(o.chunks(head_dim))
+    {
         *dr = a.iter().zip(b).map(|(x, y)| x.to_f32() * y.to_f32()).sum();
     }
     Ok(())
@@ -349,8 +368,9 @@ pub fn attn_bwd_chunk<E: Element>(
             let bq = BQ.min(s.q_tokens - i0);
             let qv = &q[i0 * qs + h * d..];
             let dov = &dov[i0 * qs + h * d..];
-            let lse2: Vec<f32> =
-                (0..bq).map(|r| lse[(i0 + r) * s.heads + h] * std::f32::consts::LOG2_E).collect();
+            let lse2: Vec<f32> = (0..bq)
+                .map(|r| lse[(i0 + r) * s.heads + h] * std::f32::consts::LOG2_E)
+                .collect();
             let dl: Vec<f32> = (0..bq).map(|r| delta[(i0 + r) * s.heads + h]).collect();
             let mut dq_u = vec![0.0f32; bq * d];
             let kv_end = if causal { (i0 + bq).min(n) } else { n };
@@ -359,10 +379,18 @@ pub fn attn_bwd_chunk<E: Element>(
                 let bk = BK.min(kv_end - j0);
                 let kv = &k[j0 * ks + g * d..];
                 let vv = &v[j0 * ks + g * d..];
-                gemm_f32(bq, bk, d, &mut st, bk, false, qv, qs, 1, kv, 1, ks, c, false)?;
-                gemm_f32(bq, bk, d, &mut dp, bk, false, dov, qs, 1, vv, 1, ks, 1.0, false)?;
+                gemm_f32(
+                    bq, bk, d, &mut st, bk, false, qv, qs, 1, kv, 1, ks, c, false,
+                )?;
+                gemm_f32(
+                    bq, bk, d, &mut dp, bk, false, dov, qs, 1, vv, 1, ks, 1.0, false,
+                )?;
                 for r in 0..bq {
-                    let vis = if causal { (i0 + r + 1).saturating_sub(j0).min(bk) } else { bk };
+                    let vis = if causal {
+                        (i0 + r + 1).saturating_sub(j0).min(bk)
+                    } else {
+                        bk
+                    };
                     let srow = &mut st[r * bk..][..bk];
                     let prow = &mut dp[r * bk..][..bk];
                     let (l2, dr) = (lse2[r], dl[r]);
@@ -379,7 +407,9 @@ pub fn attn_bwd_chunk<E: Element>(
                 gemm_f32(bk, d, bq, dvb, d, true, &st, 1, bk, dov, qs, 1, 1.0, false)?;
                 let dkb = &mut dk_p[j0 * d..];
                 gemm_f32(bk, d, bq, dkb, d, true, &dp, 1, bk, qv, qs, 1, 1.0, false)?;
-                gemm_f32(bq, d, bk, &mut dq_u, d, true, &dp, bk, 1, kv, ks, 1, 1.0, false)?;
+                gemm_f32(
+                    bq, d, bk, &mut dq_u, d, true, &dp, bk, 1, kv, ks, 1, 1.0, false,
+                )?;
                 j0 += bk;
             }
             dqs.push((h, i0, dq_u));

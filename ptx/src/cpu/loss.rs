@@ -21,16 +21,27 @@ pub struct CeStats {
 
 impl CeStats {
     /// Nothing seen yet.
-    pub const EMPTY: CeStats = CeStats { max: f32::NEG_INFINITY, sum: 0.0, target: 0.0 };
+    pub const EMPTY: CeStats = CeStats {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+        target: 0.0,
+    };
 
     /// Combines the statistics of two disjoint sets of vocabulary chunks.
     pub fn merge(self, o: CeStats) -> CeStats {
         let max = self.max.max(o.max);
         if max == f32::NEG_INFINITY {
-            return CeStats { target: self.target + o.target, ..CeStats::EMPTY };
+            return CeStats {
+                target: self.target + o.target,
+                ..CeStats::EMPTY
+            };
         }
         let sum = self.sum * (self.max - max).exp() + o.sum * (o.max - max).exp();
-        CeStats { max, sum, target: self.target + o.target }
+        CeStats {
+            max,
+            sum,
+            target: self.target + o.target,
+        }
     }
 
     /// `log(sum exp(logit))` over the chunks seen.
@@ -51,8 +62,17 @@ fn check_labels(
     if vocab_chunk == 0 {
         return Err(bad(kernel, "vocab_chunk", "is 0, must be at least 1"));
     }
-    check_len(kernel, "logits", logits, mul(kernel, "labels", labels.len(), vocab_chunk)?)?;
-    if let Some((t, l)) = labels.iter().enumerate().find(|(_, &l)| l < 0 && l != ignore_index) {
+    check_len(
+        kernel,
+        "logits",
+        logits,
+        mul(kernel, "labels", labels.len(), vocab_chunk)?,
+    )?;
+    if let Some((t, l)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l < 0 && l != ignore_index)
+    {
         return Err(bad(
             kernel,
             "labels",
@@ -102,7 +122,12 @@ pub fn ce_chunk_stats(
 
 /// Per-row losses `lse - target` from the final statistics (0 for ignored
 /// rows); returns the number of rows that count.
-pub fn ce_finish(stats: &[CeStats], labels: &[i32], ignore_index: i32, losses: &mut [f32]) -> Result<usize> {
+pub fn ce_finish(
+    stats: &[CeStats],
+    labels: &[i32],
+    ignore_index: i32,
+    losses: &mut [f32],
+) -> Result<usize> {
     const K: &str = "ce_finish";
     check_len(K, "stats", stats.len(), labels.len())?;
     check_len(K, "losses", losses.len(), labels.len())?;
@@ -175,12 +200,23 @@ pub fn softmax_cross_entropy(
     check_labels(K, logits.len(), labels, vocab, ignore_index)?;
     check_len(K, "losses", losses.len(), labels.len())?;
     check_len(K, "dlogits", dlogits.len(), logits.len())?;
-    if let Some((t, l)) = labels.iter().enumerate().find(|(_, &l)| l != ignore_index && l as usize >= vocab) {
-        return Err(bad(K, "labels", format!("label {l} at token {t} is outside the vocab of {vocab}")));
+    if let Some((t, l)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l != ignore_index && l as usize >= vocab)
+    {
+        return Err(bad(
+            K,
+            "labels",
+            format!("label {l} at token {t} is outside the vocab of {vocab}"),
+        ));
     }
     let w = vocab;
     let ranges = row_ranges(labels.len(), (MIN_ELEMS / w).max(1));
-    let parts: Vec<_> = split_rows(losses, 1, &ranges).into_iter().zip(split_rows(dlogits, w, &ranges)).collect();
+    let parts: Vec<_> = split_rows(losses, 1, &ranges)
+        .into_iter()
+        .zip(split_rows(dlogits, w, &ranges))
+        .collect();
     par_rows(&ranges, parts, |r, (ls, dl)| {
         for (i, t) in r.enumerate() {
             let out = &mut dl[i * w..][..w];

@@ -62,15 +62,25 @@ pub fn gemm_f32(
         return Ok(());
     }
     let last = |rows: usize, rs: usize, cols: usize, cs: usize| -> Option<usize> {
-        (rows - 1).checked_mul(rs)?.checked_add((cols - 1).checked_mul(cs)?)
+        (rows - 1)
+            .checked_mul(rs)?
+            .checked_add((cols - 1).checked_mul(cs)?)
     };
     let fits = |arg: &'static str, len: usize, l: Option<usize>| match l {
         Some(l) if l < len => Ok(()),
-        _ => Err(bad(K, arg, format!("has {len} elements, too few for the strided view"))),
+        _ => Err(bad(
+            K,
+            arg,
+            format!("has {len} elements, too few for the strided view"),
+        )),
     };
     fits("dst", dst.len(), last(m, dst_rs, n, 1))?;
     if dst_rs < n {
-        return Err(bad(K, "dst_rs", format!("{dst_rs} is less than the {n} columns: rows overlap")));
+        return Err(bad(
+            K,
+            "dst_rs",
+            format!("{dst_rs} is less than the {n} columns: rows overlap"),
+        ));
     }
     if k == 0 {
         if !accumulate {
@@ -128,7 +138,14 @@ pub fn matmul<E: Element, C: Element>(
     bias: Option<&[E]>,
     c: &mut [C],
 ) -> Result<()> {
-    let MatmulSpec { m, n, k, trans_a, trans_b, accumulate } = *spec;
+    let MatmulSpec {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+        accumulate,
+    } = *spec;
     let mk = mul(K, "a", m, k)?;
     let kn = mul(K, "b", k, n)?;
     let mn = mul(K, "c", m, n)?;
@@ -138,11 +155,21 @@ pub fn matmul<E: Element, C: Element>(
     if let Some(bias) = bias {
         super::check_len(K, "bias", bias.len(), n)?;
     }
-    let (a_rs, a_cs) = if trans_a == Transpose::No { (k, 1) } else { (1, m) };
-    let (b_rs, b_cs) = if trans_b == Transpose::No { (n, 1) } else { (1, k) };
+    let (a_rs, a_cs) = if trans_a == Transpose::No {
+        (k, 1)
+    } else {
+        (1, m)
+    };
+    let (b_rs, b_cs) = if trans_b == Transpose::No {
+        (n, 1)
+    } else {
+        (1, k)
+    };
     let (a, b) = (widen(a), widen(b));
     let compute = |out: &mut [f32]| -> Result<()> {
-        gemm_f32(m, n, k, out, n, accumulate, &a, a_rs, a_cs, &b, b_rs, b_cs, 1.0, true)?;
+        gemm_f32(
+            m, n, k, out, n, accumulate, &a, a_rs, a_cs, &b, b_rs, b_cs, 1.0, true,
+        )?;
         if let Some(bias) = bias {
             let bias = widen(bias);
             for row in out.chunks_mut(n) {
@@ -158,7 +185,11 @@ pub fn matmul<E: Element, C: Element>(
             return compute(out);
         }
     }
-    let mut tmp: Vec<f32> = if accumulate { widen(c).into_owned() } else { vec![0.0; mn] };
+    let mut tmp: Vec<f32> = if accumulate {
+        widen(c).into_owned()
+    } else {
+        vec![0.0; mn]
+    };
     compute(&mut tmp)?;
     for (d, s) in c.iter_mut().zip(&tmp) {
         *d = C::from_f32(*s);

@@ -16,9 +16,7 @@ mod rowwise;
 
 pub use attention::{attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, AttnShape};
 pub use element::{widen, DType, Element};
-pub use loss::{
-    ce_chunk_grad, ce_chunk_stats, ce_finish, softmax_cross_entropy, CeStats,
-};
+pub use loss::{ce_chunk_grad, ce_chunk_stats, ce_finish, softmax_cross_entropy, CeStats};
 pub use matmul::{gemm_f32, matmul, MatmulSpec, Transpose};
 pub use optim::{adamw_step, sq_norm, AdamW};
 pub use permute::{cast, ulysses_pack, ulysses_unpack};
@@ -32,25 +30,41 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The error for a bad argument of `kernel`.
 pub(crate) fn bad(kernel: &'static str, arg: &'static str, message: impl Into<String>) -> PtxError {
-    PtxError::BadArgument { kernel, arg, message: message.into() }
+    PtxError::BadArgument {
+        kernel,
+        arg,
+        message: message.into(),
+    }
 }
 
 /// Checks that a slice has exactly `want` elements.
-pub(crate) fn check_len(kernel: &'static str, arg: &'static str, got: usize, want: usize) -> Result<()> {
+pub(crate) fn check_len(
+    kernel: &'static str,
+    arg: &'static str,
+    got: usize,
+    want: usize,
+) -> Result<()> {
     if got != want {
-        return Err(bad(kernel, arg, format!("has {got} elements, the shape needs {want}")));
+        return Err(bad(
+            kernel,
+            arg,
+            format!("has {got} elements, the shape needs {want}"),
+        ));
     }
     Ok(())
 }
 
 /// `a * b`, or an error naming `arg` when it overflows.
 pub(crate) fn mul(kernel: &'static str, arg: &'static str, a: usize, b: usize) -> Result<usize> {
-    a.checked_mul(b).ok_or_else(|| bad(kernel, arg, format!("size {a} x {b} overflows usize")))
+    a.checked_mul(b)
+        .ok_or_else(|| bad(kernel, arg, format!("size {a} x {b} overflows usize")))
 }
 
 /// Worker threads for the twins.
 pub(crate) fn threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Runs `f(0..tasks)` on a pool of scoped threads pulling from a shared
@@ -92,7 +106,9 @@ pub(crate) fn par_map<T: Send>(tasks: usize, f: impl Fn(usize) -> T + Sync) -> V
 pub(crate) fn row_ranges(rows: usize, min_rows: usize) -> Vec<std::ops::Range<usize>> {
     let parts = threads().min(rows / min_rows.max(1)).max(1);
     let per = rows.div_ceil(parts);
-    (0..parts).map(|p| (p * per).min(rows)..((p + 1) * per).min(rows)).collect()
+    (0..parts)
+        .map(|p| (p * per).min(rows)..((p + 1) * per).min(rows))
+        .collect()
 }
 
 /// Splits `data` (rows of `width`) along `ranges` of rows.
@@ -149,7 +165,8 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     if x < -87.0 {
         0.0

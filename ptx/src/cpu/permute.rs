@@ -16,12 +16,22 @@ pub fn cast<A: Element, B: Element>(src: &[A], dst: &mut [B]) -> Result<()> {
     Ok(())
 }
 
-fn check(kernel: &'static str, tokens: usize, heads: usize, head_dim: usize, ranks: usize) -> Result<usize> {
+fn check(
+    kernel: &'static str,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    ranks: usize,
+) -> Result<usize> {
     if ranks == 0 {
         return Err(bad(kernel, "ranks", "is 0, must be at least 1"));
     }
     if heads == 0 || heads % ranks != 0 {
-        return Err(bad(kernel, "heads", format!("{heads} is not a non-zero multiple of ranks = {ranks}")));
+        return Err(bad(
+            kernel,
+            "heads",
+            format!("{heads} is not a non-zero multiple of ranks = {ranks}"),
+        ));
     }
     if head_dim == 0 {
         return Err(bad(kernel, "head_dim", "is 0, must be at least 1"));

@@ -13,7 +13,11 @@ fn rows_of(kernel: &'static str, arg: &'static str, len: usize, dim: usize) -> R
         return Err(bad(kernel, "dim", "is 0, must be at least 1"));
     }
     if len % dim != 0 {
-        return Err(bad(kernel, arg, format!("has {len} elements, not a multiple of dim = {dim}")));
+        return Err(bad(
+            kernel,
+            arg,
+            format!("has {len} elements, not a multiple of dim = {dim}"),
+        ));
     }
     Ok(len / dim)
 }
@@ -40,12 +44,21 @@ fn map2<A: Element, B: Element, O: Element>(
 
 /// Embedding lookup: `out[t] = table[ids[t]]`, table `[vocab, dim]`,
 /// out `[tokens, dim]`. An id outside the table is an error.
-pub fn embedding_fwd<E: Element>(table: &[E], ids: &[u32], dim: usize, out: &mut [E]) -> Result<()> {
+pub fn embedding_fwd<E: Element>(
+    table: &[E],
+    ids: &[u32],
+    dim: usize,
+    out: &mut [E],
+) -> Result<()> {
     const K: &str = "embedding_fwd";
     let vocab = rows_of(K, "table", table.len(), dim)?;
     check_len(K, "out", out.len(), mul(K, "ids", ids.len(), dim)?)?;
     if let Some((t, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-        return Err(bad(K, "ids", format!("id {id} at token {t} is outside the vocab of {vocab}")));
+        return Err(bad(
+            K,
+            "ids",
+            format!("id {id} at token {t} is outside the vocab of {vocab}"),
+        ));
     }
     for (row, &id) in out.chunks_mut(dim).zip(ids) {
         row.copy_from_slice(&table[id as usize * dim..][..dim]);
@@ -55,12 +68,21 @@ pub fn embedding_fwd<E: Element>(table: &[E], ids: &[u32], dim: usize, out: &mut
 
 /// Embedding backward: scatter-add `dtable[ids[t]] += dout[t]` (f32),
 /// parallel over vocab ranges.
-pub fn embedding_bwd<E: Element>(dout: &[E], ids: &[u32], dim: usize, dtable: &mut [f32]) -> Result<()> {
+pub fn embedding_bwd<E: Element>(
+    dout: &[E],
+    ids: &[u32],
+    dim: usize,
+    dtable: &mut [f32],
+) -> Result<()> {
     const K: &str = "embedding_bwd";
     let vocab = rows_of(K, "dtable", dtable.len(), dim)?;
     check_len(K, "dout", dout.len(), mul(K, "ids", ids.len(), dim)?)?;
     if let Some((t, id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
-        return Err(bad(K, "ids", format!("id {id} at token {t} is outside the vocab of {vocab}")));
+        return Err(bad(
+            K,
+            "ids",
+            format!("id {id} at token {t} is outside the vocab of {vocab}"),
+        ));
     }
     let ranges = row_ranges(vocab, 1.max(vocab / super::threads().max(1)));
     let parts = split_rows(dtable, dim, &ranges);
@@ -179,7 +201,11 @@ pub fn layer_norm_bwd<E: Element>(
             p.push((dg, db));
         }
     });
-    let (dgs, dbs): (Vec<_>, Vec<_>) = partials.into_inner().unwrap_or_default().into_iter().unzip();
+    let (dgs, dbs): (Vec<_>, Vec<_>) = partials
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .unzip();
     add_partials(dgamma, dgs);
     add_partials(dbeta, dbs);
     Ok(())
@@ -201,7 +227,10 @@ pub fn rms_norm_fwd<E: Element>(
     check_len(K, "y", y.len(), x.len())?;
     check_len(K, "rstd", rstd.len(), rows)?;
     let ranges = row_ranges(rows, min_rows(dim));
-    let parts: Vec<_> = split_rows(y, dim, &ranges).into_iter().zip(split_rows(rstd, 1, &ranges)).collect();
+    let parts: Vec<_> = split_rows(y, dim, &ranges)
+        .into_iter()
+        .zip(split_rows(rstd, 1, &ranges))
+        .collect();
     par_rows(&ranges, parts, |r, (y, rstd)| {
         for (i, row) in r.clone().enumerate() {
             let xr = &x[row * dim..][..dim];
@@ -271,7 +300,9 @@ const GELU_A: f32 = 0.044_715;
 /// GeLU, tanh approximation: `y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
 pub fn gelu_tanh_fwd<E: Element>(x: &[E], y: &mut [E]) -> Result<()> {
     check_len("gelu_tanh_fwd", "y", y.len(), x.len())?;
-    map2(x, x, y, |x, _| 0.5 * x * (1.0 + (GELU_C * (x + GELU_A * x * x * x)).tanh()));
+    map2(x, x, y, |x, _| {
+        0.5 * x * (1.0 + (GELU_C * (x + GELU_A * x * x * x)).tanh())
+    });
     Ok(())
 }
 
@@ -299,7 +330,13 @@ pub fn swiglu_fwd<E: Element>(gate: &[E], up: &[E], out: &mut [E]) -> Result<()>
 }
 
 /// SwiGLU backward: `dgate = dout * up * silu'(gate)`, `dup = dout * silu(gate)`.
-pub fn swiglu_bwd<E: Element>(gate: &[E], up: &[E], dout: &[E], dgate: &mut [E], dup: &mut [E]) -> Result<()> {
+pub fn swiglu_bwd<E: Element>(
+    gate: &[E],
+    up: &[E],
+    dout: &[E],
+    dgate: &mut [E],
+    dup: &mut [E],
+) -> Result<()> {
     const K: &str = "swiglu_bwd";
     let n = gate.len();
     check_len(K, "up", up.len(), n)?;
@@ -307,7 +344,10 @@ pub fn swiglu_bwd<E: Element>(gate: &[E], up: &[E], dout: &[E], dgate: &mut [E],
     check_len(K, "dgate", dgate.len(), n)?;
     check_len(K, "dup", dup.len(), n)?;
     let ranges = row_ranges(n, MIN_ELEMS);
-    let parts: Vec<_> = split_rows(dgate, 1, &ranges).into_iter().zip(split_rows(dup, 1, &ranges)).collect();
+    let parts: Vec<_> = split_rows(dgate, 1, &ranges)
+        .into_iter()
+        .zip(split_rows(dup, 1, &ranges))
+        .collect();
     par_rows(&ranges, parts, |r, (dg, du)| {
         for (i, e) in r.enumerate() {
             let (g, u, d) = (gate[e].to_f32(), up[e].to_f32(), dout[e].to_f32());
@@ -335,13 +375,21 @@ fn rope<E: Element>(
     y: &mut [E],
 ) -> Result<()> {
     if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(bad(kernel, "head_dim", format!("{head_dim} must be even and non-zero")));
+        return Err(bad(
+            kernel,
+            "head_dim",
+            format!("{head_dim} must be even and non-zero"),
+        ));
     }
     if heads == 0 {
         return Err(bad(kernel, "heads", "is 0, must be at least 1"));
     }
     if !(theta.is_finite() && theta > 1.0) {
-        return Err(bad(kernel, "theta", format!("{theta} must be finite and > 1")));
+        return Err(bad(
+            kernel,
+            "theta",
+            format!("{theta} must be finite and > 1"),
+        ));
     }
     let width = mul(kernel, "heads", heads, head_dim)?;
     let n = mul(kernel, "positions", positions.len(), width)?;
@@ -349,8 +397,9 @@ fn rope<E: Element>(
     check_len(kernel, "y", y.len(), n)?;
     let half = head_dim / 2;
     let sign = if inverse { -1.0f64 } else { 1.0 };
-    let inv_freq: Vec<f64> =
-        (0..half).map(|i| f64::from(theta).powf(-2.0 * i as f64 / head_dim as f64)).collect();
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| f64::from(theta).powf(-2.0 * i as f64 / head_dim as f64))
+        .collect();
     let ranges = row_ranges(positions.len(), min_rows(width));
     let parts = split_rows(y, width, &ranges);
     par_rows(&ranges, parts, |r, yp| {

@@ -17,7 +17,8 @@ fn scores(q: &[f64], k: &[f64], s: &AttnShape, causal: bool, scale: f64, h: usiz
             if visible(causal, i, j) {
                 let qi = &q[(i * s.heads + h) * d..][..d];
                 let kj = &k[(j * s.kv_heads + g) * d..][..d];
-                out[i * s.kv_tokens + j] = scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>();
+                out[i * s.kv_tokens + j] =
+                    scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>();
             }
         }
     }
@@ -164,7 +165,11 @@ pub fn attn_bwd_analytic(
             let p: Vec<f64> = e.iter().map(|x| x / z).collect();
             let doi = &do_[(i * s.heads + h) * d..][..d];
             let dp: Vec<f64> = (0..n)
-                .map(|j| (0..d).map(|c| doi[c] * v[(j * s.kv_heads + g) * d + c]).sum())
+                .map(|j| {
+                    (0..d)
+                        .map(|c| doi[c] * v[(j * s.kv_heads + g) * d + c])
+                        .sum()
+                })
                 .collect();
             let pdp: f64 = (0..n).map(|j| p[j] * dp[j]).sum();
             for j in 0..n {

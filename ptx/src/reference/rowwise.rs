@@ -2,7 +2,9 @@
 
 /// `table[ids[t]]` rows.
 pub fn embedding_fwd(table: &[f64], ids: &[u32], dim: usize) -> Vec<f64> {
-    ids.iter().flat_map(|&i| table[i as usize * dim..][..dim].iter().cloned()).collect()
+    ids.iter()
+        .flat_map(|&i| table[i as usize * dim..][..dim].iter().cloned())
+        .collect()
 }
 
 /// Scatter-add of `dout` rows into a `[vocab, dim]` table gradient.
@@ -17,13 +19,23 @@ pub fn embedding_bwd(dout: &[f64], ids: &[u32], dim: usize, vocab: usize) -> Vec
 }
 
 /// LayerNorm: `(y, mean, rstd)`.
-pub fn layer_norm_fwd(x: &[f64], gamma: &[f64], beta: &[f64], dim: usize, eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn layer_norm_fwd(
+    x: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    dim: usize,
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (mut y, mut mean, mut rstd) = (Vec::new(), Vec::new(), Vec::new());
     for row in x.chunks(dim) {
         let mu = row.iter().sum::<f64>() / dim as f64;
         let var = row.iter().map(|v| (v - mu).powi(2)).sum::<f64>() / dim as f64;
         let rs = 1.0 / (var + eps).sqrt();
-        y.extend(row.iter().enumerate().map(|(c, v)| (v - mu) * rs * gamma[c] + beta[c]));
+        y.extend(
+            row.iter()
+                .enumerate()
+                .map(|(c, v)| (v - mu) * rs * gamma[c] + beta[c]),
+        );
         mean.push(mu);
         rstd.push(rs);
     }
@@ -31,12 +43,20 @@ pub fn layer_norm_fwd(x: &[f64], gamma: &[f64], beta: &[f64], dim: usize, eps: f
 }
 
 /// LayerNorm backward, recomputing the statistics: `(dx, dgamma, dbeta)`.
-pub fn layer_norm_bwd(x: &[f64], gamma: &[f64], dy: &[f64], dim: usize, eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn layer_norm_bwd(
+    x: &[f64],
+    gamma: &[f64],
+    dy: &[f64],
+    dim: usize,
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (_, mean, rstd) = layer_norm_fwd(x, gamma, &vec![0.0; dim], dim, eps);
     let mut dx = vec![0.0; x.len()];
     let (mut dg, mut db) = (vec![0.0; dim], vec![0.0; dim]);
     for r in 0..x.len() / dim {
-        let xh: Vec<f64> = (0..dim).map(|c| (x[r * dim + c] - mean[r]) * rstd[r]).collect();
+        let xh: Vec<f64> = (0..dim)
+            .map(|c| (x[r * dim + c] - mean[r]) * rstd[r])
+            .collect();
         let g: Vec<f64> = (0..dim).map(|c| dy[r * dim + c] * gamma[c]).collect();
         let m1 = g.iter().sum::<f64>() / dim as f64;
         let m2 = g.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / dim as f64;
@@ -61,7 +81,13 @@ pub fn rms_norm_fwd(x: &[f64], gamma: &[f64], dim: usize, eps: f64) -> (Vec<f64>
 }
 
 /// RMSNorm backward: `(dx, dgamma)`.
-pub fn rms_norm_bwd(x: &[f64], gamma: &[f64], dy: &[f64], dim: usize, eps: f64) -> (Vec<f64>, Vec<f64>) {
+pub fn rms_norm_bwd(
+    x: &[f64],
+    gamma: &[f64],
+    dy: &[f64],
+    dim: usize,
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>) {
     let (_, rstd) = rms_norm_fwd(x, gamma, dim, eps);
     let mut dx = vec![0.0; x.len()];
     let mut dg = vec![0.0; dim];
@@ -106,7 +132,14 @@ pub fn swiglu_grad(g: f64, u: f64, d: f64) -> (f64, f64) {
 }
 
 /// RoPE (rotate-half) at `positions`, by `+angle` or, `inverse`, `-angle`.
-pub fn rope(x: &[f64], positions: &[u32], heads: usize, head_dim: usize, theta: f64, inverse: bool) -> Vec<f64> {
+pub fn rope(
+    x: &[f64],
+    positions: &[u32],
+    heads: usize,
+    head_dim: usize,
+    theta: f64,
+    inverse: bool,
+) -> Vec<f64> {
     let half = head_dim / 2;
     let mut y = vec![0.0; x.len()];
     for (t, &p) in positions.iter().enumerate() {
@@ -128,7 +161,13 @@ pub fn rope(x: &[f64], positions: &[u32], heads: usize, head_dim: usize, theta: 
 
 /// Softmax cross-entropy over full rows: per-row losses (0 when ignored)
 /// and `grad_scale * (softmax - onehot)` (0 rows when ignored).
-pub fn cross_entropy(logits: &[f64], labels: &[i32], vocab: usize, ignore_index: i32, grad_scale: f64) -> (Vec<f64>, Vec<f64>) {
+pub fn cross_entropy(
+    logits: &[f64],
+    labels: &[i32],
+    vocab: usize,
+    ignore_index: i32,
+    grad_scale: f64,
+) -> (Vec<f64>, Vec<f64>) {
     let mut loss = vec![0.0; labels.len()];
     let mut d = vec![0.0; logits.len()];
     for (t, &l) in labels.iter().enumerate() {
@@ -140,7 +179,8 @@ pub fn cross_entropy(logits: &[f64], labels: &[i32], vocab: usize, ignore_index:
         let z: f64 = row.iter().map(|x| (x - m).exp()).sum();
         loss[t] = m + z.ln() - row[l as usize];
         for c in 0..vocab {
-            d[t * vocab + c] = grad_scale * ((row[c] - m).exp() / z - if c == l as usize { 1.0 } else { 0.0 });
+            d[t * vocab + c] =
+                grad_scale * ((row[c] - m).exp() / z - if c == l as usize { 1.0 } else { 0.0 });
         }
     }
     (loss, d)
@@ -173,7 +213,16 @@ pub fn adamw(
 /// `y = x W^T + b` style product with explicit transposes:
 /// `C[m,n] = op(A) op(B) (+ bias)`, A `[m,k]` or (`ta`) `[k,m]`, B `[k,n]` or (`tb`) `[n,k]`.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(a: &[f64], b: &[f64], bias: Option<&[f64]>, m: usize, n: usize, k: usize, ta: bool, tb: bool) -> Vec<f64> {
+pub fn matmul(
+    a: &[f64],
+    b: &[f64],
+    bias: Option<&[f64]>,
+    m: usize,
+    n: usize,
+    k: usize,
+    ta: bool,
+    tb: bool,
+) -> Vec<f64> {
     let mut c = vec![0.0; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -191,14 +240,21 @@ pub fn matmul(a: &[f64], b: &[f64], bias: Option<&[f64]>, m: usize, n: usize, k:
 
 /// Ulysses pack in index form: element `(r, t, hl, c)` of the output is
 /// element `(t, r*H/P + hl, c)` of the input.
-pub fn ulysses_pack(x: &[f64], tokens: usize, heads: usize, head_dim: usize, ranks: usize) -> Vec<f64> {
+pub fn ulysses_pack(
+    x: &[f64],
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    ranks: usize,
+) -> Vec<f64> {
     let hp = heads / ranks;
     let mut out = vec![0.0; x.len()];
     for r in 0..ranks {
         for t in 0..tokens {
             for hl in 0..hp {
                 for c in 0..head_dim {
-                    out[((r * tokens + t) * hp + hl) * head_dim + c] = x[(t * heads + r * hp + hl) * head_dim + c];
+                    out[((r * tokens + t) * hp + hl) * head_dim + c] =
+                        x[(t * heads + r * hp + hl) * head_dim + c];
                 }
             }
         }

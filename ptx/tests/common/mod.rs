@@ -59,7 +59,11 @@ pub fn rel_err<E: Element>(a: &[E], b: &[f64]) -> f64 {
 
 /// Relative error of two f64 vectors.
 pub fn rel_err64(a: &[f64], b: &[f64]) -> f64 {
-    let num = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let num = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     let den = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
     if den == 0.0 {
         num
