@@ -134,7 +134,12 @@ struct Tlsf {
     live: usize,
     allocs: u64,
     frees: u64,
-    tags: BTreeMap<&'static str, TagStats>,
+    /// Per-tag statistics; a handful of tags, so a vector searched by
+    /// pointer first beats a map on the hot path. Blocks keep their index.
+    tags: Vec<(&'static str, TagStats)>,
+    /// Threads blocked in `wait_for_free`: a free wakes them only when there
+    /// are some, since a condvar notify costs a system call.
+    waiters: usize,
 }
 
 /// Size class of a block of `g` granules: (first level, second level).
@@ -174,7 +179,8 @@ impl Tlsf {
             live: 0,
             allocs: 0,
             frees: 0,
-            tags: BTreeMap::new(),
+            tags: Vec::new(),
+            waiters: 0,
         };
         let usable = capacity / ALIGN * ALIGN;
         if usable > 0 {
@@ -332,6 +338,22 @@ impl Tlsf {
         self.insert_free(n);
     }
 
+    /// Index of `tag` in `tags`, added when new.
+    fn tag_index(&mut self, tag: &'static str) -> usize {
+        let found = self
+            .tags
+            .iter()
+            .position(|(t, _)| std::ptr::eq(*t, tag))
+            .or_else(|| self.tags.iter().position(|(t, _)| *t == tag));
+        match found {
+            Some(i) => i,
+            None => {
+                self.tags.push((tag, TagStats::default()));
+                self.tags.len() - 1
+            }
+        }
+    }
+
     fn largest_free(&self) -> usize {
         if self.fl_bitmap == 0 {
             return 0;
@@ -431,7 +453,8 @@ impl SlabAllocator {
                 s.peak = s.peak.max(s.in_use);
                 s.live += 1;
                 s.allocs += 1;
-                let t = s.tags.entry(tag).or_default();
+                let tag_idx = s.tag_index(tag);
+                let t = &mut s.tags[tag_idx].1;
                 t.in_use += reserved;
                 t.blocks += 1;
                 t.peak = t.peak.max(t.in_use);
@@ -442,6 +465,7 @@ impl SlabAllocator {
                     len: bytes,
                     reserved,
                     tag,
+                    tag_idx,
                 })
             }
             None => Err(AllocError::OutOfMemory {
@@ -459,13 +483,15 @@ impl SlabAllocator {
     /// block was returned. Lets a caller whose allocation failed because
     /// blocks are still held by in-flight work wait for them.
     pub fn wait_for_free(&self, timeout: Duration) -> bool {
-        let s = self.shared.lock();
+        let mut s = self.shared.lock();
         let frees = s.frees;
-        let (s, _) = self
+        s.waiters += 1;
+        let (mut s, _) = self
             .shared
             .freed
             .wait_timeout_while(s, timeout, |s| s.frees == frees)
             .unwrap_or_else(|e| e.into_inner());
+        s.waiters -= 1;
         s.frees != frees
     }
 
@@ -490,7 +516,7 @@ impl SlabAllocator {
             frees: s.frees,
             largest_free,
             fragmentation,
-            tags: s.tags.clone(),
+            tags: s.tags.iter().copied().collect(),
         }
     }
 
@@ -514,7 +540,7 @@ impl SlabAllocator {
     pub fn reset_peak(&self) {
         let mut s = self.shared.lock();
         s.peak = s.in_use;
-        for t in s.tags.values_mut() {
+        for (_, t) in s.tags.iter_mut() {
             t.peak = t.in_use;
         }
     }
@@ -538,6 +564,7 @@ pub struct SlabBlock {
     len: usize,
     reserved: usize,
     tag: &'static str,
+    tag_idx: usize,
 }
 
 impl std::fmt::Debug for SlabBlock {
@@ -592,12 +619,14 @@ impl Drop for SlabBlock {
         s.requested -= self.len;
         s.live -= 1;
         s.frees += 1;
-        if let Some(t) = s.tags.get_mut(self.tag) {
-            t.in_use -= self.reserved;
-            t.blocks -= 1;
-        }
+        let t = &mut s.tags[self.tag_idx].1;
+        t.in_use -= self.reserved;
+        t.blocks -= 1;
+        let wake = s.waiters > 0;
         drop(s);
-        self.shared.freed.notify_all();
+        if wake {
+            self.shared.freed.notify_all();
+        }
     }
 }
 

@@ -52,7 +52,13 @@ fn main() {
             let t = Instant::now();
             for _ in 0..iters {
                 dev.compute()
-                    .launch_host("empty", Work::kernel(0.0, 0), &[], &[], Box::new(|_, _| Ok(())))
+                    .launch_host(
+                        "empty",
+                        Work::kernel(0.0, 0),
+                        &[],
+                        &[],
+                        Box::new(|_, _| Ok(())),
+                    )
                     .expect("enqueue");
                 dev.compute().synchronize().expect("sync");
             }

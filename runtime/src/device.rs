@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fpdt_alloc::{AllocError, SlabAllocator, SlabStats};
+use fpdt_alloc::{
+    AllocError, ArenaConfig, HostArena, MlockPinner, NoPinner, PinState, SlabAllocator, SlabStats,
+};
 use serde::Serialize;
 
 use crate::cost::CostModel;
@@ -68,6 +70,13 @@ impl std::str::FromStr for DeviceKind {
     }
 }
 
+/// Says once per process that a host arena could not be pinned: copies from
+/// pageable memory are slower, and a user timing overlap must know.
+fn warn_once_unpinned(arena: &HostArena) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| eprintln!("fpdt: warning: {}", arena.report()));
+}
+
 static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What every stream and buffer of a device shares.
@@ -112,6 +121,12 @@ pub struct CpuConfig {
     pub device_memory: usize,
     /// Size of the host arena, bytes.
     pub host_memory: usize,
+    /// Pin the host arena with `mlock` (pages are locked as they are first
+    /// touched). When the memlock limit refuses, the arena stays pageable
+    /// and [`Device::host_arena_report`] says why.
+    pub pin_host_memory: bool,
+    /// Bind the host arena to this NUMA node (None: the kernel places pages).
+    pub numa_node: Option<usize>,
     /// Fill freed device memory with 0xFF (NaN for f32 and bf16), so a use
     /// after free shows up in results. For tests.
     pub poison_freed: bool,
@@ -125,6 +140,8 @@ impl Default for CpuConfig {
             name: "cpu0".into(),
             device_memory: 2 << 30,
             host_memory: 4 << 30,
+            pin_host_memory: true,
+            numa_node: None,
             poison_freed: false,
             wait_timeout: Duration::from_secs(600),
         }
@@ -160,6 +177,9 @@ struct DeviceInner {
     core: Arc<Core>,
     device_mem: SlabAllocator,
     host_mem: SlabAllocator,
+    /// The pinned arena behind `host_mem` (None on meta, whose host memory
+    /// is a virtual range).
+    arena: Option<HostArena>,
     compute: Stream,
     h2d: Stream,
     d2h: Stream,
@@ -191,16 +211,30 @@ impl Device {
             )));
         }
         let dev_region = MappedRegion::new(cfg.device_memory, cfg.poison_freed, "device memory")?;
-        let host_region = MappedRegion::new(cfg.host_memory, false, "host arena")?;
         let device_mem = SlabAllocator::new(dev_region, cfg.device_memory, "device")?;
-        let host_mem = SlabAllocator::new(host_region, cfg.host_memory, "host")?;
+        let arena = HostArena::new(ArenaConfig {
+            bytes: cfg.host_memory,
+            numa_node: cfg.numa_node,
+            pinner: if cfg.pin_host_memory {
+                Arc::new(MlockPinner)
+            } else {
+                Arc::new(NoPinner)
+            },
+            poison_freed: cfg.poison_freed,
+        })?;
+        if cfg.pin_host_memory {
+            if let PinState::Unpinned { .. } = arena.pin_state() {
+                warn_once_unpinned(&arena);
+            }
+        }
         Self::build(
             DeviceKind::Cpu,
             cfg.name,
             CostModel::cpu_estimate(),
             cfg.wait_timeout,
             device_mem,
-            host_mem,
+            arena.allocator().clone(),
+            Some(arena),
         )
     }
 
@@ -220,6 +254,7 @@ impl Device {
             Duration::from_secs(600),
             device_mem,
             host_mem,
+            None,
         )
     }
 
@@ -238,6 +273,7 @@ impl Device {
         wait_timeout: Duration,
         device_mem: SlabAllocator,
         host_mem: SlabAllocator,
+        arena: Option<HostArena>,
     ) -> Result<Device> {
         let core = Arc::new(Core {
             id: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
@@ -258,6 +294,7 @@ impl Device {
                 core,
                 device_mem,
                 host_mem,
+                arena,
                 streams: Mutex::new(vec![compute.clone(), h2d.clone(), d2h.clone()]),
                 compute,
                 h2d,
@@ -476,6 +513,23 @@ impl Device {
     /// Device memory budget, bytes.
     pub fn device_budget(&self) -> usize {
         self.inner.device_mem.budget()
+    }
+
+    /// The pinned host arena (None on meta).
+    pub fn host_arena(&self) -> Option<&HostArena> {
+        self.inner.arena.as_ref()
+    }
+
+    /// One line on the host arena: size, NUMA binding, pinning (and why
+    /// not); on meta, its budget.
+    pub fn host_arena_report(&self) -> String {
+        match &self.inner.arena {
+            Some(a) => a.report(),
+            None => format!(
+                "host memory of {}: virtual (meta device)",
+                fpdt_alloc::fmt_bytes(self.host_budget())
+            ),
+        }
     }
 
     /// Host memory budget, bytes.
