@@ -11,6 +11,7 @@
 
 pub mod cpu;
 mod error;
+pub mod interp;
 pub mod launch;
 pub mod reference;
 
