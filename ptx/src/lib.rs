@@ -12,6 +12,7 @@
 pub mod cpu;
 mod error;
 pub mod interp;
+pub mod kernels;
 pub mod launch;
 pub mod reference;
 

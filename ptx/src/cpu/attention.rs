@@ -122,22 +122,45 @@ fn online_softmax_tile(
         };
         row[vis..].fill(0.0);
         let row = &mut row[..vis];
-        let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let m_new = m[r].max(mx);
+        let m_new = m[r].max(lanes_max(row));
         if m_new == f32::NEG_INFINITY {
             row.fill(0.0);
             alpha[r] = 1.0;
             continue;
         }
-        let mut sum = 0.0f32;
         for x in row.iter_mut() {
             *x = fast_exp2(*x - m_new);
-            sum += *x;
         }
+        let sum = lanes_sum(row);
         alpha[r] = fast_exp2(m[r] - m_new);
         l[r] = l[r] * alpha[r] + sum;
         m[r] = m_new;
     }
+}
+
+/// Maximum with 8 independent lanes (vectorizes; NaN-free inputs).
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = if *v > *a { *v } else { *a };
+        }
+    }
+    let tail = it.remainder().iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    acc.iter().cloned().fold(tail, f32::max)
+}
+
+/// Sum with 8 independent lanes (vectorizes).
+fn lanes_sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
 }
 
 #[inline(always)]

@@ -1,0 +1,1 @@
+//! Launchers of the row-wise and element-wise kernels.
