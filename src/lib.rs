@@ -13,3 +13,8 @@ pub use fpdt_comm as comm;
 pub use fpdt_model as model;
 pub use fpdt_ptx as ptx;
 pub use fpdt_runtime as runtime;
+
+/// The README's Rust examples, compiled and run as doctests so they stay true.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

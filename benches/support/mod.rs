@@ -15,14 +15,21 @@ thread_local! {
 /// Records one sample of `name`: `total` spent on `iters` iterations.
 pub fn record(name: &str, total: Duration, iters: u64) {
     let per = total.as_secs_f64() / iters.max(1) as f64;
-    SAMPLES.with(|s| s.borrow_mut().entry(name.to_string()).or_default().push(per));
+    SAMPLES.with(|s| {
+        s.borrow_mut()
+            .entry(name.to_string())
+            .or_default()
+            .push(per)
+    });
 }
 
 /// Median seconds per iteration of `name`, or NaN when nothing was recorded.
 pub fn median(name: &str) -> f64 {
     SAMPLES.with(|s| {
         let s = s.borrow();
-        let Some(v) = s.get(name) else { return f64::NAN };
+        let Some(v) = s.get(name) else {
+            return f64::NAN;
+        };
         let mut v = v.clone();
         v.sort_by(|a, b| a.total_cmp(b));
         if v.is_empty() {
