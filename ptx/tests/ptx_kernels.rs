@@ -193,3 +193,283 @@ fn launchers_reject_bad_arguments() {
         "do"
     );
 }
+
+/// Runs `launch` on a fresh interpreter whose buffers `setup` allocates;
+/// returns the interpreter for reading results.
+fn interp() -> Interpreter {
+    Interpreter::new(".version 8.0\n.target sm_80\n.address_size 64\n").unwrap()
+}
+
+fn bf(x: &[f32]) -> Vec<bf16> {
+    to_e(x)
+}
+
+fn read_bf16(it: &Interpreter, p: u64, n: usize) -> Vec<bf16> {
+    it.read_vec::<bf16>(p, n).unwrap()
+}
+
+#[test]
+fn elementwise_kernels_match_twins() {
+    let mut r = rng(60);
+    let n = 1000;
+    let a = bf(&uniform(&mut r, n, 3.0));
+    let b = bf(&uniform(&mut r, n, 3.0));
+    let c = bf(&uniform(&mut r, n, 1.0));
+    let mut it = interp();
+    let (pa, pb, pc) = (it.alloc_slice(&a), it.alloc_slice(&b), it.alloc_slice(&c));
+    let (o1, o2) = (it.alloc_zeroed(n * 2), it.alloc_zeroed(n * 2));
+    let check = |it: &Interpreter, p: u64, want: &[bf16], what: &str| {
+        let got = read_bf16(it, p, n);
+        let e = rel_err(&got, &to_f64(want));
+        assert!(e < 1e-2, "{what}: {e:e}");
+    };
+    let mut w1 = vec![bf16::ZERO; n];
+    let mut w2 = vec![bf16::ZERO; n];
+
+    it.run(&kernels::residual_add(n, DType::BF16, o1, pa, pb).unwrap())
+        .unwrap();
+    cpu::residual_add(&a, &b, &mut w1).unwrap();
+    check(&it, o1, &w1, "residual_add");
+
+    it.run(&kernels::swiglu_fwd(n, DType::BF16, o1, pa, pb).unwrap())
+        .unwrap();
+    cpu::swiglu_fwd(&a, &b, &mut w1).unwrap();
+    check(&it, o1, &w1, "swiglu_fwd");
+
+    it.run(&kernels::swiglu_bwd(n, DType::BF16, o1, o2, pa, pb, pc).unwrap())
+        .unwrap();
+    cpu::swiglu_bwd(&a, &b, &c, &mut w1, &mut w2).unwrap();
+    check(&it, o1, &w1, "swiglu_bwd dgate");
+    check(&it, o2, &w2, "swiglu_bwd dup");
+
+    it.run(&kernels::gelu_tanh_fwd(n, DType::BF16, o1, pa).unwrap())
+        .unwrap();
+    cpu::gelu_tanh_fwd(&a, &mut w1).unwrap();
+    check(&it, o1, &w1, "gelu_fwd");
+
+    it.run(&kernels::gelu_tanh_bwd(n, DType::BF16, o1, pa, pc).unwrap())
+        .unwrap();
+    cpu::gelu_tanh_bwd(&a, &c, &mut w1).unwrap();
+    check(&it, o1, &w1, "gelu_bwd");
+
+    // Casts both ways.
+    let f = uniform(&mut r, n, 5.0);
+    let pf = it.alloc_slice(&f);
+    it.run(&kernels::cast(n, DType::F32, DType::BF16, o1, pf).unwrap())
+        .unwrap();
+    assert_eq!(
+        read_bf16(&it, o1, n),
+        bf(&f),
+        "cast f32 -> bf16 rounds to nearest even"
+    );
+    let pf2 = it.alloc_zeroed(n * 4);
+    it.run(&kernels::cast(n, DType::BF16, DType::F32, pf2, pa).unwrap())
+        .unwrap();
+    let want: Vec<f32> = a.iter().map(|x| x.to_f32()).collect();
+    assert_eq!(it.read_f32(pf2, n).unwrap(), want);
+
+    // Squared norm.
+    let out = it.alloc_zeroed(4);
+    it.run(&kernels::sq_norm(n, DType::BF16, out, pa).unwrap())
+        .unwrap();
+    let got = f64::from(it.read_f32(out, 1).unwrap()[0]);
+    let want = cpu::sq_norm(&a);
+    assert!((got - want).abs() < 1e-5 * want, "sq_norm {got} vs {want}");
+}
+
+#[test]
+fn norm_kernels_match_twins() {
+    let mut r = rng(61);
+    for (rows, dim) in [(5usize, 33usize), (9, 256)] {
+        let x = bf(&uniform(&mut r, rows * dim, 2.0));
+        let g = bf(&uniform(&mut r, dim, 1.0));
+        let bt = bf(&uniform(&mut r, dim, 1.0));
+        let dy = bf(&uniform(&mut r, rows * dim, 1.0));
+        let eps = 1e-5;
+        let mut it = interp();
+        let (px, pg, pb, pdy) = (
+            it.alloc_slice(&x),
+            it.alloc_slice(&g),
+            it.alloc_slice(&bt),
+            it.alloc_slice(&dy),
+        );
+        let (py, prs, pm) = (
+            it.alloc_zeroed(rows * dim * 2),
+            it.alloc_zeroed(rows * 4),
+            it.alloc_zeroed(rows * 4),
+        );
+        let mut y = vec![bf16::ZERO; rows * dim];
+        let (mut rs, mut mean) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+
+        it.run(&kernels::rms_norm_fwd(rows, dim, eps, DType::BF16, py, prs, px, pg).unwrap())
+            .unwrap();
+        cpu::rms_norm_fwd(&x, &g, dim, eps, &mut y, &mut rs).unwrap();
+        assert!(rel_err(&read_bf16(&it, py, rows * dim), &to_f64(&y)) < 1e-2);
+        assert!(rel_err(&it.read_f32(prs, rows).unwrap(), &to_f64(&rs)) < 1e-5);
+
+        let (pdx, pdg) = (it.alloc_zeroed(rows * dim * 2), it.alloc_zeroed(dim * 4));
+        it.run(&kernels::rms_norm_bwd(rows, dim, DType::BF16, pdx, pdg, px, pg, pdy, prs).unwrap())
+            .unwrap();
+        let mut dx = vec![bf16::ZERO; rows * dim];
+        let mut dg = vec![0.0f32; dim];
+        cpu::rms_norm_bwd(&x, &g, &dy, &rs, dim, &mut dx, &mut dg).unwrap();
+        assert!(rel_err(&read_bf16(&it, pdx, rows * dim), &to_f64(&dx)) < 1e-2);
+        assert!(rel_err(&it.read_f32(pdg, dim).unwrap(), &to_f64(&dg)) < 1e-5);
+
+        it.run(
+            &kernels::layer_norm_fwd(rows, dim, eps, DType::BF16, py, pm, prs, px, pg, pb).unwrap(),
+        )
+        .unwrap();
+        cpu::layer_norm_fwd(&x, &g, &bt, dim, eps, &mut y, &mut mean, &mut rs).unwrap();
+        assert!(rel_err(&read_bf16(&it, py, rows * dim), &to_f64(&y)) < 1e-2);
+        assert!(rel_err(&it.read_f32(pm, rows).unwrap(), &to_f64(&mean)) < 1e-5);
+        assert!(rel_err(&it.read_f32(prs, rows).unwrap(), &to_f64(&rs)) < 1e-5);
+    }
+}
+
+#[test]
+fn loss_embedding_adamw_kernels_match_twins() {
+    let mut r = rng(62);
+    // Cross-entropy.
+    let (rows, vocab, ignore) = (6usize, 300usize, -100i32);
+    let logits = uniform(&mut r, rows * vocab, 6.0);
+    let labels: Vec<i32> = vec![3, ignore, 299, 0, 150, 7];
+    let mut it = interp();
+    let (pl, plab) = (it.alloc_slice(&logits), it.alloc_slice(&labels));
+    let (ploss, pd) = (it.alloc_zeroed(rows * 4), it.alloc_zeroed(rows * vocab * 4));
+    it.run(
+        &kernels::softmax_cross_entropy(rows, vocab, ignore, 0.25, ploss, pd, pl, plab).unwrap(),
+    )
+    .unwrap();
+    let (mut loss, mut dl) = (vec![0.0f32; rows], vec![0.0f32; rows * vocab]);
+    cpu::softmax_cross_entropy(&logits, &labels, vocab, ignore, 0.25, &mut loss, &mut dl).unwrap();
+    assert!(rel_err(&it.read_f32(ploss, rows).unwrap(), &to_f64(&loss)) < 1e-5);
+    assert!(rel_err(&it.read_f32(pd, rows * vocab).unwrap(), &to_f64(&dl)) < 1e-5);
+
+    // Embedding forward and scatter-add backward (repeated ids).
+    let (tokens, dim, v) = (7usize, 40usize, 5usize);
+    let table = bf(&uniform(&mut r, v * dim, 1.0));
+    let ids: Vec<u32> = vec![0, 4, 2, 2, 4, 1, 0];
+    let dout = bf(&uniform(&mut r, tokens * dim, 1.0));
+    let (pt, pid, pdo) = (
+        it.alloc_slice(&table),
+        it.alloc_slice(&ids),
+        it.alloc_slice(&dout),
+    );
+    let (pout, pdt) = (
+        it.alloc_zeroed(tokens * dim * 2),
+        it.alloc_zeroed(v * dim * 4),
+    );
+    it.run(&kernels::embedding_fwd(tokens, dim, v, DType::BF16, pout, pt, pid).unwrap())
+        .unwrap();
+    let mut out = vec![bf16::ZERO; tokens * dim];
+    cpu::embedding_fwd(&table, &ids, dim, &mut out).unwrap();
+    assert_eq!(read_bf16(&it, pout, tokens * dim), out);
+    it.run(&kernels::embedding_bwd(tokens, dim, v, DType::BF16, pdt, pdo, pid).unwrap())
+        .unwrap();
+    let mut dt = vec![0.0f32; v * dim];
+    cpu::embedding_bwd(&dout, &ids, dim, &mut dt).unwrap();
+    assert!(rel_err(&it.read_f32(pdt, v * dim).unwrap(), &to_f64(&dt)) < 1e-6);
+
+    // AdamW, two steps.
+    let n = 777;
+    let cfg = cpu::AdamW {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let p0 = uniform(&mut r, n, 1.0);
+    let (pm_, pv_) = (it.alloc_zeroed(n * 4), it.alloc_zeroed(n * 4));
+    let (pp, pw) = (it.alloc_slice(&p0), it.alloc_zeroed(n * 2));
+    let (mut p, mut m, mut vv, mut w) = (
+        p0.clone(),
+        vec![0.0f32; n],
+        vec![0.0f32; n],
+        vec![bf16::ZERO; n],
+    );
+    for step in 1..=2 {
+        let g = bf(&uniform(&mut r, n, 1.0));
+        let pg = it.alloc_slice(&g);
+        it.run(
+            &kernels::adamw_step(&cfg, step, 0.5, n, DType::BF16, pp, pm_, pv_, pw, pg).unwrap(),
+        )
+        .unwrap();
+        cpu::adamw_step(&cfg, step, 0.5, &mut p, &g, &mut m, &mut vv, &mut w).unwrap();
+    }
+    assert!(rel_err(&it.read_f32(pp, n).unwrap(), &to_f64(&p)) < 1e-5);
+    assert!(rel_err(&it.read_f32(pm_, n).unwrap(), &to_f64(&m)) < 1e-5);
+    assert!(rel_err(&it.read_f32(pv_, n).unwrap(), &to_f64(&vv)) < 1e-5);
+    assert!(rel_err(&read_bf16(&it, pw, n), &to_f64(&w)) < 1e-2);
+}
+
+#[test]
+fn rope_and_ulysses_kernels_match_twins() {
+    let mut r = rng(63);
+    let (tokens, heads, d) = (9usize, 3usize, 64usize);
+    let x = bf(&uniform(&mut r, tokens * heads * d, 1.0));
+    let pos: Vec<u32> = (0..tokens as u32).map(|t| t * 131 + 5).collect();
+    let mut it = interp();
+    let (px, ppos, py) = (
+        it.alloc_slice(&x),
+        it.alloc_slice(&pos),
+        it.alloc_zeroed(x.len() * 2),
+    );
+    for inverse in [false, true] {
+        it.run(
+            &kernels::rope(
+                tokens,
+                heads,
+                d,
+                10_000.0,
+                inverse,
+                DType::BF16,
+                py,
+                px,
+                ppos,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut y = vec![bf16::ZERO; x.len()];
+        if inverse {
+            cpu::rope_bwd(&x, &pos, heads, d, 10_000.0, &mut y).unwrap();
+        } else {
+            cpu::rope_fwd(&x, &pos, heads, d, 10_000.0, &mut y).unwrap();
+        }
+        let e = rel_err(&read_bf16(&it, py, x.len()), &to_f64(&y));
+        assert!(e < 1e-2, "rope inverse={inverse}: {e:e}");
+    }
+    let (t, h, hd, p) = (5usize, 8usize, 16usize, 4usize);
+    let x = bf(&uniform(&mut r, t * h * hd, 1.0));
+    let (px, pp, pu) = (
+        it.alloc_slice(&x),
+        it.alloc_zeroed(x.len() * 2),
+        it.alloc_zeroed(x.len() * 2),
+    );
+    it.run(&kernels::ulysses_pack(t, h, hd, p, DType::BF16, pp, px).unwrap())
+        .unwrap();
+    let mut want = vec![bf16::ZERO; x.len()];
+    cpu::ulysses_pack(&x, t, h, hd, p, &mut want).unwrap();
+    assert_eq!(read_bf16(&it, pp, x.len()), want);
+    it.run(&kernels::ulysses_unpack(t, h, hd, p, DType::BF16, pu, pp).unwrap())
+        .unwrap();
+    assert_eq!(read_bf16(&it, pu, x.len()), x);
+}
+
+#[test]
+fn embedding_kernel_traps_on_bad_id() {
+    let mut it = interp();
+    let table = vec![bf16::ONE; 4 * 8];
+    let (pt, pid, pout) = (
+        it.alloc_slice(&table),
+        it.alloc_slice(&[4u32]),
+        it.alloc_zeroed(16),
+    );
+    let l = kernels::embedding_fwd(1, 8, 4, DType::BF16, pout, pt, pid).unwrap();
+    assert!(
+        it.run(&l).is_err(),
+        "an id outside the table must stop the kernel"
+    );
+}

@@ -1,1 +1,639 @@
-//! Launchers of the row-wise and element-wise kernels.
+//! Launchers of the row-wise and element-wise kernels. Element-wise kernels
+//! run one thread per element (grid-stride, 256 threads a block); row-wise
+//! ones one warp per row (8 rows a block).
+
+use super::{bad, blocks_for, check_ptr, dtype_variant, fits_u32};
+use crate::cpu::DType;
+use crate::launch::{Arg, Dim3, KernelLaunch};
+use crate::Result;
+
+/// `residual_add_{bf16,f32}`.
+pub const RESIDUAL_ADD_PTX: &str = include_str!("../../kernels/residual_add.ptx");
+/// `cast_f32_bf16`, `cast_bf16_f32`.
+pub const CAST_PTX: &str = include_str!("../../kernels/cast.ptx");
+/// `swiglu_{fwd,bwd}_{bf16,f32}`.
+pub const SWIGLU_PTX: &str = include_str!("../../kernels/swiglu.ptx");
+/// `gelu_tanh_{fwd,bwd}_{bf16,f32}`.
+pub const GELU_TANH_PTX: &str = include_str!("../../kernels/gelu_tanh.ptx");
+/// `rms_norm_{fwd,bwd}_{bf16,f32}`.
+pub const RMS_NORM_PTX: &str = include_str!("../../kernels/rms_norm.ptx");
+/// `layer_norm_fwd_{bf16,f32}`.
+pub const LAYER_NORM_PTX: &str = include_str!("../../kernels/layer_norm.ptx");
+/// `softmax_xent_f32`.
+pub const SOFTMAX_XENT_PTX: &str = include_str!("../../kernels/softmax_xent.ptx");
+/// `embedding_{fwd,bwd}_{bf16,f32}`.
+pub const EMBEDDING_PTX: &str = include_str!("../../kernels/embedding.ptx");
+/// `adamw_{bf16,f32}` (grad dtype).
+pub const ADAMW_PTX: &str = include_str!("../../kernels/adamw.ptx");
+/// `sq_norm_{bf16,f32}`.
+pub const SQ_NORM_PTX: &str = include_str!("../../kernels/sq_norm.ptx");
+/// `ulysses_{pack,unpack}_{bf16,f32}`.
+pub const ULYSSES_PTX: &str = include_str!("../../kernels/ulysses.ptx");
+/// `rope_{fwd,bwd}_{bf16,f32}`.
+pub const ROPE_PTX: &str = include_str!("../../kernels/rope.ptx");
+
+const BOTH: &[DType] = &[DType::BF16, DType::F32];
+
+fn ptrs(kernel: &'static str, list: &[(&'static str, u64, u64)]) -> Result<Vec<Arg>> {
+    list.iter()
+        .map(|&(arg, p, align)| check_ptr(kernel, arg, p, align).map(|()| Arg::Ptr(p)))
+        .collect()
+}
+
+fn elementwise(
+    module: &'static str,
+    entry: String,
+    n: u32,
+    mut args: Vec<Arg>,
+    tail: &[Arg],
+) -> KernelLaunch {
+    args.push(Arg::U32(n));
+    args.extend_from_slice(tail);
+    KernelLaunch {
+        module,
+        entry,
+        grid: Dim3::new(blocks_for(u64::from(n), 256), 1, 1),
+        block: Dim3::new(256, 1, 1),
+        shared_bytes: 0,
+        args,
+    }
+}
+
+fn rows_launch(
+    module: &'static str,
+    entry: String,
+    rows: u32,
+    mut args: Vec<Arg>,
+    tail: &[Arg],
+) -> KernelLaunch {
+    args.push(Arg::U32(rows));
+    args.extend_from_slice(tail);
+    KernelLaunch {
+        module,
+        entry,
+        grid: Dim3::new(blocks_for(u64::from(rows), 8), 1, 1),
+        block: Dim3::new(256, 1, 1),
+        shared_bytes: 0,
+        args,
+    }
+}
+
+fn count(kernel: &'static str, arg: &'static str, n: usize) -> Result<u32> {
+    fits_u32(kernel, arg, n as u128)
+}
+
+fn rows_dim(kernel: &'static str, rows: usize, dim: usize) -> Result<(u32, u32)> {
+    if dim == 0 {
+        return Err(bad(kernel, "dim", "is 0, must be at least 1"));
+    }
+    fits_u32(kernel, "rows", rows as u128 * dim as u128)?;
+    Ok((rows as u32, dim as u32))
+}
+
+/// `out = a + b` over `n` elements of `dtype`.
+pub fn residual_add(n: usize, dtype: DType, out: u64, a: u64, b: u64) -> Result<KernelLaunch> {
+    const K: &str = "residual_add";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let z = dtype.size() as u64;
+    let args = ptrs(K, &[("out", out, z), ("a", a, z), ("b", b, z)])?;
+    Ok(elementwise(
+        RESIDUAL_ADD_PTX,
+        format!("residual_add_{s}"),
+        count(K, "n", n)?,
+        args,
+        &[],
+    ))
+}
+
+/// Cast `n` elements `from` -> `to` (f32 <-> bf16).
+pub fn cast(n: usize, from: DType, to: DType, dst: u64, src: u64) -> Result<KernelLaunch> {
+    const K: &str = "cast";
+    if from == to {
+        return Err(bad(
+            K,
+            "to",
+            format!("{to:?} equals the source dtype: nothing to cast"),
+        ));
+    }
+    let args = ptrs(
+        K,
+        &[
+            ("dst", dst, to.size() as u64),
+            ("src", src, from.size() as u64),
+        ],
+    )?;
+    Ok(elementwise(
+        CAST_PTX,
+        format!("cast_{}_{}", from.suffix(), to.suffix()),
+        count(K, "n", n)?,
+        args,
+        &[],
+    ))
+}
+
+/// SwiGLU forward `out = silu(gate) * up`.
+pub fn swiglu_fwd(n: usize, dtype: DType, out: u64, gate: u64, up: u64) -> Result<KernelLaunch> {
+    const K: &str = "swiglu_fwd";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let z = dtype.size() as u64;
+    let args = ptrs(K, &[("out", out, z), ("gate", gate, z), ("up", up, z)])?;
+    Ok(elementwise(
+        SWIGLU_PTX,
+        format!("swiglu_fwd_{s}"),
+        count(K, "n", n)?,
+        args,
+        &[],
+    ))
+}
+
+/// SwiGLU backward into `dgate`, `dup`.
+pub fn swiglu_bwd(
+    n: usize,
+    dtype: DType,
+    dgate: u64,
+    dup: u64,
+    gate: u64,
+    up: u64,
+    dout: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "swiglu_bwd";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let z = dtype.size() as u64;
+    let args = ptrs(
+        K,
+        &[
+            ("dgate", dgate, z),
+            ("dup", dup, z),
+            ("gate", gate, z),
+            ("up", up, z),
+            ("dout", dout, z),
+        ],
+    )?;
+    Ok(elementwise(
+        SWIGLU_PTX,
+        format!("swiglu_bwd_{s}"),
+        count(K, "n", n)?,
+        args,
+        &[],
+    ))
+}
+
+/// GeLU (tanh) forward `y = gelu(x)`.
+pub fn gelu_tanh_fwd(n: usize, dtype: DType, y: u64, x: u64) -> Result<KernelLaunch> {
+    const K: &str = "gelu_tanh_fwd";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let z = dtype.size() as u64;
+    let args = ptrs(K, &[("y", y, z), ("x", x, z)])?;
+    Ok(elementwise(
+        GELU_TANH_PTX,
+        format!("gelu_tanh_fwd_{s}"),
+        count(K, "n", n)?,
+        args,
+        &[],
+    ))
+}
+
+/// GeLU (tanh) backward `dx = dy * gelu'(x)`.
+pub fn gelu_tanh_bwd(n: usize, dtype: DType, dx: u64, x: u64, dy: u64) -> Result<KernelLaunch> {
+    const K: &str = "gelu_tanh_bwd";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let z = dtype.size() as u64;
+    let args = ptrs(K, &[("dx", dx, z), ("x", x, z), ("dy", dy, z)])?;
+    Ok(elementwise(
+        GELU_TANH_PTX,
+        format!("gelu_tanh_bwd_{s}"),
+        count(K, "n", n)?,
+        args,
+        &[],
+    ))
+}
+
+/// RMSNorm forward over `rows` rows of `dim`: y (dtype), rstd (f32).
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_fwd(
+    rows: usize,
+    dim: usize,
+    eps: f32,
+    dtype: DType,
+    y: u64,
+    rstd: u64,
+    x: u64,
+    gamma: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "rms_norm_fwd";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let (r, d) = rows_dim(K, rows, dim)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(bad(K, "eps", format!("{eps} must be finite and >= 0")));
+    }
+    let z = dtype.size() as u64;
+    let args = ptrs(
+        K,
+        &[
+            ("y", y, z),
+            ("rstd", rstd, 4),
+            ("x", x, z),
+            ("gamma", gamma, z),
+        ],
+    )?;
+    Ok(rows_launch(
+        RMS_NORM_PTX,
+        format!("rms_norm_fwd_{s}"),
+        r,
+        args,
+        &[Arg::U32(d), Arg::F32(eps)],
+    ))
+}
+
+/// RMSNorm backward: dx (dtype) and `dgamma += ...` (f32, atomic adds).
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_bwd(
+    rows: usize,
+    dim: usize,
+    dtype: DType,
+    dx: u64,
+    dgamma: u64,
+    x: u64,
+    gamma: u64,
+    dy: u64,
+    rstd: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "rms_norm_bwd";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let (r, d) = rows_dim(K, rows, dim)?;
+    let z = dtype.size() as u64;
+    let args = ptrs(
+        K,
+        &[
+            ("dx", dx, z),
+            ("dgamma", dgamma, 4),
+            ("x", x, z),
+            ("gamma", gamma, z),
+            ("dy", dy, z),
+            ("rstd", rstd, 4),
+        ],
+    )?;
+    Ok(rows_launch(
+        RMS_NORM_PTX,
+        format!("rms_norm_bwd_{s}"),
+        r,
+        args,
+        &[Arg::U32(d)],
+    ))
+}
+
+/// LayerNorm forward: y (dtype), mean and rstd (f32).
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_fwd(
+    rows: usize,
+    dim: usize,
+    eps: f32,
+    dtype: DType,
+    y: u64,
+    mean: u64,
+    rstd: u64,
+    x: u64,
+    gamma: u64,
+    beta: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "layer_norm_fwd";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let (r, d) = rows_dim(K, rows, dim)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(bad(K, "eps", format!("{eps} must be finite and >= 0")));
+    }
+    let z = dtype.size() as u64;
+    let args = ptrs(
+        K,
+        &[
+            ("y", y, z),
+            ("mean", mean, 4),
+            ("rstd", rstd, 4),
+            ("x", x, z),
+            ("gamma", gamma, z),
+            ("beta", beta, z),
+        ],
+    )?;
+    Ok(rows_launch(
+        LAYER_NORM_PTX,
+        format!("layer_norm_fwd_{s}"),
+        r,
+        args,
+        &[Arg::U32(d), Arg::F32(eps)],
+    ))
+}
+
+/// Fused softmax cross-entropy over full-vocabulary f32 rows: per-row loss
+/// and `dlogits = grad_scale * (softmax - onehot)`; labels are i32 with
+/// `ignore_index` (negative indices other than it are the caller's bug:
+/// labels live on the device and cannot be checked here).
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_cross_entropy(
+    rows: usize,
+    vocab: usize,
+    ignore_index: i32,
+    grad_scale: f32,
+    loss: u64,
+    dlogits: u64,
+    logits: u64,
+    labels: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "softmax_cross_entropy";
+    let (r, v) = rows_dim(K, rows, vocab)?;
+    let args = ptrs(
+        K,
+        &[
+            ("loss", loss, 4),
+            ("dlogits", dlogits, 4),
+            ("logits", logits, 4),
+            ("labels", labels, 4),
+        ],
+    )?;
+    Ok(rows_launch(
+        SOFTMAX_XENT_PTX,
+        "softmax_xent_f32".to_string(),
+        r,
+        args,
+        &[
+            Arg::U32(v),
+            Arg::U32(ignore_index as u32),
+            Arg::F32(grad_scale),
+        ],
+    ))
+}
+
+/// Embedding lookup of `tokens` ids into rows of `dim` (an id >= vocab traps).
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_fwd(
+    tokens: usize,
+    dim: usize,
+    vocab: usize,
+    dtype: DType,
+    out: u64,
+    table: u64,
+    ids: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "embedding_fwd";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let (_, d) = rows_dim(K, tokens, dim)?;
+    fits_u32(K, "vocab", vocab as u128 * dim as u128)?;
+    let z = dtype.size() as u64;
+    let args = ptrs(K, &[("out", out, z), ("table", table, z), ("ids", ids, 4)])?;
+    Ok(elementwise(
+        EMBEDDING_PTX,
+        format!("embedding_fwd_{s}"),
+        (tokens * dim) as u32,
+        args,
+        &[Arg::U32(d), Arg::U32(vocab as u32)],
+    ))
+}
+
+/// Embedding backward: `dtable[ids[t]] += dout[t]` (f32 table gradient).
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_bwd(
+    tokens: usize,
+    dim: usize,
+    vocab: usize,
+    dtype: DType,
+    dtable: u64,
+    dout: u64,
+    ids: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "embedding_bwd";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let (_, d) = rows_dim(K, tokens, dim)?;
+    fits_u32(K, "vocab", vocab as u128 * dim as u128)?;
+    let args = ptrs(
+        K,
+        &[
+            ("dtable", dtable, 4),
+            ("dout", dout, dtype.size() as u64),
+            ("ids", ids, 4),
+        ],
+    )?;
+    Ok(elementwise(
+        EMBEDDING_PTX,
+        format!("embedding_bwd_{s}"),
+        (tokens * dim) as u32,
+        args,
+        &[Arg::U32(d), Arg::U32(vocab as u32)],
+    ))
+}
+
+/// One AdamW step (see `cpu::adamw_step`) on `n` parameters: f32 master,
+/// m, v; bf16 working copy; gradient of `grad_dtype`.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    cfg: &crate::cpu::AdamW,
+    step: u32,
+    grad_scale: f32,
+    n: usize,
+    grad_dtype: DType,
+    master: u64,
+    m: u64,
+    v: u64,
+    working: u64,
+    grad: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "adamw_step";
+    let s = dtype_variant(K, grad_dtype, BOTH)?;
+    if step == 0 {
+        return Err(bad(K, "step", "is 0; steps count from 1"));
+    }
+    for (arg, b) in [("beta1", cfg.beta1), ("beta2", cfg.beta2)] {
+        if !(0.0..1.0).contains(&b) {
+            return Err(bad(K, arg, format!("{b} is outside [0, 1)")));
+        }
+    }
+    let args = ptrs(
+        K,
+        &[
+            ("master", master, 4),
+            ("m", m, 4),
+            ("v", v, 4),
+            ("working", working, 2),
+            ("grad", grad, grad_dtype.size() as u64),
+        ],
+    )?;
+    let bc1 = 1.0 - f64::from(cfg.beta1).powi(step as i32);
+    let bc2 = 1.0 - f64::from(cfg.beta2).powi(step as i32);
+    let tail = [
+        Arg::F32(cfg.beta1),
+        Arg::F32(cfg.beta2),
+        Arg::F32(cfg.eps),
+        Arg::F32(1.0 - cfg.lr * cfg.weight_decay),
+        Arg::F32((f64::from(cfg.lr) / bc1) as f32),
+        Arg::F32(bc2.sqrt() as f32),
+        Arg::F32(grad_scale),
+    ];
+    Ok(elementwise(
+        ADAMW_PTX,
+        format!("adamw_{s}"),
+        count(K, "n", n)?,
+        args,
+        &tail,
+    ))
+}
+
+/// `out[0] += sum x^2` over `n` elements (zero `out` first).
+pub fn sq_norm(n: usize, dtype: DType, out: u64, x: u64) -> Result<KernelLaunch> {
+    const K: &str = "sq_norm";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let args = ptrs(K, &[("out", out, 4), ("x", x, dtype.size() as u64)])?;
+    let mut l = elementwise(
+        SQ_NORM_PTX,
+        format!("sq_norm_{s}"),
+        count(K, "n", n)?,
+        args,
+        &[],
+    );
+    l.grid = Dim3::new(blocks_for(n as u64, 256).min(1024), 1, 1);
+    Ok(l)
+}
+
+fn ulysses(
+    kernel: &'static str,
+    entry: &str,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    ranks: usize,
+    dtype: DType,
+    out: u64,
+    src: u64,
+) -> Result<KernelLaunch> {
+    let s = dtype_variant(kernel, dtype, BOTH)?;
+    if ranks == 0 || heads == 0 || heads % ranks != 0 {
+        return Err(bad(
+            kernel,
+            "heads",
+            format!("{heads} is not a non-zero multiple of ranks = {ranks}"),
+        ));
+    }
+    if head_dim == 0 || tokens == 0 {
+        return Err(bad(
+            kernel,
+            if head_dim == 0 { "head_dim" } else { "tokens" },
+            "is 0, must be at least 1",
+        ));
+    }
+    let n = fits_u32(
+        kernel,
+        "tokens",
+        tokens as u128 * heads as u128 * head_dim as u128,
+    )?;
+    let z = dtype.size() as u64;
+    let args = ptrs(kernel, &[("out", out, z), ("src", src, z)])?;
+    Ok(elementwise(
+        ULYSSES_PTX,
+        format!("{entry}_{s}"),
+        n,
+        args,
+        &[
+            Arg::U32(tokens as u32),
+            Arg::U32(head_dim as u32),
+            Arg::U32((heads / ranks) as u32),
+            Arg::U32(ranks as u32),
+        ],
+    ))
+}
+
+/// Ulysses pack `[tokens, heads, d]` -> `[ranks][tokens, heads/ranks, d]`.
+#[allow(clippy::too_many_arguments)]
+pub fn ulysses_pack(
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    ranks: usize,
+    dtype: DType,
+    out: u64,
+    local: u64,
+) -> Result<KernelLaunch> {
+    ulysses(
+        "ulysses_pack",
+        "ulysses_pack",
+        tokens,
+        heads,
+        head_dim,
+        ranks,
+        dtype,
+        out,
+        local,
+    )
+}
+
+/// Ulysses unpack, the inverse of [`ulysses_pack`].
+#[allow(clippy::too_many_arguments)]
+pub fn ulysses_unpack(
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    ranks: usize,
+    dtype: DType,
+    out: u64,
+    groups: u64,
+) -> Result<KernelLaunch> {
+    ulysses(
+        "ulysses_unpack",
+        "ulysses_unpack",
+        tokens,
+        heads,
+        head_dim,
+        ranks,
+        dtype,
+        out,
+        groups,
+    )
+}
+
+/// RoPE (rotate-half) forward or, `inverse`, backward on `[tokens, heads,
+/// head_dim]` at `positions` (u32 device array of `tokens`).
+#[allow(clippy::too_many_arguments)]
+pub fn rope(
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    theta: f32,
+    inverse: bool,
+    dtype: DType,
+    y: u64,
+    x: u64,
+    positions: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "rope";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(bad(
+            K,
+            "head_dim",
+            format!("{head_dim} must be even and non-zero"),
+        ));
+    }
+    if heads == 0 {
+        return Err(bad(K, "heads", "is 0, must be at least 1"));
+    }
+    if !(theta.is_finite() && theta > 1.0) {
+        return Err(bad(K, "theta", format!("{theta} must be finite and > 1")));
+    }
+    let n = fits_u32(
+        K,
+        "tokens",
+        tokens as u128 * heads as u128 * head_dim as u128,
+    )? / 2;
+    let z = dtype.size() as u64;
+    let mut args = ptrs(K, &[("y", y, z), ("x", x, z), ("positions", positions, 4)])?;
+    let ratio = f64::from(theta).powf(-2.0 / head_dim as f64);
+    args.push(Arg::U32(n));
+    args.push(Arg::U32(heads as u32));
+    args.push(Arg::U32(head_dim as u32));
+    args.push(Arg::U64(ratio.to_bits()));
+    let dir = if inverse { "bwd" } else { "fwd" };
+    Ok(KernelLaunch {
+        module: ROPE_PTX,
+        entry: format!("rope_{dir}_{s}"),
+        grid: Dim3::new(blocks_for(u64::from(n), 256), 1, 1),
+        block: Dim3::new(256, 1, 1),
+        shared_bytes: 0,
+        args,
+    })
+}
