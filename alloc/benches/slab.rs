@@ -28,6 +28,9 @@ const SIZES: [usize; 8] = [
     512,
 ];
 
+/// Blocks alive at once in the FIFO pattern.
+const WINDOW: usize = 16;
+
 fn main() {
     let mut c = Criterion::default()
         .measurement_time(Duration::from_secs(2))
@@ -98,11 +101,70 @@ fn main() {
         })
     });
     g.finish();
+
+    // The pattern of a layer step: blocks live a while (chunks in flight,
+    // double-buffer slots), freed in the order they were made.
+    let mut g = c.benchmark_group("alloc+free, 16 live (FIFO)");
+    g.bench_function("slab", |b| {
+        b.iter_custom(|iters| {
+            let mut live = std::collections::VecDeque::with_capacity(WINDOW + 1);
+            let t = Instant::now();
+            for i in 0..iters {
+                live.push_back(
+                    slab.alloc(SIZES[i as usize % SIZES.len()], "x")
+                        .expect("alloc"),
+                );
+                if live.len() > WINDOW {
+                    live.pop_front();
+                }
+            }
+            let e = t.elapsed();
+            drop(live);
+            support::record("slab fifo", e, iters);
+            e
+        })
+    });
+    g.bench_function("system allocator", |b| {
+        b.iter_custom(|iters| {
+            let mut live = std::collections::VecDeque::with_capacity(WINDOW + 1);
+            let t = Instant::now();
+            for i in 0..iters {
+                let size = SIZES[i as usize % SIZES.len()];
+                let Ok(layout) = Layout::from_size_align(size, 256) else {
+                    continue;
+                };
+                // SAFETY: non-zero size; each pointer is freed once, with
+                // its own layout, and never read.
+                let p = unsafe { alloc(layout) };
+                live.push_back((p, layout));
+                if live.len() > WINDOW {
+                    if let Some((p, l)) = live.pop_front() {
+                        if !p.is_null() {
+                            // SAFETY: as above.
+                            unsafe { dealloc(p, l) };
+                        }
+                    }
+                }
+            }
+            let e = t.elapsed();
+            for (p, l) in live {
+                if !p.is_null() {
+                    // SAFETY: as above.
+                    unsafe { dealloc(p, l) };
+                }
+            }
+            support::record("system fifo", e, iters);
+            e
+        })
+    });
+    g.finish();
     c.final_summary();
 
     let slab_t = support::median("slab");
     let arena_t = support::median("arena");
     let sys_t = support::median("system");
+    let slab_fifo = support::median("slab fifo");
+    let sys_fifo = support::median("system fifo");
     support::print_table(
         "allocator: one alloc+free pair, sizes 512 B .. 8 MiB cycled (medians)",
         &["allocator", "median", "vs system", "target", "met"],
@@ -124,6 +186,20 @@ fn main() {
             vec![
                 "system (glibc, 256-aligned)".into(),
                 support::fmt_time(sys_t),
+                "1.00x".into(),
+                String::new(),
+                String::new(),
+            ],
+            vec![
+                "slab, 16 blocks live (FIFO)".into(),
+                support::fmt_time(slab_fifo),
+                format!("{:.2}x faster", sys_fifo / slab_fifo),
+                "faster than system".into(),
+                (slab_fifo < sys_fifo).to_string(),
+            ],
+            vec![
+                "system, 16 blocks live (FIFO)".into(),
+                support::fmt_time(sys_fifo),
                 "1.00x".into(),
                 String::new(),
                 String::new(),
