@@ -364,6 +364,7 @@ pub fn swiglu_bwd<E: Element>(
 /// (computed in f64), `y1 = x1 cos - x2 sin`, `y2 = x2 cos + x1 sin` where
 /// `x1 = x[i]`, `x2 = x[i + head_dim/2]`. `inverse` rotates by `-angle`
 /// (the backward).
+#[allow(clippy::too_many_arguments)]
 fn rope<E: Element>(
     kernel: &'static str,
     x: &[E],

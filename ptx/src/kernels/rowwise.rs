@@ -491,6 +491,7 @@ pub fn sq_norm(n: usize, dtype: DType, out: u64, x: u64) -> Result<KernelLaunch>
     Ok(l)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn ulysses(
     kernel: &'static str,
     entry: &str,
