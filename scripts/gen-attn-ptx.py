@@ -321,6 +321,300 @@ def gen(D):
     return "\n".join(L)
 
 
+
+def gen_bwd(D):
+    """Backward of one pair. Per CTA: one q head h and 64 keys (4 warps of
+    16 keys); K and V tiles stay in shared memory; loop over q tiles of BQB
+    rows staged (Q, dO) with cp.async. Per warp and q tile:
+    S^T = K_w Q^T, P^T = exp2(S^T - lse2), dP^T = V_w dO^T,
+    dS^T = P^T (dP^T - delta); dV += P^T dO, dK += dS^T Q (A operands from
+    the accumulators in registers, B by ldmatrix.trans); dS^T goes to shared
+    memory as bf16 and comes back transposed (ldmatrix.trans) as the A
+    operand of dQ = dS K, added to global memory with red.add. dK (scaled)
+    and dV are added with red.add at the end (GQA: q heads share kv heads)."""
+    BQB = 32 if D == 64 else 16
+    KS = D // 16
+    NTQ = BQB // 8          # n-tiles over queries in S^T
+    KSQ = BQB // 16         # k-steps over queries (dV, dK) / m-tiles of dQ
+    NTD = D // 8
+    CH = D // 8
+    KT = 64 * D * 2         # bytes of the K (or V) tile
+    QT = BQB * D * 2        # bytes of the Q (or dO) tile
+    DS = 16 * BQB * 2       # bytes of one warp's dS^T
+    L = []
+    e = L.append
+    name = f"attn_bwd_d{D}"
+    e(f"// {name}: see gen_bwd in scripts/gen-attn-ptx.py for the design.")
+    e(f".visible .entry {name}(")
+    e("    .param .u64 p_q, .param .u64 p_k, .param .u64 p_v, .param .u64 p_do, .param .u64 p_lse,")
+    e("    .param .u64 p_delta, .param .u64 p_dq, .param .u64 p_dk, .param .u64 p_dv,")
+    e("    .param .u32 p_qt, .param .u32 p_kt, .param .u32 p_h, .param .u32 p_kvh, .param .u32 p_causal,")
+    e("    .param .f32 p_scale)")
+    e(".maxntid 128, 1, 1")
+    e("{")
+    e("    .reg .pred %p<8>;")
+    e("    .reg .b32 %r<80>;")
+    e("    .reg .b64 %rd<32>;")
+    e("    .reg .f32 %f<32>;")
+    e(f"    .reg .f32 %dk<{NTD * 4}>;")
+    e(f"    .reg .f32 %dv<{NTD * 4}>;")
+    e(f"    .reg .f32 %s<{NTQ * 4}>;")
+    e(f"    .reg .f32 %dp<{NTQ * 4}>;")
+    e("    .reg .b32 %a<4>;")
+    e("    .reg .b32 %b<4>;")
+    e(f"    .reg .b32 %pa<{KSQ * 4}>;")
+    e(f"    .reg .b32 %sa<{KSQ * 4}>;")
+    e("    .reg .f32 %c<4>;")
+    e(f"    .reg .f32 %lq<{NTQ * 2}>;")
+    e(f"    .reg .f32 %dlt<{NTQ * 2}>;")
+    for i, n in enumerate(["q", "k", "v", "do", "lse", "delta", "dq", "dk", "dv"]):
+        e(f"    ld.param.u64 %rd{i + 1}, [p_{n}];")
+        e(f"    cvta.to.global.u64 %rd{i + 1}, %rd{i + 1};")
+    e("    ld.param.u32 %r1, [p_qt];")
+    e("    ld.param.u32 %r2, [p_kt];")
+    e("    ld.param.u32 %r3, [p_h];")
+    e("    ld.param.u32 %r4, [p_kvh];")
+    e("    ld.param.u32 %r5, [p_causal];")
+    e("    ld.param.f32 %f1, [p_scale];")
+    e("    mul.f32 %f2, %f1, 0f3FB8AA3B;          // scale * log2(e)")
+    e("    mov.u32 %r6, %tid.x;")
+    e("    shr.u32 %r7, %r6, 5;                   // warp")
+    e("    and.b32 %r8, %r6, 31;                  // lane")
+    e("    shr.u32 %r9, %r8, 2;                   // groupID")
+    e("    and.b32 %r10, %r8, 3;                  // threadID_in_group")
+    e("    mov.u32 %r11, %ctaid.x;")
+    e("    shl.b32 %r11, %r11, 6;                 // j0 (first key of the CTA)")
+    e("    mov.u32 %r12, %ctaid.y;                // h")
+    e("    div.u32 %r13, %r3, %r4;")
+    e("    div.u32 %r13, %r12, %r13;              // g")
+    e("    mov.u32 %r14, smem;                    // K tile")
+    e(f"    add.u32 %r15, %r14, {KT};             // V tile")
+    e(f"    add.u32 %r16, %r15, {KT};             // Q tile")
+    e(f"    add.u32 %r17, %r16, {QT};             // dO tile")
+    e(f"    add.u32 %r18, %r17, {QT};")
+    e(f"    mad.lo.u32 %r18, %r7, {DS}, %r18;      // this warp's dS^T")
+    e(f"    mul.lo.u32 %r19, %r3, {D * 2};          // q token stride, bytes")
+    e(f"    mul.lo.u32 %r20, %r4, {D * 2};          // kv token stride, bytes")
+    e(f"    mul.wide.u32 %rd10, %r12, {D * 2};")
+    e("    add.u64 %rd11, %rd1, %rd10;            // q + h*D")
+    e("    add.u64 %rd12, %rd4, %rd10;            // do + h*D")
+    e(f"    mul.wide.u32 %rd13, %r13, {D * 2};")
+    e("    add.u64 %rd14, %rd2, %rd13;            // k + g*D")
+    e("    add.u64 %rd15, %rd3, %rd13;            // v + g*D")
+    e("    and.b32 %r21, %r8, 7;                  // lane % 8")
+    e("    shr.u32 %r22, %r8, 3;                  // lane / 8")
+    e("    and.b32 %r23, %r22, 1;")
+    e("    mad.lo.u32 %r23, %r23, 8, %r21;        // lane%8 + 8*((lane/8)%2)")
+    e("    shr.u32 %r24, %r8, 4;                  // lane / 16")
+
+    def stage(tile_reg, rows, first_row, limit, src_base, stride, tmp_base):
+        for it in range(rows * CH // 128):
+            e(f"    add.u32 %r40, %r6, {it * 128};")
+            e(f"    shr.u32 %r41, %r40, {CH.bit_length() - 1};")
+            e(f"    and.b32 %r42, %r40, {CH - 1};")
+            e(f"    add.u32 %r43, {first_row}, %r41;")
+            e(f"    setp.lt.u32 %p1, %r43, {limit};")
+            e("    selp.u32 %r44, 16, 0, %p1;")
+            e("    selp.u32 %r43, %r43, 0, %p1;")
+            e(f"    mul.wide.u32 %rd16, %r43, {stride};")
+            e("    mul.wide.u32 %rd17, %r42, 16;")
+            e("    add.u64 %rd16, %rd16, %rd17;")
+            e(f"    add.u64 %rd16, {src_base}, %rd16;")
+            e("    and.b32 %r45, %r41, 7;")
+            e("    xor.b32 %r45, %r42, %r45;")
+            e(f"    mad.lo.u32 %r46, %r41, {D * 2}, {tile_reg};")
+            e("    mad.lo.u32 %r46, %r45, 16, %r46;")
+            e("    cp.async.cg.shared.global [%r46], [%rd16], 16, %r44;")
+
+    def sw_addr(dst, tile_reg, row_reg, chunk_reg):
+        e(f"    and.b32 %r47, {row_reg}, 7;")
+        e(f"    xor.b32 %r48, {chunk_reg}, %r47;")
+        e(f"    mad.lo.u32 {dst}, {row_reg}, {D * 2}, {tile_reg};")
+        e(f"    mad.lo.u32 {dst}, %r48, 16, {dst};")
+
+    e("    // K and V tiles of the CTA's 64 keys (zero past kv_tokens).")
+    stage("%r14", 64, "%r11", "%r2", "%rd14", "%r20", None)
+    stage("%r15", 64, "%r11", "%r2", "%rd15", "%r20", None)
+    e("    cp.async.commit_group;")
+    for i in range(NTD * 4):
+        e(f"    mov.f32 %dk{i}, 0f00000000;")
+        e(f"    mov.f32 %dv{i}, 0f00000000;")
+    e("    // Keys of this thread's accumulator rows.")
+    e("    mad.lo.u32 %r25, %r7, 16, %r11;")
+    e("    add.u32 %r25, %r25, %r9;               // key0")
+    e("    add.u32 %r26, %r25, 8;                 // key1")
+    e("    // First q tile: causal pairs skip queries before j0.")
+    e(f"    div.u32 %r27, %r11, {BQB};")
+    e(f"    mul.lo.u32 %r27, %r27, {BQB};")
+    e("    setp.ne.u32 %p2, %r5, 0;")
+    e("    selp.u32 %r27, %r27, 0, %p2;           // i0")
+    e("QTILE:")
+    e("    setp.ge.u32 %p3, %r27, %r1;")
+    e("    @%p3 bra QDONE;")
+    stage("%r16", BQB, "%r27", "%r1", "%rd11", "%r19", None)
+    stage("%r17", BQB, "%r27", "%r1", "%rd12", "%r19", None)
+    e("    cp.async.commit_group;")
+    e("    cp.async.wait_group 0;")
+    e("    bar.sync 0;")
+    # lse2 and delta for this thread's query columns: q = i0 + nt*8 + tig*2 + c
+    for nt in range(NTQ):
+        for c in range(2):
+            i = nt * 2 + c
+            e(f"    mad.lo.u32 %r49, %r10, 2, %r27;")
+            e(f"    add.u32 %r49, %r49, {nt * 8 + c};")
+            e("    setp.lt.u32 %p4, %r49, %r1;")
+            e("    selp.u32 %r50, %r49, 0, %p4;")
+            e("    mad.lo.u32 %r50, %r50, %r3, %r12;")
+            e("    mul.wide.u32 %rd18, %r50, 4;")
+            e("    add.u64 %rd19, %rd5, %rd18;")
+            e("    add.u64 %rd20, %rd6, %rd18;")
+            e(f"    ld.global.f32 %lq{i}, [%rd19];")
+            e(f"    mul.f32 %lq{i}, %lq{i}, 0f3FB8AA3B;")
+            e(f"    ld.global.f32 %dlt{i}, [%rd20];")
+    # S^T = K_w Q^T and dP^T = V_w dO^T.
+    for i in range(NTQ * 4):
+        e(f"    mov.f32 %s{i}, 0f00000000;")
+        e(f"    mov.f32 %dp{i}, 0f00000000;")
+    e("    mad.lo.u32 %r51, %r7, 16, %r23;        // A row: warp*16 + lane%8 + 8*((lane/8)%2)")
+    for t in range(KS):
+        e(f"    add.u32 %r52, %r24, {2 * t};")
+        for tile, acc, btile in (("%r14", "%s", "%r16"), ("%r15", "%dp", "%r17")):
+            sw_addr("%r53", tile, "%r51", "%r52")
+            e("    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%a0, %a1, %a2, %a3}, [%r53];")
+            for nt in range(NTQ):
+                if t % 2 == 0:
+                    pass
+                e(f"    add.u32 %r54, %r21, {nt * 8};")
+                e(f"    add.u32 %r55, %r22, {2 * (t - t % 2)};")
+                sw_addr("%r56", btile, "%r54", "%r55")
+                e("    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%b0, %b1, %b2, %b3}, [%r56];")
+                bb = "%b0, %b1" if t % 2 == 0 else "%b2, %b3"
+                cc = ", ".join(f"{acc}{nt * 4 + i}" for i in range(4))
+                e(f"    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{cc}}}, {{%a0, %a1, %a2, %a3}}, {{{bb}}}, {{{cc}}};")
+    # P^T and dS^T, masked.
+    for nt in range(NTQ):
+        for half, key in ((0, "%r25"), (1, "%r26")):
+            for c in range(2):
+                i = nt * 4 + half * 2 + c
+                qi = nt * 2 + c
+                e(f"    mad.lo.u32 %r57, %r10, 2, %r27;")
+                e(f"    add.u32 %r57, %r57, {nt * 8 + c};     // query")
+                e("    setp.ge.u32 %p5, %r57, %r1;")
+                e(f"    setp.ge.u32 %p6, {key}, %r2;")
+                e("    or.pred %p5, %p5, %p6;")
+                e(f"    setp.gt.u32 %p6, {key}, %r57;")
+                e("    and.pred %p6, %p6, %p2;")
+                e("    or.pred %p5, %p5, %p6;")
+                e(f"    mul.f32 %s{i}, %s{i}, %f2;")
+                e(f"    sub.f32 %s{i}, %s{i}, %lq{qi};")
+                e(f"    ex2.approx.ftz.f32 %s{i}, %s{i};")
+                e(f"    selp.f32 %s{i}, 0f00000000, %s{i}, %p5;   // P^T")
+                e(f"    sub.f32 %dp{i}, %dp{i}, %dlt{qi};")
+                e(f"    mul.f32 %dp{i}, %dp{i}, %s{i};            // dS^T (unscaled)")
+    # A fragments of P^T and dS^T over queries.
+    for kt in range(KSQ):
+        a, b = 2 * kt, 2 * kt + 1
+        pairs = [(a * 4 + 0, a * 4 + 1), (a * 4 + 2, a * 4 + 3), (b * 4 + 0, b * 4 + 1), (b * 4 + 2, b * 4 + 3)]
+        for i, (lo, hi) in enumerate(pairs):
+            e(f"    cvt.rn.bf16x2.f32 %pa{kt * 4 + i}, %s{hi}, %s{lo};")
+            e(f"    cvt.rn.bf16x2.f32 %sa{kt * 4 + i}, %dp{hi}, %dp{lo};")
+    # dV += P^T dO, dK += dS^T Q; B by ldmatrix.trans of the dO / Q tiles.
+    for kt in range(KSQ):
+        e(f"    add.u32 %r58, %r23, {kt * 16};")
+        for dn in range(0, NTD, 2):
+            e(f"    add.u32 %r59, %r24, {dn};")
+            for tile, acc, afr in (("%r17", "%dv", "%pa"), ("%r16", "%dk", "%sa")):
+                sw_addr("%r60", tile, "%r58", "%r59")
+                e("    ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%b0, %b1, %b2, %b3}, [%r60];")
+                aa = ", ".join(f"{afr}{kt * 4 + i}" for i in range(4))
+                for d2, bb in ((dn, "%b0, %b1"), (dn + 1, "%b2, %b3")):
+                    cc = ", ".join(f"{acc}{d2 * 4 + i}" for i in range(4))
+                    e(f"    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{cc}}}, {{{aa}}}, {{{bb}}}, {{{cc}}};")
+    # dS^T (bf16) to this warp's shared region, rows = keys (16), cols = queries.
+    for nt in range(NTQ):
+        for half in range(2):
+            reg = f"%sa{(nt // 2) * 4 + (nt % 2) * 2 + half}"
+            e(f"    add.u32 %r61, %r9, {half * 8};")
+            e(f"    mad.lo.u32 %r62, %r61, {BQB * 2}, %r18;")
+            e(f"    mad.lo.u32 %r62, %r10, 4, %r62;")
+            e(f"    st.shared.b32 [%r62+{nt * 16}], {reg};")
+    e("    bar.warp.sync 0xffffffff;")
+    # dQ += scale * dS K for each m-tile of 16 queries.
+    e("    shr.u32 %r63, %r22, 0;")
+    e("    and.b32 %r63, %r22, 1;                 // (lane/8) % 2: query chunk")
+    e("    mad.lo.u32 %r64, %r24, 8, %r21;        // key row: lane%8 + 8*(lane/16)")
+    e(f"    mad.lo.u32 %r65, %r64, {BQB * 2}, %r18;")
+    e("    mad.lo.u32 %r66, %r7, 16, %r23;        // K rows of the warp (k = key)")
+    for mt in range(KSQ):
+        e(f"    add.u32 %r67, %r63, {2 * mt};")
+        e("    mad.lo.u32 %r67, %r67, 16, %r65;")
+        e("    ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%a0, %a1, %a2, %a3}, [%r67];")
+        for dn in range(0, NTD, 2):
+            e(f"    add.u32 %r68, %r24, {dn};")
+            sw_addr("%r69", "%r14", "%r66", "%r68")
+            e("    ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%b0, %b1, %b2, %b3}, [%r69];")
+            for d2, bb in ((dn, "%b0, %b1"), (dn + 1, "%b2, %b3")):
+                e("    mov.f32 %c0, 0f00000000;")
+                e("    mov.f32 %c1, 0f00000000;")
+                e("    mov.f32 %c2, 0f00000000;")
+                e("    mov.f32 %c3, 0f00000000;")
+                e(f"    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{%c0, %c1, %c2, %c3}}, {{%a0, %a1, %a2, %a3}}, {{{bb}}}, {{%c0, %c1, %c2, %c3}};")
+                for half in range(2):
+                    e(f"    add.u32 %r70, %r27, {mt * 16 + half * 8};")
+                    e("    add.u32 %r70, %r70, %r9;           // query")
+                    e("    setp.lt.u32 %p7, %r70, %r1;")
+                    e("    mad.lo.u32 %r71, %r70, %r3, %r12;")
+                    e(f"    mul.wide.u32 %rd21, %r71, {D * 4};")
+                    e("    add.u64 %rd21, %rd7, %rd21;")
+                    e("    mul.wide.u32 %rd22, %r10, 8;")
+                    e("    add.u64 %rd21, %rd21, %rd22;")
+                    e(f"    mul.f32 %f3, %c{half * 2}, %f1;")
+                    e(f"    mul.f32 %f4, %c{half * 2 + 1}, %f1;")
+                    e(f"    @%p7 red.global.add.f32 [%rd21+{d2 * 32}], %f3;")
+                    e(f"    @%p7 red.global.add.f32 [%rd21+{d2 * 32 + 4}], %f4;")
+    e("    bar.sync 0;                            // Q, dO and dS are free for the next tile")
+    e(f"    add.u32 %r27, %r27, {BQB};")
+    e("    bra.uni QTILE;")
+    e("QDONE:")
+    e("    cp.async.wait_group 0;                 // (no q tile at all: the K/V copies)")
+    for half, key in ((0, "%r25"), (1, "%r26")):
+        e(f"    setp.lt.u32 %p7, {key}, %r2;")
+        e(f"    mad.lo.u32 %r72, {key}, %r4, %r13;")
+        e(f"    mul.wide.u32 %rd23, %r72, {D * 4};")
+        e("    mul.wide.u32 %rd24, %r10, 8;")
+        e("    add.u64 %rd23, %rd23, %rd24;")
+        e("    add.u64 %rd25, %rd8, %rd23;")
+        e("    add.u64 %rd26, %rd9, %rd23;")
+        for dn in range(NTD):
+            for c in range(2):
+                i = dn * 4 + half * 2 + c
+                e(f"    mul.f32 %f5, %dk{i}, %f1;")
+                e(f"    @%p7 red.global.add.f32 [%rd25+{dn * 32 + c * 4}], %f5;")
+                e(f"    @%p7 red.global.add.f32 [%rd26+{dn * 32 + c * 4}], %dv{i};")
+    e("    ret;")
+    e("}")
+    return "\n".join(L)
+
+
+def main_bwd():
+    out = [
+        "// Flash attention backward for one (q chunk, kv chunk) pair: bf16 q, k, v, do;",
+        "// f32 lse, delta; accumulates f32 dq, dk, dv with red.add.",
+        "// Generated by scripts/gen-attn-ptx.py (register unrolling); do not edit by hand.",
+        ".version 8.0",
+        ".target sm_80",
+        ".address_size 64",
+        "",
+        ".extern .shared .align 128 .b8 smem[];",
+        "",
+    ]
+    for d in (64, 128):
+        out.append(gen_bwd(d))
+        out.append("")
+    with open("ptx/kernels/attn_bwd.ptx", "w") as f:
+        f.write("\n".join(out))
+
+
 def main():
     out = [
         "// Flash attention forward for one (q chunk, kv chunk) pair, bf16 in, f32 out.",
@@ -342,3 +636,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    main_bwd()

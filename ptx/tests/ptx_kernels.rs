@@ -473,3 +473,66 @@ fn embedding_kernel_traps_on_bad_id() {
         "an id outside the table must stop the kernel"
     );
 }
+
+#[test]
+fn attn_bwd_matches_twin() {
+    for (n, &(qt, kt, h, kvh, d, causal)) in [
+        (21usize, 70usize, 2usize, 1usize, 64usize, false),
+        (70, 70, 2, 2, 64, true),
+        (19, 37, 2, 1, 128, false),
+        (66, 66, 1, 1, 128, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let s = shape(qt, kt, h, kvh, d);
+        let mut r = rng(80 + n as u64);
+        let q: Vec<bf16> = to_e(&uniform(&mut r, s.q_len(), 1.0));
+        let k: Vec<bf16> = to_e(&uniform(&mut r, s.kv_len(), 1.0));
+        let v: Vec<bf16> = to_e(&uniform(&mut r, s.kv_len(), 1.0));
+        let do_: Vec<bf16> = to_e(&uniform(&mut r, s.q_len(), 1.0));
+        let scale = s.default_scale();
+        let mut o = vec![0.0f32; s.q_len()];
+        let mut lse = vec![0.0f32; s.rows()];
+        cpu::attn_fwd_chunk(&q, &k, &v, &s, causal, scale, &mut o, &mut lse).unwrap();
+        let mut delta = vec![0.0f32; s.rows()];
+        cpu::attn_delta(&do_, &o, d, &mut delta).unwrap();
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0f32; s.q_len()],
+            vec![0.0f32; s.kv_len()],
+            vec![0.0f32; s.kv_len()],
+        );
+        cpu::attn_bwd_chunk(
+            &q, &k, &v, &lse, &do_, &delta, &s, causal, scale, &mut dq, &mut dk, &mut dv,
+        )
+        .unwrap();
+
+        let mut it = Interpreter::new(kernels::ATTN_BWD_PTX).unwrap();
+        let p = kernels::AttnBwdPtrs {
+            q: it.alloc_slice(&q),
+            k: it.alloc_slice(&k),
+            v: it.alloc_slice(&v),
+            do_: it.alloc_slice(&do_),
+            lse: it.alloc_slice(&lse),
+            delta: it.alloc_slice(&delta),
+            dq: it.alloc_zeroed(s.q_len() * 4),
+            dk: it.alloc_zeroed(s.kv_len() * 4),
+            dv: it.alloc_zeroed(s.kv_len() * 4),
+        };
+        it.run(&kernels::attn_bwd_chunk(&s, causal, scale, DType::BF16, &p).unwrap())
+            .unwrap();
+        let gq = it.read_f32(p.dq, s.q_len()).unwrap();
+        let gk = it.read_f32(p.dk, s.kv_len()).unwrap();
+        let gv = it.read_f32(p.dv, s.kv_len()).unwrap();
+        let (eq, ek, ev) = (
+            rel_err(&gq, &f64s(&dq)),
+            rel_err(&gk, &f64s(&dk)),
+            rel_err(&gv, &f64s(&dv)),
+        );
+        println!("{s:?} causal={causal}: dq {eq:e} dk {ek:e} dv {ev:e}");
+        assert!(
+            eq < 1e-2 && ek < 1e-2 && ev < 1e-2,
+            "{s:?} causal={causal}: dq {eq:e} dk {ek:e} dv {ev:e}"
+        );
+    }
+}

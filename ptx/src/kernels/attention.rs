@@ -169,3 +169,111 @@ pub fn attn_delta(
         ],
     })
 }
+
+/// The flash-attention backward module (entries `attn_bwd_d64`, `attn_bwd_d128`).
+pub const ATTN_BWD_PTX: &str = include_str!("../../kernels/attn_bwd.ptx");
+
+/// Device addresses of one attention pair's backward tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnBwdPtrs {
+    /// q `[q_tokens, heads, head_dim]`, bf16.
+    pub q: u64,
+    /// k `[kv_tokens, kv_heads, head_dim]`, bf16.
+    pub k: u64,
+    /// v `[kv_tokens, kv_heads, head_dim]`, bf16.
+    pub v: u64,
+    /// do `[q_tokens, heads, head_dim]`, bf16.
+    pub do_: u64,
+    /// Final lse `[q_tokens, heads]`, f32.
+    pub lse: u64,
+    /// delta `[q_tokens, heads]`, f32.
+    pub delta: u64,
+    /// dq `[q_tokens, heads, head_dim]`, f32 (accumulated).
+    pub dq: u64,
+    /// dk `[kv_tokens, kv_heads, head_dim]`, f32 (accumulated).
+    pub dk: u64,
+    /// dv `[kv_tokens, kv_heads, head_dim]`, f32 (accumulated).
+    pub dv: u64,
+}
+
+/// The backward of one attention pair (see `cpu::attn_bwd_chunk`): bf16
+/// storage, head dims 64 and 128; accumulates dq, dk, dv (f32) with atomic
+/// adds, so summation order (and the last bits) vary between runs.
+pub fn attn_bwd_chunk(
+    shape: &AttnShape,
+    causal: bool,
+    scale: f32,
+    dtype: DType,
+    p: &AttnBwdPtrs,
+) -> Result<KernelLaunch> {
+    const K: &str = "attn_bwd_chunk";
+    shape.validate(K, causal)?;
+    dtype_variant(K, dtype, &[DType::BF16])?;
+    let d = shape.head_dim;
+    let (entry, bq) = match d {
+        64 => ("attn_bwd_d64", 32usize),
+        128 => ("attn_bwd_d128", 16usize),
+        _ => return Err(bad(K, "head_dim", format!("{d} has no kernel (64 or 128)"))),
+    };
+    if !scale.is_finite() {
+        return Err(bad(K, "scale", format!("{scale} is not finite")));
+    }
+    for (arg, ptr) in [("q", p.q), ("k", p.k), ("v", p.v), ("do", p.do_)] {
+        check_ptr(K, arg, ptr, 16)?;
+    }
+    for (arg, ptr) in [
+        ("lse", p.lse),
+        ("delta", p.delta),
+        ("dq", p.dq),
+        ("dk", p.dk),
+        ("dv", p.dv),
+    ] {
+        check_ptr(K, arg, ptr, 4)?;
+    }
+    fits_u32(
+        K,
+        "q_tokens",
+        (shape.q_tokens as u128 + 64) * shape.heads as u128,
+    )?;
+    fits_u32(
+        K,
+        "kv_tokens",
+        (shape.kv_tokens as u128 + 64) * shape.kv_heads as u128,
+    )?;
+    let heads = u32::try_from(shape.heads)
+        .ok()
+        .filter(|&h| h <= 65_535)
+        .ok_or_else(|| {
+            bad(
+                K,
+                "heads",
+                format!("{} exceeds the grid's y limit 65535", shape.heads),
+            )
+        })?;
+    let kblocks = fits_u32(K, "kv_tokens", shape.kv_tokens.div_ceil(64) as u128)?;
+    let shared = 2 * 64 * d * 2 + 2 * bq * d * 2 + 4 * 16 * bq * 2;
+    Ok(KernelLaunch {
+        module: ATTN_BWD_PTX,
+        entry: entry.to_string(),
+        grid: Dim3::new(kblocks, heads, 1),
+        block: Dim3::new(128, 1, 1),
+        shared_bytes: shared as u32,
+        args: vec![
+            Arg::Ptr(p.q),
+            Arg::Ptr(p.k),
+            Arg::Ptr(p.v),
+            Arg::Ptr(p.do_),
+            Arg::Ptr(p.lse),
+            Arg::Ptr(p.delta),
+            Arg::Ptr(p.dq),
+            Arg::Ptr(p.dk),
+            Arg::Ptr(p.dv),
+            Arg::U32(shape.q_tokens as u32),
+            Arg::U32(shape.kv_tokens as u32),
+            Arg::U32(heads),
+            Arg::U32(shape.kv_heads as u32),
+            Arg::U32(u32::from(causal)),
+            Arg::F32(scale),
+        ],
+    })
+}

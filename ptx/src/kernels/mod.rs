@@ -10,7 +10,8 @@ mod attention;
 mod rowwise;
 
 pub use attention::{
-    attn_delta, attn_fwd_chunk, lse_merge, AttnPtrs, ATTN_DELTA_PTX, ATTN_FWD_PTX, LSE_MERGE_PTX,
+    attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, AttnBwdPtrs, AttnPtrs, ATTN_BWD_PTX,
+    ATTN_DELTA_PTX, ATTN_FWD_PTX, LSE_MERGE_PTX,
 };
 #[allow(unused_imports)]
 pub use rowwise::*;
