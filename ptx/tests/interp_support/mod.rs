@@ -29,7 +29,9 @@ pub fn assemble_all(mods: &[(&str, String)]) {
         println!("skipped: no ptxas (set PTXAS or put ptxas on PATH)");
         return;
     };
-    let dir = std::env::temp_dir().join(format!("fpdt-interp-ptxas-{}", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("fpdt-interp-ptxas-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (name, text) in mods {
         let src = dir.join(format!("{name}.ptx"));
