@@ -56,8 +56,7 @@ pub trait Communicator: Send + Sync {
 
     /// All-reduce in place: every rank's `buf` becomes the element-wise
     /// reduction of all ranks' `buf`. Any number of elements.
-    fn all_reduce(&self, stream: &Stream, buf: View<'_>, dtype: DType, op: ReduceOp)
-        -> Result<()>;
+    fn all_reduce(&self, stream: &Stream, buf: View<'_>, dtype: DType, op: ReduceOp) -> Result<()>;
 
     /// Reduce-scatter: `send` holds `world_size` blocks of `recv.len()`
     /// bytes; rank `r`'s `recv` becomes the reduction of block `r` over all

@@ -452,7 +452,10 @@ impl Shared {
                 }
             }
             Op::ReduceScatter {
-                recv_bytes, dtype, op, ..
+                recv_bytes,
+                dtype,
+                op,
+                ..
             } => {
                 let b = *recv_bytes;
                 let guards: Vec<_> = set.iter().map(|s| read(&s.data)).collect();
@@ -622,15 +625,17 @@ impl InProcessComm {
             work(bytes),
             reads,
             writes,
-            Box::new(move |ins, outs| match shared.run(rank, seq, &op, ins, outs) {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    let msg = e.to_string();
-                    shared.record_error(rank, &e);
-                    shared.abort(rank, &msg);
-                    Err(msg)
-                }
-            }),
+            Box::new(
+                move |ins, outs| match shared.run(rank, seq, &op, ins, outs) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        let msg = e.to_string();
+                        shared.record_error(rank, &e);
+                        shared.abort(rank, &msg);
+                        Err(msg)
+                    }
+                },
+            ),
         )?;
         Ok(())
     }
@@ -677,13 +682,7 @@ impl Communicator for InProcessComm {
         })
     }
 
-    fn all_reduce(
-        &self,
-        stream: &Stream,
-        buf: View<'_>,
-        dtype: DType,
-        op: ReduceOp,
-    ) -> Result<()> {
+    fn all_reduce(&self, stream: &Stream, buf: View<'_>, dtype: DType, op: ReduceOp) -> Result<()> {
         self.guarded(stream, || {
             check::elements("all_reduce", &buf, dtype)?;
             let t = traffic::all_reduce(buf.len(), self.world);
@@ -789,7 +788,10 @@ mod tests {
         let e = validate(3, &a, &[a.clone(), b]).unwrap_err();
         let s = e.to_string();
         assert!(s.contains("collective #3"), "{s}");
-        assert!(s.contains("rank 0: 16 bytes") && s.contains("rank 1: 32 bytes"), "{s}");
+        assert!(
+            s.contains("rank 0: 16 bytes") && s.contains("rank 1: 32 bytes"),
+            "{s}"
+        );
         let e = validate(0, &a, &[a.clone(), Op::Barrier]).unwrap_err();
         assert!(e.to_string().contains("rank 1 called barrier"), "{e}");
         let v0 = Op::AllToAllV {

@@ -29,7 +29,11 @@ impl FpdtLayout {
     /// The layout of `seq_len` tokens over `ranks` ranks in `chunks` chunks.
     /// `seq_len` must be divisible by `chunks * ranks`.
     pub fn new(seq_len: usize, ranks: usize, chunks: usize) -> Result<FpdtLayout> {
-        for (name, v) in [("seq_len", seq_len), ("ranks (P)", ranks), ("chunks (u)", chunks)] {
+        for (name, v) in [
+            ("seq_len", seq_len),
+            ("ranks (P)", ranks),
+            ("chunks (u)", chunks),
+        ] {
             if v == 0 {
                 return Err(CommError::Invalid(format!(
                     "FPDT layout: {name} must be positive, got 0"
@@ -279,7 +283,10 @@ mod tests {
         assert!(e.contains("ranks (P) must be positive"), "{e}");
         let l = FpdtLayout::new(8, 2, 2).unwrap();
         let e = l.positions(2).unwrap_err().to_string();
-        assert!(e.contains("rank 2 is out of range") && e.contains("2 ranks"), "{e}");
+        assert!(
+            e.contains("rank 2 is out of range") && e.contains("2 ranks"),
+            "{e}"
+        );
         assert!(l.shard(&[0u8; 7], 0).is_err());
         assert!(l.unshard(&[vec![0u8; 4]]).is_err());
     }

@@ -178,7 +178,8 @@ impl RendezvousEnv {
         make: impl FnOnce() -> Result<Vec<u8>>,
     ) -> Result<Vec<u8>> {
         if self.rank == 0 {
-            let server = RendezvousServer::bind(&self.master_addr, self.master_port, self.world_size)?;
+            let server =
+                RendezvousServer::bind(&self.master_addr, self.master_port, self.world_size)?;
             let payload = make()?;
             server.serve(&payload, timeout)?;
             Ok(payload)
@@ -291,7 +292,9 @@ impl RendezvousServer {
                         Err(e) => return Err(e),
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
+                {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(e) => return Err(CommError::io("accepting a rendezvous connection", e)),
@@ -306,12 +309,16 @@ impl RendezvousServer {
             let what = what.to_string();
             move |e| CommError::io(what, e)
         };
-        s.set_nonblocking(false).map_err(io("configuring a rendezvous connection"))?;
+        s.set_nonblocking(false)
+            .map_err(io("configuring a rendezvous connection"))?;
         let t = left.min(Duration::from_secs(5));
-        s.set_read_timeout(Some(t)).map_err(io("configuring a rendezvous connection"))?;
-        s.set_write_timeout(Some(t)).map_err(io("configuring a rendezvous connection"))?;
+        s.set_read_timeout(Some(t))
+            .map_err(io("configuring a rendezvous connection"))?;
+        s.set_write_timeout(Some(t))
+            .map_err(io("configuring a rendezvous connection"))?;
         let mut hello = [0u8; 16];
-        s.read_exact(&mut hello).map_err(io("reading a rendezvous hello"))?;
+        s.read_exact(&mut hello)
+            .map_err(io("reading a rendezvous hello"))?;
         if &hello[..8] != MAGIC {
             return Ok(None);
         }
@@ -339,7 +346,8 @@ impl RendezvousServer {
         reply.push(status);
         reply.extend_from_slice(&(body.len() as u32).to_le_bytes());
         reply.extend_from_slice(body);
-        s.write_all(&reply).map_err(io("answering a rendezvous client"))?;
+        s.write_all(&reply)
+            .map_err(io("answering a rendezvous client"))?;
         match refusal {
             Some(msg) => Err(CommError::Rendezvous(msg)),
             None => Ok(Some(rank)),
@@ -350,7 +358,13 @@ impl RendezvousServer {
 /// A rank's side: connects to rank 0's server at `host:port` (retrying
 /// while it is not up yet) and fetches the payload; gives up after
 /// `timeout`.
-pub fn fetch(host: &str, port: u16, rank: usize, world: usize, timeout: Duration) -> Result<Vec<u8>> {
+pub fn fetch(
+    host: &str,
+    port: u16,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>> {
     if rank >= world {
         return Err(CommError::RankOutOfRange {
             what: "rendezvous fetch".into(),
@@ -381,7 +395,13 @@ pub fn fetch(host: &str, port: u16, rank: usize, world: usize, timeout: Duration
     }
 }
 
-fn try_fetch(host: &str, port: u16, rank: usize, world: usize, deadline: Instant) -> Result<Vec<u8>> {
+fn try_fetch(
+    host: &str,
+    port: u16,
+    rank: usize,
+    world: usize,
+    deadline: Instant,
+) -> Result<Vec<u8>> {
     let io = |what: &str| {
         let what = format!("{what} ({host}:{port})");
         move |e| CommError::io(what, e)
@@ -406,18 +426,24 @@ fn try_fetch(host: &str, port: u16, rank: usize, world: usize, deadline: Instant
         (Some(s), _) => s,
         (None, Some(e)) => return Err(io("connecting to the rendezvous server")(e)),
         (None, None) => {
-            return Err(CommError::Rendezvous(format!("`{host}` resolves to no address")))
+            return Err(CommError::Rendezvous(format!(
+                "`{host}` resolves to no address"
+            )))
         }
     };
-    s.set_read_timeout(Some(left())).map_err(io("configuring the rendezvous connection"))?;
-    s.set_write_timeout(Some(left())).map_err(io("configuring the rendezvous connection"))?;
+    s.set_read_timeout(Some(left()))
+        .map_err(io("configuring the rendezvous connection"))?;
+    s.set_write_timeout(Some(left()))
+        .map_err(io("configuring the rendezvous connection"))?;
     let mut hello = Vec::with_capacity(16);
     hello.extend_from_slice(MAGIC);
     hello.extend_from_slice(&(rank as u32).to_le_bytes());
     hello.extend_from_slice(&(world as u32).to_le_bytes());
-    s.write_all(&hello).map_err(io("sending the rendezvous hello"))?;
+    s.write_all(&hello)
+        .map_err(io("sending the rendezvous hello"))?;
     let mut head = [0u8; 13];
-    s.read_exact(&mut head).map_err(io("reading the rendezvous answer"))?;
+    s.read_exact(&mut head)
+        .map_err(io("reading the rendezvous answer"))?;
     if &head[..8] != MAGIC {
         return Err(CommError::Rendezvous(format!(
             "{host}:{port} is not an fpdt rendezvous server (it answered {:?})",
@@ -431,7 +457,8 @@ fn try_fetch(host: &str, port: u16, rank: usize, world: usize, deadline: Instant
         )));
     }
     let mut body = vec![0u8; len];
-    s.read_exact(&mut body).map_err(io("reading the rendezvous payload"))?;
+    s.read_exact(&mut body)
+        .map_err(io("reading the rendezvous payload"))?;
     if head[8] != 0 {
         return Err(CommError::Rendezvous(format!(
             "rank 0 refused rank {rank}: {}",
@@ -494,20 +521,47 @@ mod tests {
     fn bad_environments_name_the_variable_and_the_rule() {
         let e = env(&[]).unwrap_err().to_string();
         assert!(e.contains("RANK") && e.contains("SLURM_PROCID"), "{e}");
-        let e = env(&[("RANK", "x"), ("WORLD_SIZE", "2")]).unwrap_err().to_string();
-        assert!(e.contains("RANK=\"x\"") && e.contains("non-negative integer"), "{e}");
-        let e = env(&[("RANK", "4"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "1")])
-            .unwrap_err();
-        assert!(matches!(e, CommError::RankOutOfRange { rank: 4, world: 4, .. }), "{e}");
+        let e = env(&[("RANK", "x"), ("WORLD_SIZE", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("RANK=\"x\"") && e.contains("non-negative integer"),
+            "{e}"
+        );
+        let e = env(&[
+            ("RANK", "4"),
+            ("WORLD_SIZE", "4"),
+            ("MASTER_ADDR", "a"),
+            ("MASTER_PORT", "1"),
+        ])
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CommError::RankOutOfRange {
+                    rank: 4,
+                    world: 4,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a")])
             .unwrap_err()
             .to_string();
         assert!(e.contains("MASTER_PORT"), "{e}");
-        let e = env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "70000")])
+        let e = env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "a"),
+            ("MASTER_PORT", "70000"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("1..=65535"), "{e}");
+        let e = env(&[("RANK", "0"), ("WORLD_SIZE", "0")])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("1..=65535"), "{e}");
-        let e = env(&[("RANK", "0"), ("WORLD_SIZE", "0")]).unwrap_err().to_string();
         assert!(e.contains("WORLD_SIZE") && e.contains("at least 1"), "{e}");
         let e = env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")])
             .unwrap_err()

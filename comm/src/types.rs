@@ -101,20 +101,12 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -
         )));
     }
     match dtype {
-        DType::F32 => reduce_typed::<4, f32>(
-            op,
-            srcs,
-            out,
-            |b| f32::from_le_bytes(b),
-            |x| x.to_le_bytes(),
-        ),
-        DType::F64 => reduce_typed::<8, f64>(
-            op,
-            srcs,
-            out,
-            |b| f64::from_le_bytes(b),
-            |x| x.to_le_bytes(),
-        ),
+        DType::F32 => {
+            reduce_typed::<4, f32>(op, srcs, out, f32::from_le_bytes, |x| x.to_le_bytes())
+        }
+        DType::F64 => {
+            reduce_typed::<8, f64>(op, srcs, out, f64::from_le_bytes, |x| x.to_le_bytes())
+        }
         DType::Bf16 => reduce_typed::<2, f32>(
             op,
             srcs,
@@ -224,10 +216,22 @@ mod tests {
             reduce_into(DType::F32, op, srcs, out).unwrap();
             bytemuck::cast_slice::<u8, f32>(out).to_vec()
         };
-        assert_eq!(check(ReduceOp::Sum, &mut out, &[&a, &b]), vec![1.5, 2.0, 2.5]);
-        assert_eq!(check(ReduceOp::Avg, &mut out, &[&a, &b]), vec![0.75, 1.0, 1.25]);
-        assert_eq!(check(ReduceOp::Max, &mut out, &[&a, &b]), vec![1.0, 4.0, 3.5]);
-        assert_eq!(check(ReduceOp::Min, &mut out, &[&a, &b]), vec![0.5, -2.0, -1.0]);
+        assert_eq!(
+            check(ReduceOp::Sum, &mut out, &[&a, &b]),
+            vec![1.5, 2.0, 2.5]
+        );
+        assert_eq!(
+            check(ReduceOp::Avg, &mut out, &[&a, &b]),
+            vec![0.75, 1.0, 1.25]
+        );
+        assert_eq!(
+            check(ReduceOp::Max, &mut out, &[&a, &b]),
+            vec![1.0, 4.0, 3.5]
+        );
+        assert_eq!(
+            check(ReduceOp::Min, &mut out, &[&a, &b]),
+            vec![0.5, -2.0, -1.0]
+        );
         let m = check(ReduceOp::Max, &mut out, &[&a, &b, &c]);
         assert_eq!(m[0], 2.0);
         assert!(m[1].is_nan(), "NaN propagates through max");

@@ -232,7 +232,9 @@ impl<'a, C: Communicator + ?Sized> UlyssesAllToAll<'a, C> {
     fn split(&self, kind: Heads, elem_bytes: usize, bytes: usize, what: &str) -> Result<HeadSplit> {
         let heads = self.cfg.heads_of(kind);
         if elem_bytes == 0 {
-            return Err(CommError::Invalid(format!("{what}: elem_bytes must be positive")));
+            return Err(CommError::Invalid(format!(
+                "{what}: elem_bytes must be positive"
+            )));
         }
         let token = heads * self.cfg.head_dim * elem_bytes;
         if bytes % token != 0 {
@@ -306,9 +308,7 @@ impl<'a, C: Communicator + ?Sized> UlyssesAllToAll<'a, C> {
             Work::kernel(0.0, 2 * input.len() as u64),
             &[staging.view()],
             &[output],
-            Box::new(move |ins, outs| {
-                unpack_heads(ins[0], outs[0], &s).map_err(|e| e.to_string())
-            }),
+            Box::new(move |ins, outs| unpack_heads(ins[0], outs[0], &s).map_err(|e| e.to_string())),
         )?;
         Ok(())
     }
@@ -345,7 +345,10 @@ mod tests {
                 for k in 0..2 {
                     for e in 0..3 {
                         let h = g * 2 + k;
-                        assert_eq!(packed[((g * 2 + t) * 2 + k) * 3 + e], (t * 12 + h * 3 + e) as u32);
+                        assert_eq!(
+                            packed[((g * 2 + t) * 2 + k) * 3 + e],
+                            (t * 12 + h * 3 + e) as u32
+                        );
                     }
                 }
             }
@@ -358,7 +361,10 @@ mod tests {
     #[test]
     fn configs_name_both_numbers() {
         let e = UlyssesConfig::new(8, 2, 64, 4).unwrap_err().to_string();
-        assert_eq!(e, "kv_heads (2) must be divisible by the sequence-parallel degree P (4)");
+        assert_eq!(
+            e,
+            "kv_heads (2) must be divisible by the sequence-parallel degree P (4)"
+        );
         let e = UlyssesConfig::new(6, 6, 64, 4).unwrap_err().to_string();
         assert!(e.starts_with("heads (6) must be divisible by"), "{e}");
         let e = UlyssesConfig::new(8, 3, 64, 1).unwrap_err().to_string();

@@ -37,7 +37,8 @@ fn all_to_all_matches_the_block_transpose() {
             .map(|c| (upload(c, &sends[c.rank()]), zeros(c, p * block)))
             .collect();
         for (c, (s, r)) in ranks.iter().zip(&bufs) {
-            c.all_to_all(c.device().compute(), s.view(), r.view()).unwrap();
+            c.all_to_all(c.device().compute(), s.view(), r.view())
+                .unwrap();
         }
         sync_all(&ranks);
         for (c, (_, r)) in ranks.iter().zip(&bufs) {
@@ -153,12 +154,7 @@ fn all_reduce_bf16_sums_in_f32_and_every_rank_agrees_bitwise() {
         let ranks = group(p);
         let n = 1031; // more than one reduction block, odd
         let inputs: Vec<Vec<bf16>> = (0..p)
-            .map(|r| {
-                f32_data(r, n, 9)
-                    .into_iter()
-                    .map(bf16::from_f32)
-                    .collect()
-            })
+            .map(|r| f32_data(r, n, 9).into_iter().map(bf16::from_f32).collect())
             .collect();
         let bufs: Vec<_> = ranks.iter().map(|c| upload(c, &inputs[c.rank()])).collect();
         for (c, b) in ranks.iter().zip(&bufs) {
@@ -175,7 +171,9 @@ fn all_reduce_bf16_sums_in_f32_and_every_rank_agrees_bitwise() {
         for (c, b) in ranks.iter().zip(&bufs) {
             let got: Vec<bf16> = download(c, b);
             assert!(
-                got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+                got.iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
                 "P = {p}, rank {}",
                 c.rank()
             );
@@ -194,15 +192,25 @@ fn reduce_scatter_gives_each_rank_its_reduced_block() {
             .map(|c| (upload(c, &inputs[c.rank()]), zeros(c, per * 4)))
             .collect();
         for (c, (s, r)) in ranks.iter().zip(&bufs) {
-            c.reduce_scatter(c.device().compute(), s.view(), r.view(), DType::F32, ReduceOp::Sum)
-                .unwrap();
+            c.reduce_scatter(
+                c.device().compute(),
+                s.view(),
+                r.view(),
+                DType::F32,
+                ReduceOp::Sum,
+            )
+            .unwrap();
         }
         sync_all(&ranks);
         let full = serial_f32(&inputs, ReduceOp::Sum);
         for (c, (_, r)) in ranks.iter().zip(&bufs) {
             let me = c.rank();
             let got: Vec<f32> = download(c, r);
-            assert_eq!(got, full[me * per..(me + 1) * per].to_vec(), "P = {p}, rank {me}");
+            assert_eq!(
+                got,
+                full[me * per..(me + 1) * per].to_vec(),
+                "P = {p}, rank {me}"
+            );
         }
     }
 }
@@ -220,7 +228,8 @@ fn all_gather_concatenates_in_rank_order() {
             .map(|c| (upload(c, &sends[c.rank()]), zeros(c, p * n)))
             .collect();
         for (c, (s, r)) in ranks.iter().zip(&bufs) {
-            c.all_gather(c.device().compute(), s.view(), r.view()).unwrap();
+            c.all_gather(c.device().compute(), s.view(), r.view())
+                .unwrap();
         }
         sync_all(&ranks);
         let want: Vec<u8> = sends.concat();
@@ -292,7 +301,10 @@ fn barrier_holds_every_rank_until_the_slowest_arrives() {
         }
         sync_all(&ranks);
         for (r, s) in seen.iter().enumerate() {
-            assert!(s.load(Ordering::SeqCst), "P = {p}: rank {r} passed the barrier early");
+            assert!(
+                s.load(Ordering::SeqCst),
+                "P = {p}: rank {r} passed the barrier early"
+            );
         }
     }
 }
@@ -311,8 +323,11 @@ fn long_mixed_sequences_stay_matched_with_one_host_thread_per_rank() {
                 for step in 0..40usize {
                     let n = 1 + (step * 7) % 23;
                     let x = upload(c, &vec![(me + step) as f32; n]);
-                    c.all_reduce(s, x.view(), DType::F32, ReduceOp::Sum).unwrap();
-                    let send: Vec<u8> = (0..p * (step % 5 + 1)).map(|i| byte(me, i + step)).collect();
+                    c.all_reduce(s, x.view(), DType::F32, ReduceOp::Sum)
+                        .unwrap();
+                    let send: Vec<u8> = (0..p * (step % 5 + 1))
+                        .map(|i| byte(me, i + step))
+                        .collect();
                     let a = upload(c, &send);
                     let b = zeros(c, send.len());
                     c.all_to_all(s, a.view(), b.view()).unwrap();

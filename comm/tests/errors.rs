@@ -37,7 +37,10 @@ fn a_rank_that_never_arrives_times_out_the_others_naming_it() {
         let e = r.unwrap_err();
         assert!(e.is_timeout(), "{e}");
         let s = e.to_string();
-        assert!(s.contains("rank(s) [2]") && s.contains("collective #0"), "{s}");
+        assert!(
+            s.contains("rank(s) [2]") && s.contains("collective #0"),
+            "{s}"
+        );
     }
     // The group is broken: later calls fail at once, on every rank.
     let e = ranks[2]
@@ -72,7 +75,10 @@ fn mismatched_local_sizes_fail_that_rank_and_abort_the_others_quickly() {
     let s = e.to_string();
     assert!(s.contains("12 bytes") && s.contains("has 8"), "{s}");
     let (res, took) = sync_results(&ranks);
-    assert!(took < Duration::from_secs(5), "took {took:?} (group timeout is 20 s)");
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?} (group timeout is 20 s)"
+    );
     for (r, res) in res.iter().enumerate() {
         if r == 1 {
             assert!(res.is_ok(), "rank 1 enqueued nothing");
@@ -104,7 +110,10 @@ fn sizes_that_differ_between_ranks_are_a_mismatch_on_every_rank() {
         let e = r.unwrap_err();
         let s = e.to_string();
         assert!(matches!(e, CommError::Mismatch { seq: 0, .. }), "{s}");
-        assert!(s.contains("rank 0: 16 bytes") && s.contains("rank 1: 32 bytes"), "{s}");
+        assert!(
+            s.contains("rank 0: 16 bytes") && s.contains("rank 1: 32 bytes"),
+            "{s}"
+        );
     }
 }
 
@@ -113,13 +122,21 @@ fn different_collectives_on_different_ranks_are_a_mismatch() {
     let ranks = group(2);
     let b0 = upload(&ranks[0], &[1.0f32; 4]);
     ranks[0]
-        .all_reduce(ranks[0].device().compute(), b0.view(), DType::F32, ReduceOp::Sum)
+        .all_reduce(
+            ranks[0].device().compute(),
+            b0.view(),
+            DType::F32,
+            ReduceOp::Sum,
+        )
         .unwrap();
     ranks[1].barrier(ranks[1].device().compute()).unwrap();
     let (res, _) = sync_results(&ranks);
     for r in res {
         let s = r.unwrap_err().to_string();
-        assert!(s.contains("rank 0 called all_reduce, rank 1 called barrier"), "{s}");
+        assert!(
+            s.contains("rank 0 called all_reduce, rank 1 called barrier"),
+            "{s}"
+        );
     }
 }
 
@@ -132,15 +149,30 @@ fn unequal_split_tables_are_a_mismatch_naming_both_ranks() {
     let r1 = zeros(&ranks[1], 4);
     // Rank 0 sends 1 byte to rank 1, but rank 1 expects 2 from rank 0.
     ranks[0]
-        .all_to_all_v(ranks[0].device().compute(), s0.view(), &[3, 1], r0.view(), &[3, 1])
+        .all_to_all_v(
+            ranks[0].device().compute(),
+            s0.view(),
+            &[3, 1],
+            r0.view(),
+            &[3, 1],
+        )
         .unwrap();
     ranks[1]
-        .all_to_all_v(ranks[1].device().compute(), s1.view(), &[1, 3], r1.view(), &[2, 2])
+        .all_to_all_v(
+            ranks[1].device().compute(),
+            s1.view(),
+            &[1, 3],
+            r1.view(),
+            &[2, 2],
+        )
         .unwrap();
     let (res, _) = sync_results(&ranks);
     for r in res {
         let s = r.unwrap_err().to_string();
-        assert!(s.contains("rank 1 expects 2 bytes from rank 0, which sends it 1"), "{s}");
+        assert!(
+            s.contains("rank 1 expects 2 bytes from rank 0, which sends it 1"),
+            "{s}"
+        );
     }
 }
 
@@ -154,7 +186,17 @@ fn local_argument_errors_name_the_rule() {
     let y = zeros(&c, 10);
 
     let e = c.broadcast(s, x.view(), 1).unwrap_err();
-    assert!(matches!(e, CommError::RankOutOfRange { rank: 1, world: 1, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            CommError::RankOutOfRange {
+                rank: 1,
+                world: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("broadcast root"), "{e}");
 
     let c = one();
@@ -185,7 +227,10 @@ fn local_argument_errors_name_the_rule() {
     let e = c
         .all_gather(c.device().compute(), x.view(), y.view())
         .unwrap_err();
-    assert!(e.to_string().contains("world size (1) x send buffer"), "{e}");
+    assert!(
+        e.to_string().contains("world size (1) x send buffer"),
+        "{e}"
+    );
 
     // A view of another device: the runtime refuses it, the group aborts.
     let c = one();
@@ -205,14 +250,25 @@ fn reduce_scatter_and_all_to_all_sizes_must_fit_the_world() {
     let x = upload(c, &[0.0f32; 7]);
     let y = zeros(c, 8);
     let e = c
-        .reduce_scatter(c.device().compute(), x.view(), y.view(), DType::F32, ReduceOp::Sum)
+        .reduce_scatter(
+            c.device().compute(),
+            x.view(),
+            y.view(),
+            DType::F32,
+            ReduceOp::Sum,
+        )
         .unwrap_err();
-    assert!(e.to_string().contains("world size (3) x receive buffer"), "{e}");
+    assert!(
+        e.to_string().contains("world size (3) x receive buffer"),
+        "{e}"
+    );
     let ranks = group(3);
     let c = &ranks[0];
     let x = upload(c, &[0u8; 8]);
     let y = zeros(c, 8);
-    let e = c.all_to_all(c.device().compute(), x.view(), y.view()).unwrap_err();
+    let e = c
+        .all_to_all(c.device().compute(), x.view(), y.view())
+        .unwrap_err();
     assert_eq!(
         e.to_string(),
         "all_to_all: send buffer length in bytes (8) must be divisible by the world size (3)"

@@ -52,7 +52,13 @@ fn child_processes_fetch_the_id_from_rank_0() {
     let mut children = Vec::new();
     for rank in 1..world {
         let child = Command::new(&exe)
-            .args(["--exact", "rendezvous_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "rendezvous_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_VAR, "1")
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", world.to_string())
@@ -134,19 +140,28 @@ fn a_rank_that_never_connects_times_the_server_out_naming_it() {
     let client =
         std::thread::spawn(move || fetch("127.0.0.1", port, 1, world, Duration::from_secs(10)));
     let t = Instant::now();
-    let e = server.serve(&payload(), Duration::from_millis(500)).unwrap_err();
+    let e = server
+        .serve(&payload(), Duration::from_millis(500))
+        .unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(3));
     assert!(e.is_timeout(), "{e}");
     assert!(e.to_string().contains("rank(s) [2]"), "{e}");
-    assert_eq!(client.join().unwrap().unwrap(), payload(), "rank 1 was served");
+    assert_eq!(
+        client.join().unwrap().unwrap(),
+        payload(),
+        "rank 1 was served"
+    );
 }
 
 #[test]
 fn a_wrong_world_size_is_refused_on_both_sides() {
     let server = RendezvousServer::bind("127.0.0.1", 0, 2).unwrap();
     let port = server.port().unwrap();
-    let client = std::thread::spawn(move || fetch("127.0.0.1", port, 1, 5, Duration::from_secs(10)));
-    let e = server.serve(&payload(), Duration::from_secs(10)).unwrap_err();
+    let client =
+        std::thread::spawn(move || fetch("127.0.0.1", port, 1, 5, Duration::from_secs(10)));
+    let e = server
+        .serve(&payload(), Duration::from_secs(10))
+        .unwrap_err();
     assert!(e.to_string().contains("says the world has 5 ranks"), "{e}");
     let e = client.join().unwrap().unwrap_err();
     assert!(matches!(e, CommError::Rendezvous(_)), "{e}");
@@ -156,7 +171,17 @@ fn a_wrong_world_size_is_refused_on_both_sides() {
 #[test]
 fn fetch_refuses_a_rank_out_of_range() {
     let e = fetch("127.0.0.1", 1, 3, 3, Duration::from_millis(10)).unwrap_err();
-    assert!(matches!(e, CommError::RankOutOfRange { rank: 3, world: 3, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            CommError::RankOutOfRange {
+                rank: 3,
+                world: 3,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]

@@ -93,8 +93,10 @@ fn scatter_then_gather_is_the_identity() {
                 let back = zeros(comm, x.len());
                 let a2a = UlyssesAllToAll::new(comm, comm.device().clone(), cfg).unwrap();
                 let s = comm.device().compute();
-                a2a.scatter_heads(s, Heads::Query, 4, x.view(), mid.view()).unwrap();
-                a2a.gather_heads(s, Heads::Query, 4, mid.view(), back.view()).unwrap();
+                a2a.scatter_heads(s, Heads::Query, 4, x.view(), mid.view())
+                    .unwrap();
+                a2a.gather_heads(s, Heads::Query, 4, mid.view(), back.view())
+                    .unwrap();
                 (data, x, mid, back)
             })
             .collect();
@@ -130,7 +132,8 @@ fn gather_heads_undoes_the_layout_to_each_ranks_local_tokens() {
                 let mine: Vec<f32> = chunk
                     .clone()
                     .flat_map(|t| {
-                        (r * hp..(r + 1) * hp).flat_map(move |hh| (0..d).map(move |e| val(t, hh, e)))
+                        (r * hp..(r + 1) * hp)
+                            .flat_map(move |hh| (0..d).map(move |e| val(t, hh, e)))
                     })
                     .collect();
                 let x = upload(comm, &mine);
@@ -203,7 +206,10 @@ fn the_meta_group_advances_clocks_and_allocates_as_the_cpu_group_does() {
     let meta_allocs = meta[1].device().ledger().take_recording();
     let cpu_allocs = cpu[1].device().ledger().take_recording();
     assert!(!meta_allocs.is_empty());
-    assert_eq!(meta_allocs, cpu_allocs, "same schedule, same allocation trace");
+    assert_eq!(
+        meta_allocs, cpu_allocs,
+        "same schedule, same allocation trace"
+    );
 
     // On meta the collective took the cost model's time for the bytes one
     // rank sends: (P-1)/P of the chunk.
@@ -216,9 +222,12 @@ fn the_meta_group_advances_clocks_and_allocates_as_the_cpu_group_does() {
     let sent = (bytes * (p - 1) / p) as u64;
     assert_eq!(coll.bytes, sent);
     let cost = dev.cost_model();
-    let want = ((sent as f64 / cost.collective_bandwidth + cost.launch_latency) * 1e9).round() as u64;
+    let want =
+        ((sent as f64 / cost.collective_bandwidth + cost.launch_latency) * 1e9).round() as u64;
     assert_eq!(coll.end_ns - coll.start_ns, want);
-    assert!(ev.iter().any(|e| e.kind == OpKind::Kernel && e.name == "ulysses pack"));
+    assert!(ev
+        .iter()
+        .any(|e| e.kind == OpKind::Kernel && e.name == "ulysses pack"));
     assert!(dev.now_ns() >= coll.end_ns);
 }
 
@@ -242,7 +251,11 @@ fn ulysses_refuses_heads_not_divisible_by_p_and_bad_chunks() {
     let e = UlyssesAllToAll::new(&ranks[0], ranks[0].device().clone(), cfg3)
         .err()
         .unwrap();
-    assert!(e.to_string().contains("P (3) differs from the communicator's world size (2)"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("P (3) differs from the communicator's world size (2)"),
+        "{e}"
+    );
 
     // A chunk that is not whole tokens on rank 0: rank 0 fails, rank 1 is
     // released by the abort instead of waiting 20 s.
@@ -251,14 +264,31 @@ fn ulysses_refuses_heads_not_divisible_by_p_and_bad_chunks() {
     let a1 = UlyssesAllToAll::new(&ranks[1], ranks[1].device().clone(), cfg).unwrap();
     let (x0, y0) = (zeros(&ranks[0], 60), zeros(&ranks[0], 60));
     let (x1, y1) = (zeros(&ranks[1], 64), zeros(&ranks[1], 64));
-    a1.scatter_heads(ranks[1].device().compute(), Heads::Query, 4, x1.view(), y1.view())
-        .unwrap();
+    a1.scatter_heads(
+        ranks[1].device().compute(),
+        Heads::Query,
+        4,
+        x1.view(),
+        y1.view(),
+    )
+    .unwrap();
     let e = a0
-        .scatter_heads(ranks[0].device().compute(), Heads::Query, 4, x0.view(), y0.view())
+        .scatter_heads(
+            ranks[0].device().compute(),
+            Heads::Query,
+            4,
+            x0.view(),
+            y0.view(),
+        )
         .unwrap_err();
-    assert!(e.to_string().contains("not a whole number of tokens"), "{e}");
+    assert!(
+        e.to_string().contains("not a whole number of tokens"),
+        "{e}"
+    );
     let t = std::time::Instant::now();
-    let e = ranks[1].synchronize(ranks[1].device().compute()).unwrap_err();
+    let e = ranks[1]
+        .synchronize(ranks[1].device().compute())
+        .unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(5));
     assert!(e.to_string().contains("aborted by rank 0"), "{e}");
 }
