@@ -147,7 +147,11 @@ fn lanes_max(x: &[f32]) -> f32 {
             *a = if *v > *a { *v } else { *a };
         }
     }
-    let tail = it.remainder().iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let tail = it
+        .remainder()
+        .iter()
+        .cloned()
+        .fold(f32::NEG_INFINITY, f32::max);
     acc.iter().cloned().fold(tail, f32::max)
 }
 
