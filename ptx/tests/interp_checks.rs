@@ -8,7 +8,13 @@ use fpdt_ptx::{Arg, Dim3, PtxError};
 use interp_support::{assemble_all, module};
 
 /// Runs `entry` and returns (fault, line, block, thread, message).
-fn fault_of(text: &str, entry: &str, grid: u32, block: u32, args: &[Arg]) -> (Fault, usize, Dim3, Dim3, String) {
+fn fault_of(
+    text: &str,
+    entry: &str,
+    grid: u32,
+    block: u32,
+    args: &[Arg],
+) -> (Fault, usize, Dim3, Dim3, String) {
     let mut it = Interpreter::new(text).unwrap();
     let args: Vec<Arg> = args
         .iter()
@@ -18,7 +24,14 @@ fn fault_of(text: &str, entry: &str, grid: u32, block: u32, args: &[Arg]) -> (Fa
         })
         .collect();
     match it.launch(entry, grid, block, 0, &args) {
-        Err(PtxError::Exec { kernel, line, block, thread, fault, message }) => {
+        Err(PtxError::Exec {
+            kernel,
+            line,
+            block,
+            thread,
+            fault,
+            message,
+        }) => {
             assert_eq!(kernel, entry);
             (fault, line, block, thread, message)
         }
@@ -28,7 +41,10 @@ fn fault_of(text: &str, entry: &str, grid: u32, block: u32, args: &[Arg]) -> (Fa
 
 /// 1-based line of the first line of `text` containing `pat`.
 fn line_of(text: &str, pat: &str) -> usize {
-    text.lines().position(|l| l.contains(pat)).map(|i| i + 1).unwrap()
+    text.lines()
+        .position(|l| l.contains(pat))
+        .map(|i| i + 1)
+        .unwrap()
 }
 
 fn oob() -> String {
@@ -91,7 +107,10 @@ fn out_of_bounds_shared_and_misaligned_accesses() {
     let (f, line, _, thread, _) = fault_of(&t, "oob_shared", 1, 64, &[]);
     assert_eq!(f, Fault::OutOfBounds);
     assert_eq!(line, line_of(&t, "// SHARED_STORE"));
-    assert_eq!(thread.x, 32, "256 bytes hold 32 strided u32 slots of 8 bytes");
+    assert_eq!(
+        thread.x, 32,
+        "256 bytes hold 32 strided u32 slots of 8 bytes"
+    );
     let (f, line, _, thread, _) = fault_of(&t, "misaligned", 1, 32, &[Arg::Ptr(64)]);
     assert_eq!(f, Fault::Misaligned);
     assert_eq!(line, line_of(&t, "// MISALIGNED"));
@@ -206,13 +225,20 @@ fn shared_race_between_barriers_and_none_with_the_barrier() {
     assert_eq!(f, Fault::SharedRace);
     assert!(msg.contains("write by thread"), "{msg}");
     let (f, line, _, thread, _) = fault_of(&t, "war", 1, 64, &[]);
-    assert_eq!((f, line, thread.x), (Fault::SharedRace, line_of(&t, "// WAR"), 63));
+    assert_eq!(
+        (f, line, thread.x),
+        (Fault::SharedRace, line_of(&t, "// WAR"), 63)
+    );
 
     let mut it = Interpreter::new(&t).unwrap();
     let p = it.alloc_zeroed(512);
-    it.launch("neighbor", 1, 128, 0, &[Arg::Ptr(p), Arg::U32(1)]).unwrap();
+    it.launch("neighbor", 1, 128, 0, &[Arg::Ptr(p), Arg::U32(1)])
+        .unwrap();
     let out: Vec<u32> = it.read_vec(p, 128).unwrap();
-    assert!(out.iter().enumerate().all(|(i, &v)| v as usize == (i + 32) % 128 + 1000));
+    assert!(out
+        .iter()
+        .enumerate()
+        .all(|(i, &v)| v as usize == (i + 32) % 128 + 1000));
 }
 
 fn barrier_kernels() -> String {
@@ -279,7 +305,10 @@ fn partial_barrier_names_a_missing_thread() {
     let (f, _, _, thread, msg) = fault_of(&t, "two_barriers", 1, 128, &[]);
     assert_eq!(f, Fault::PartialBarrier);
     assert!(msg.contains("waits at barrier"), "{msg}");
-    assert!(thread.x < 64 || thread.x >= 64);
+    assert_eq!(
+        thread.x, 0,
+        "thread 0 waits at barrier 1 while barrier 0 waits for it"
+    );
     let mut it = Interpreter::new(&t).unwrap();
     let p = it.alloc_zeroed(4);
     it.launch("named_ok", 1, 128, 0, &[Arg::Ptr(p)]).unwrap();
@@ -344,7 +373,11 @@ fn warp_collectives_need_their_members_and_loops_hit_the_limit() {
     assert_eq!(out, (0..16u32).map(|l| l ^ 1).collect::<Vec<_>>());
     it.set_instruction_limit(10_000);
     match it.launch("forever", 1, 32, 0, &[]) {
-        Err(PtxError::Exec { fault: Fault::Limit, line, .. }) => assert!(line >= line_of(&t, "LOOP:")),
+        Err(PtxError::Exec {
+            fault: Fault::Limit,
+            line,
+            ..
+        }) => assert!(line >= line_of(&t, "LOOP:")),
         other => panic!("{other:?}"),
     }
 }
@@ -354,10 +387,15 @@ fn error_messages_name_kernel_line_block_and_thread() {
     let t = oob();
     let mut it = Interpreter::new(&t).unwrap();
     let p = it.alloc_zeroed(256);
-    let e = it.launch("oob_global", (1, 2), 64, 0, &[Arg::Ptr(p)]).unwrap_err().to_string();
+    let e = it
+        .launch("oob_global", (1, 2), 64, 0, &[Arg::Ptr(p)])
+        .unwrap_err()
+        .to_string();
     let line = line_of(&t, "// STORE");
     assert!(
-        e.starts_with(&format!("oob_global: line {line}: block (0,0,0) thread (40,0,0): out-of-bounds access")),
+        e.starts_with(&format!(
+            "oob_global: line {line}: block (0,0,0) thread (40,0,0): out-of-bounds access"
+        )),
         "{e}"
     );
 }

@@ -58,7 +58,8 @@ fn ldmatrix_layouts_match_the_ptx_isa() {
     let mut it = Interpreter::new(&ldmatrix_kernel()).unwrap();
     let pin = it.alloc_slice(&mats);
     let pout = it.alloc_zeroed(32 * 48);
-    it.launch("ldm", 1, 32, 0, &[Arg::Ptr(pin), Arg::Ptr(pout)]).unwrap();
+    it.launch("ldm", 1, 32, 0, &[Arg::Ptr(pin), Arg::Ptr(pout)])
+        .unwrap();
     let out: Vec<u32> = it.read_vec(pout, 32 * 12).unwrap();
     let el = |m: u32, r: u32, c: u32| m * 64 + r * 8 + c;
     for l in 0..32u32 {
@@ -166,7 +167,15 @@ fn to_bits(x: &[f32], bf: bool) -> (Vec<u16>, Vec<f64>) {
         .unzip()
 }
 
-fn check_product(got: &[f32], a: &[f64], b_kn: impl Fn(usize, usize) -> f64, c: &[f32], m: usize, n: usize, k: usize) {
+fn check_product(
+    got: &[f32],
+    a: &[f64],
+    b_kn: impl Fn(usize, usize) -> f64,
+    c: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
     let mut worst = 0f64;
     for i in 0..m {
         for j in 0..n {
@@ -181,7 +190,10 @@ fn check_product(got: &[f32], a: &[f64], b_kn: impl Fn(usize, usize) -> f64, c: 
             let rel = (g - s).abs() / s.abs().max(1e-3);
             assert!(rel < 1e-2, "({i},{j}): got {g}, want {s}, rel err {rel}");
             // f32 accumulation of exact products: far tighter than 1e-2
-            assert!((g - s).abs() <= 1e-5 * mag.max(1.0), "({i},{j}): got {g}, want {s}");
+            assert!(
+                (g - s).abs() <= 1e-5 * mag.max(1.0),
+                "({i},{j}): got {g}, want {s}"
+            );
             worst = worst.max(rel);
         }
     }
@@ -202,7 +214,14 @@ fn mma_m16n8k16_bf16_and_f16_match_an_f64_product() {
         let pb = it.alloc_slice(&bb);
         let pc = it.alloc_slice(&c);
         let pd = it.alloc_zeroed(128 * 4);
-        it.launch("mma_one", 1, 32, 0, &[Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc), Arg::Ptr(pd)]).unwrap();
+        it.launch(
+            "mma_one",
+            1,
+            32,
+            0,
+            &[Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc), Arg::Ptr(pd)],
+        )
+        .unwrap();
         let d = it.read_f32(pd, 128).unwrap();
         check_product(&d, &a64, |k, n| b64[k * 8 + n], &c, 16, 8, 16);
     }
@@ -272,7 +291,11 @@ pub fn gemm_64() -> String {
 "#,
     );
     for kk in 0..4 {
-        let _ = writeln!(s, "    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%ra0, %ra1, %ra2, %ra3}}, [%r12+{}];", kk * 32);
+        let _ = writeln!(
+            s,
+            "    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%ra0, %ra1, %ra2, %ra3}}, [%r12+{}];",
+            kk * 32
+        );
         for j in 0..8 {
             let _ = writeln!(
                 s,
@@ -307,8 +330,19 @@ pub fn gemm_64() -> String {
     );
     for j in 0..8 {
         let a = 4 * j;
-        let _ = writeln!(s, "    st.global.v2.f32 [%rd7+{}], {{%acc{a}, %acc{}}};", j * 32, a + 1);
-        let _ = writeln!(s, "    st.global.v2.f32 [%rd7+{}], {{%acc{}, %acc{}}};", j * 32 + 8 * 64 * 4, a + 2, a + 3);
+        let _ = writeln!(
+            s,
+            "    st.global.v2.f32 [%rd7+{}], {{%acc{a}, %acc{}}};",
+            j * 32,
+            a + 1
+        );
+        let _ = writeln!(
+            s,
+            "    st.global.v2.f32 [%rd7+{}], {{%acc{}, %acc{}}};",
+            j * 32 + 8 * 64 * 4,
+            a + 2,
+            a + 3
+        );
     }
     s.push_str("    ret;\n}\n");
     module(&s)
@@ -325,7 +359,15 @@ fn tiled_gemm_with_cp_async_ldmatrix_and_mma() {
     let pa = it.alloc_slice(&ab);
     let pb = it.alloc_slice(&bb);
     let pc = it.alloc_zeroed(64 * 64 * 4);
-    let st = it.launch("gemm64", 1, 128, 0, &[Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc)]).unwrap();
+    let st = it
+        .launch(
+            "gemm64",
+            1,
+            128,
+            0,
+            &[Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(pc)],
+        )
+        .unwrap();
     assert_eq!(st.warps, 4);
     let c = it.read_f32(pc, 64 * 64).unwrap();
     let zero = vec![0f32; 64 * 64];
@@ -389,17 +431,38 @@ fn cp_async_commit_and_wait_groups() {
     let mut it = Interpreter::new(&text).unwrap();
     let pin = it.alloc_slice(&src);
     let pout = it.alloc_zeroed(n * 48);
-    it.launch("groups", 1, n as u32, 0, &[Arg::Ptr(pin), Arg::Ptr(pout), Arg::U32(0)]).unwrap();
+    it.launch(
+        "groups",
+        1,
+        n as u32,
+        0,
+        &[Arg::Ptr(pin), Arg::Ptr(pout), Arg::U32(0)],
+    )
+    .unwrap();
     let out: Vec<u32> = it.read_vec(pout, n * 12).unwrap();
     for t in 0..n {
         let s = &src[t * 12..t * 12 + 12];
         let want = [s[0], s[1], s[2], s[3], s[4], s[5], 0, 0, 0, 0, 0, 0];
         assert_eq!(&out[t * 12..t * 12 + 12], &want, "thread {t}");
     }
-    match it.launch("groups", 1, n as u32, 0, &[Arg::Ptr(pin), Arg::Ptr(pout), Arg::U32(1)]) {
-        Err(PtxError::Exec { fault, line, thread, .. }) => {
+    match it.launch(
+        "groups",
+        1,
+        n as u32,
+        0,
+        &[Arg::Ptr(pin), Arg::Ptr(pout), Arg::U32(1)],
+    ) {
+        Err(PtxError::Exec {
+            fault,
+            line,
+            thread,
+            ..
+        }) => {
             assert_eq!(fault, Fault::UninitializedShared);
-            assert_eq!(line, text.lines().position(|l| l.contains("// EARLY")).unwrap() + 1);
+            assert_eq!(
+                line,
+                text.lines().position(|l| l.contains("// EARLY")).unwrap() + 1
+            );
             assert_eq!(thread.x, 0);
         }
         other => panic!("{other:?}"),
@@ -426,7 +489,11 @@ fn mma_needs_the_whole_warp() {
     );
     let mut it = Interpreter::new(&text).unwrap();
     match it.launch("half_warp", 1, 32, 0, &[]) {
-        Err(PtxError::Exec { fault: Fault::Divergence, thread, .. }) => assert_eq!(thread.x, 16),
+        Err(PtxError::Exec {
+            fault: Fault::Divergence,
+            thread,
+            ..
+        }) => assert_eq!(thread.x, 16),
         other => panic!("{other:?}"),
     }
     assemble_all(&[("half_warp", text)]);

@@ -101,7 +101,14 @@ fn integer_arithmetic_and_logic() {
     let pa = it.alloc_slice(&a);
     let pb = it.alloc_slice(&b);
     let po = it.alloc_zeroed(n * 112);
-    it.launch("int_ops", 1, n as u32, 0, &[Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(po)]).unwrap();
+    it.launch(
+        "int_ops",
+        1,
+        n as u32,
+        0,
+        &[Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(po)],
+    )
+    .unwrap();
     let out: Vec<u32> = it.read_vec(po, n * 28).unwrap();
     for i in 0..n {
         let (x, y) = (a[i], b[i]);
@@ -136,14 +143,18 @@ fn integer_arithmetic_and_logic() {
             x.leading_zeros(),
             x.reverse_bits(),
             (x >> 4) & 0xff,
-            ((xs >> 28) as u32) & 0xffff_ffff,
+            (xs >> 28) as u32,
             prmt,
             0,
         ];
         let got = &out[i * 28..i * 28 + 26];
         assert_eq!(got, &want[..], "thread {i}: a={x:#x} b={y:#x}");
         let wide = u64::from(out[i * 28 + 26]) | (u64::from(out[i * 28 + 27]) << 32);
-        assert_eq!(wide as i64, i64::from(xs) * i64::from(ys), "mul.wide.s32 thread {i}");
+        assert_eq!(
+            wide as i64,
+            i64::from(xs) * i64::from(ys),
+            "mul.wide.s32 thread {i}"
+        );
     }
 }
 
@@ -222,8 +233,20 @@ fn round_dir(x: f64, dir: i32) -> f32 {
     if rf == x {
         return r;
     }
-    let up = |v: f32| f32::from_bits(if v >= 0.0 { v.to_bits() + 1 } else { v.to_bits() - 1 });
-    let down = |v: f32| f32::from_bits(if v > 0.0 { v.to_bits() - 1 } else { v.to_bits() + 1 });
+    let up = |v: f32| {
+        f32::from_bits(if v >= 0.0 {
+            v.to_bits() + 1
+        } else {
+            v.to_bits() - 1
+        })
+    };
+    let down = |v: f32| {
+        f32::from_bits(if v > 0.0 {
+            v.to_bits() - 1
+        } else {
+            v.to_bits() + 1
+        })
+    };
     let (lo, hi) = if rf < x { (r, up(r)) } else { (down(r), r) };
     match dir {
         -1 => lo,
@@ -242,13 +265,24 @@ fn round_dir(x: f64, dir: i32) -> f32 {
 fn float_arithmetic_with_rounding_modes() {
     let n = 96usize;
     let mut rng = Rng(11);
-    let a: Vec<f32> = (0..n).map(|i| rng.f32() * (1 + i % 7) as f32 * 3.0).collect();
-    let b: Vec<f32> = (0..n).map(|i| rng.f32() * (1 + i % 5) as f32 + 0.01).collect();
+    let a: Vec<f32> = (0..n)
+        .map(|i| rng.f32() * (1 + i % 7) as f32 * 3.0)
+        .collect();
+    let b: Vec<f32> = (0..n)
+        .map(|i| rng.f32() * (1 + i % 5) as f32 + 0.01)
+        .collect();
     let mut it = Interpreter::new(&float_ops()).unwrap();
     let pa = it.alloc_slice(&a);
     let pb = it.alloc_slice(&b);
     let po = it.alloc_zeroed(n * 80);
-    it.launch("float_ops", 1, n as u32, 0, &[Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(po)]).unwrap();
+    it.launch(
+        "float_ops",
+        1,
+        n as u32,
+        0,
+        &[Arg::Ptr(pa), Arg::Ptr(pb), Arg::Ptr(po)],
+    )
+    .unwrap();
     let out = it.read_f32(po, n * 20).unwrap();
     for i in 0..n {
         let (x, y) = (a[i], b[i]);
@@ -270,13 +304,27 @@ fn float_arithmetic_with_rounding_modes() {
             round_dir(f64::from(x) * f64::from(y), 0),
             (x * 2.0).clamp(0.0, 1.0),
         ];
-        let got = [o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11], o[12], o[13], o[17]];
+        let got = [
+            o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11], o[12], o[13],
+            o[17],
+        ];
         for (j, (g, w)) in got.iter().zip(exact.iter()).enumerate() {
-            assert_eq!(g.to_bits(), w.to_bits(), "thread {i} result {j}: a={x} b={y}: got {g}, want {w}");
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "thread {i} result {j}: a={x} b={y}: got {g}, want {w}"
+            );
         }
-        let approx = [(o[14], x.exp2()), (o[15], x.abs().log2()), (o[16], 1.0 / x.abs().sqrt())];
+        let approx = [
+            (o[14], x.exp2()),
+            (o[15], x.abs().log2()),
+            (o[16], 1.0 / x.abs().sqrt()),
+        ];
         for (g, w) in approx {
-            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "thread {i}: approx {g} vs {w}");
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "thread {i}: approx {g} vs {w}"
+            );
         }
         let d = f64::from_bits(u64::from(o[18].to_bits()) | (u64::from(o[19].to_bits()) << 32));
         assert_eq!(d, f64::from(x).mul_add(f64::from(y), f64::from(x)));
@@ -355,15 +403,15 @@ fn cvt_kernel() -> String {
 fn cvt_rounds_to_nearest_even_and_saturates() {
     let p2 = |e: i32| 2f32.powi(e);
     let cases: Vec<f32> = vec![
-        1.0 + p2(-8),          // bf16 tie -> even (down)
-        1.0 + 3.0 * p2(-8),    // bf16 tie -> even (up)
+        1.0 + p2(-8),                // bf16 tie -> even (down)
+        1.0 + 3.0 * p2(-8),          // bf16 tie -> even (up)
         f32::from_bits(0x3f80_8001), // just above the tie -> up
-        f32::MAX,              // bf16 overflow -> inf; f16 -> inf
+        f32::MAX,                    // bf16 overflow -> inf; f16 -> inf
         f32::NAN,
-        65520.0,               // f16 tie between max finite and 2^16 -> inf
-        65519.0,               // f16 -> max finite
-        p2(-25),               // f16 subnormal tie -> 0
-        3.0 * p2(-25),         // f16 subnormal tie -> even (2 * 2^-24)
+        65520.0,       // f16 tie between max finite and 2^16 -> inf
+        65519.0,       // f16 -> max finite
+        p2(-25),       // f16 subnormal tie -> 0
+        3.0 * p2(-25), // f16 subnormal tie -> even (2 * 2^-24)
         2.5,
         -2.5,
         3.5,
@@ -376,10 +424,19 @@ fn cvt_rounds_to_nearest_even_and_saturates() {
     let mut it = Interpreter::new(&cvt_kernel()).unwrap();
     let pin = it.alloc_slice(&cases);
     let pout = it.alloc_zeroed(n * 32);
-    it.launch("cvt_cases", 1, n as u32, 0, &[Arg::Ptr(pin), Arg::Ptr(pout)]).unwrap();
+    it.launch(
+        "cvt_cases",
+        1,
+        n as u32,
+        0,
+        &[Arg::Ptr(pin), Arg::Ptr(pout)],
+    )
+    .unwrap();
     let raw = it.read(pout, n * 32).unwrap();
     let u16at = |i: usize, o: usize| u16::from_le_bytes([raw[i * 32 + o], raw[i * 32 + o + 1]]);
-    let u32at = |i: usize, o: usize| u32::from_le_bytes(raw[i * 32 + o..i * 32 + o + 4].try_into().unwrap());
+    let u32at = |i: usize, o: usize| {
+        u32::from_le_bytes(raw[i * 32 + o..i * 32 + o + 4].try_into().unwrap())
+    };
     // (bf16 rn, f16 rn, f16 rz, bf16 rz, rni, rzi)
     let want: Vec<(u16, u16, u16, u16, i32, i32)> = vec![
         (0x3f80, 0x3c04, 0x3c04, 0x3f80, 1, 1),
@@ -400,14 +457,28 @@ fn cvt_rounds_to_nearest_even_and_saturates() {
         (0x3f80, 0x3c02, 0x3c01, 0x3f80, 1, 1),
     ];
     for (i, w) in want.iter().enumerate() {
-        let got = (u16at(i, 0), u16at(i, 2), u16at(i, 4), u16at(i, 6), u32at(i, 8) as i32, u32at(i, 12) as i32);
+        let got = (
+            u16at(i, 0),
+            u16at(i, 2),
+            u16at(i, 4),
+            u16at(i, 6),
+            u32at(i, 8) as i32,
+            u32at(i, 12) as i32,
+        );
         assert_eq!(got, *w, "case {i}: {}", cases[i]);
         // packing: a -> upper half, b (1.0) -> lower half
-        assert_eq!(u32at(i, 16), (u32::from(w.0) << 16) | 0x3f80, "bf16x2 case {i}");
+        assert_eq!(
+            u32at(i, 16),
+            (u32::from(w.0) << 16) | 0x3f80,
+            "bf16x2 case {i}"
+        );
         // f16 -> f32 is exact
         let back = f32::from_bits(u32at(i, 20));
         let h = half::f16::from_bits(w.1).to_f32();
-        assert!(back.to_bits() == h.to_bits() || (back.is_nan() && h.is_nan()), "f16->f32 case {i}");
+        assert!(
+            back.to_bits() == h.to_bits() || (back.is_nan() && h.is_nan()),
+            "f16->f32 case {i}"
+        );
         assert_eq!(f32::from_bits(u32at(i, 24)), i as f32);
         let rpi = match cases[i] {
             x if x.is_nan() || x <= 0.0 => 0,
@@ -417,11 +488,21 @@ fn cvt_rounds_to_nearest_even_and_saturates() {
         assert_eq!(u32at(i, 28), rpi, "cvt.rpi.u32 case {i}");
     }
 
-    let ints: Vec<i32> = vec![16_777_217, 16_777_219, -16_777_217, 300, -5, 70000, -70000, i32::MAX];
+    let ints: Vec<i32> = vec![
+        16_777_217,
+        16_777_219,
+        -16_777_217,
+        300,
+        -5,
+        70000,
+        -70000,
+        i32::MAX,
+    ];
     let n = ints.len();
     let pin = it.alloc_slice(&ints);
     let pout = it.alloc_zeroed(n * 16);
-    it.launch("cvt_int", 1, n as u32, 0, &[Arg::Ptr(pin), Arg::Ptr(pout)]).unwrap();
+    it.launch("cvt_int", 1, n as u32, 0, &[Arg::Ptr(pin), Arg::Ptr(pout)])
+        .unwrap();
     let out: Vec<u32> = it.read_vec(pout, n * 4).unwrap();
     for (i, &x) in ints.iter().enumerate() {
         assert_eq!(f32::from_bits(out[i * 4]), x as f32, "cvt.rn.f32.s32 {x}");
@@ -560,12 +641,17 @@ fn special_registers_over_a_2d_grid_of_3d_blocks() {
     let nt = (bx * by * bz) as usize;
     let total = nt * (gx * gy) as usize;
     let po = it.alloc_zeroed(total * 16);
-    let st = it.launch("ids", (gx, gy), (bx, by, bz), 0, &[Arg::Ptr(po)]).unwrap();
+    let st = it
+        .launch("ids", (gx, gy), (bx, by, bz), 0, &[Arg::Ptr(po)])
+        .unwrap();
     assert_eq!(st.blocks, 6);
     let out: Vec<u32> = it.read_vec(po, total * 4).unwrap();
     for g in 0..total {
         let (t, b) = (g % nt, g / nt);
-        assert_eq!(&out[g * 4..g * 4 + 4], &[t as u32, b as u32, (t % 32) as u32, (t / 32) as u32]);
+        assert_eq!(
+            &out[g * 4..g * 4 + 4],
+            &[t as u32, b as u32, (t % 32) as u32, (t / 32) as u32]
+        );
     }
 }
 
@@ -620,7 +706,8 @@ fn shfl_and_vote_follow_cuda_semantics() {
     let mut it = Interpreter::new(&shuffles()).unwrap();
     for width in [32u32, 16, 8] {
         let po = it.alloc_zeroed(32 * 48);
-        it.launch("shuffles", 1, 32, 0, &[Arg::Ptr(po), Arg::U32(width)]).unwrap();
+        it.launch("shuffles", 1, 32, 0, &[Arg::Ptr(po), Arg::U32(width)])
+            .unwrap();
         let out: Vec<u32> = it.read_vec(po, 32 * 12).unwrap();
         let v = |l: u32| l * 7 + 100;
         for l in 0..32u32 {
@@ -629,15 +716,27 @@ fn shfl_and_vote_follow_cuda_semantics() {
             // __shfl_up_sync(v, 3, width)
             let (up, up_ok) = if seg >= 3 { (v(l - 3), 1) } else { (v(l), 0) };
             // __shfl_down_sync(v, 5, width)
-            let (down, down_ok) = if seg + 5 < width { (v(l + 5), 1) } else { (v(l), 0) };
+            let (down, down_ok) = if seg + 5 < width {
+                (v(l + 5), 1)
+            } else {
+                (v(l), 0)
+            };
             // __shfl_xor_sync(v, 6, width)
             let x = l ^ 6;
-            let (bfly, bfly_ok) = if x / width == l / width { (v(x), 1) } else { (v(l), 0) };
+            let (bfly, bfly_ok) = if x / width == l / width {
+                (v(x), 1)
+            } else {
+                (v(l), 0)
+            };
             // __shfl_sync(v, 13, width)
             let src = (l / width) * width + 13 % width;
             let idx = v(src);
             assert_eq!(&o[0..4], &[up, down, bfly, idx], "width {width} lane {l}");
-            assert_eq!(&o[8..12], &[up_ok, down_ok, bfly_ok, 1], "width {width} lane {l} predicates");
+            assert_eq!(
+                &o[8..12],
+                &[up_ok, down_ok, bfly_ok, 1],
+                "width {width} lane {l} predicates"
+            );
             assert_eq!(&o[4..8], &[0x1111_1111, 1, 0, 0], "votes lane {l}");
         }
     }
@@ -710,8 +809,19 @@ fn atom_and_red_on_global_and_shared() {
     let pold = it.alloc_zeroed(n * 4);
     let pf = it.alloc_zeroed(4);
     let phist = it.alloc_zeroed(n * 4);
-    it.launch("atomics", blocks, threads, 0, &[Arg::Ptr(pcount), Arg::Ptr(pold), Arg::Ptr(pf), Arg::Ptr(phist)])
-        .unwrap();
+    it.launch(
+        "atomics",
+        blocks,
+        threads,
+        0,
+        &[
+            Arg::Ptr(pcount),
+            Arg::Ptr(pold),
+            Arg::Ptr(pf),
+            Arg::Ptr(phist),
+        ],
+    )
+    .unwrap();
     let c: Vec<u32> = it.read_vec(pcount, 6).unwrap();
     assert_eq!(c[0], n as u32);
     assert_eq!(c[1], (0..n as u32).sum::<u32>());
@@ -727,7 +837,11 @@ fn atom_and_red_on_global_and_shared() {
     let hist: Vec<u32> = it.read_vec(phist, n).unwrap();
     for b in 0..blocks as usize {
         for t in 0..8 {
-            assert_eq!(hist[b * threads as usize + t], threads / 8, "block {b} bin {t}");
+            assert_eq!(
+                hist[b * threads as usize + t],
+                threads / 8,
+                "block {b} bin {t}"
+            );
         }
     }
 }
@@ -794,7 +908,14 @@ fn shared_memory_reduction_with_barriers() {
     let x: Vec<f32> = (0..256 * blocks).map(|i| (i % 17) as f32 * 0.5).collect();
     let pin = it.alloc_slice(&x);
     let pout = it.alloc_zeroed(blocks * 4);
-    it.launch("block_sum", blocks as u32, 256, 0, &[Arg::Ptr(pin), Arg::Ptr(pout)]).unwrap();
+    it.launch(
+        "block_sum",
+        blocks as u32,
+        256,
+        0,
+        &[Arg::Ptr(pin), Arg::Ptr(pout)],
+    )
+    .unwrap();
     let out = it.read_f32(pout, blocks).unwrap();
     for b in 0..blocks {
         let want: f32 = x[b * 256..(b + 1) * 256].iter().sum();
@@ -838,34 +959,45 @@ fn f16_and_bf16_arithmetic_packed_and_scalar() {
     use half::{bf16, f16};
     let mut rng = Rng(5);
     let n = 32;
-    let raw: Vec<u32> = (0..2 * n).map(|_| rng.next_u32() & 0x3fff_3fff | 0x0000_0000).collect();
+    let raw: Vec<u32> = (0..2 * n).map(|_| rng.next_u32() & 0x3fff_3fff).collect();
     let mut it = Interpreter::new(&halves()).unwrap();
     let pa = it.alloc_slice(&raw);
     let po = it.alloc_zeroed(n * 16);
-    it.launch("halves", 1, n as u32, 0, &[Arg::Ptr(pa), Arg::Ptr(po)]).unwrap();
+    it.launch("halves", 1, n as u32, 0, &[Arg::Ptr(pa), Arg::Ptr(po)])
+        .unwrap();
     let out: Vec<u32> = it.read_vec(po, n * 4).unwrap();
     let lo = |v: u32| (v & 0xffff) as u16;
     let hi = |v: u32| (v >> 16) as u16;
     for i in 0..n {
         let (a, b) = (raw[2 * i], raw[2 * i + 1]);
         let bfma = |x: u16, y: u16, z: u16| {
-            let (x, y, z) = (bf16::from_bits(x).to_f64(), bf16::from_bits(y).to_f64(), bf16::from_bits(z).to_f64());
+            let (x, y, z) = (
+                bf16::from_bits(x).to_f64(),
+                bf16::from_bits(y).to_f64(),
+                bf16::from_bits(z).to_f64(),
+            );
             bf16::from_f64(x * y + z).to_bits()
         };
         let hop = |x: u16, y: u16, f: fn(f32, f32) -> f32| {
             f16::from_f32(f(f16::from_bits(x).to_f32(), f16::from_bits(y).to_f32())).to_bits()
         };
-        let w0 = u32::from(bfma(lo(a), lo(b), lo(a))) | (u32::from(bfma(hi(a), hi(b), hi(a))) << 16);
-        let w1 = u32::from(hop(lo(a), lo(b), |x, y| x + y)) | (u32::from(hop(hi(a), hi(b), |x, y| x + y)) << 16);
-        let w2 = u32::from(hop(lo(a), lo(b), |x, y| x * y)) | (u32::from(hop(hi(a), hi(b), |x, y| x * y)) << 16);
-        let w3 = u32::from(bfma(lo(a), lo(b), hi(a))) | (u32::from(hop(hi(a), hi(b), f32::max)) << 16);
+        let w0 =
+            u32::from(bfma(lo(a), lo(b), lo(a))) | (u32::from(bfma(hi(a), hi(b), hi(a))) << 16);
+        let w1 = u32::from(hop(lo(a), lo(b), |x, y| x + y))
+            | (u32::from(hop(hi(a), hi(b), |x, y| x + y)) << 16);
+        let w2 = u32::from(hop(lo(a), lo(b), |x, y| x * y))
+            | (u32::from(hop(hi(a), hi(b), |x, y| x * y)) << 16);
+        let w3 =
+            u32::from(bfma(lo(a), lo(b), hi(a))) | (u32::from(hop(hi(a), hi(b), f32::max)) << 16);
         assert_eq!(&out[i * 4..i * 4 + 4], &[w0, w1, w2, w3], "thread {i}");
     }
 }
 
 #[test]
 fn parse_errors_name_the_line() {
-    let bad = module(".visible .entry k()\n{\n    .reg .b32 %r<2>;\n    add.u32 %r1, %r1, %r9;\n    ret;\n}\n");
+    let bad = module(
+        ".visible .entry k()\n{\n    .reg .b32 %r<2>;\n    add.u32 %r1, %r1, %r9;\n    ret;\n}\n",
+    );
     match Interpreter::new(&bad) {
         Err(fpdt_ptx::PtxError::Parse { line, message }) => {
             assert_eq!(line, 8);
@@ -877,7 +1009,10 @@ fn parse_errors_name_the_line() {
     let e = Interpreter::new(&bad).unwrap_err().to_string();
     assert!(e.contains("line 7") && e.contains("frobnicate"), "{e}");
     let bad = module(".visible .entry k()\n{\n    bra NOWHERE;\n}\n");
-    assert!(Interpreter::new(&bad).unwrap_err().to_string().contains("NOWHERE"));
+    assert!(Interpreter::new(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("NOWHERE"));
     assert!(Interpreter::new("garbage").is_err());
     assert!(Interpreter::new(&module(".visible .entry k(\n")).is_err());
 }
@@ -888,8 +1023,12 @@ fn launch_arguments_and_host_accesses_are_checked() {
     let p = it.alloc_zeroed(16);
     assert!(it.launch("nope", 1, 32, 0, &[]).is_err());
     assert!(it.launch("block_sum", 1, 32, 0, &[Arg::Ptr(p)]).is_err());
-    assert!(it.launch("block_sum", 1, 32, 0, &[Arg::Ptr(p), Arg::U32(3)]).is_err());
-    assert!(it.launch("block_sum", 1, 2048, 0, &[Arg::Ptr(p), Arg::Ptr(p)]).is_err());
+    assert!(it
+        .launch("block_sum", 1, 32, 0, &[Arg::Ptr(p), Arg::U32(3)])
+        .is_err());
+    assert!(it
+        .launch("block_sum", 1, 2048, 0, &[Arg::Ptr(p), Arg::Ptr(p)])
+        .is_err());
     assert!(it.read(p, 17).is_err());
     assert!(it.read(p + 8, 8).is_ok());
     assert!(it.write(p + 12, &[0; 8]).is_err());
@@ -916,7 +1055,10 @@ fn run_takes_a_kernel_launch() {
     };
     it.run(&l).unwrap();
     it.run(&l).unwrap();
-    assert_eq!(it.read_f32(pout, 1).unwrap()[0], (0..64).sum::<i32>() as f32);
+    assert_eq!(
+        it.read_f32(pout, 1).unwrap()[0],
+        (0..64).sum::<i32>() as f32
+    );
 }
 
 #[test]

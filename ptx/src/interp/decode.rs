@@ -69,31 +69,159 @@ pub(crate) enum Space {
 /// One decoded instruction.
 #[derive(Debug, Clone)]
 pub(crate) enum Op {
-    Alu1 { f: F1, d: u32, a: u32 },
-    Alu2 { f: F2, d: u32, a: u32, b: u32 },
-    Alu3 { f: F3, d: u32, a: u32, b: u32, c: u32 },
-    Setp { f: Cmp, p: u32, q: u32, a: u32, b: u32, comb: u8, c: u32, cneg: bool },
-    Pack { d: u32, parts: [u32; 4], n: u8, bits: u8 },
-    Unpack { ds: [u32; 4], n: u8, bits: u8, a: u32 },
-    Cvt { spec: CvtSpec, d: u32, a: u32 },
-    CvtPack { bf: bool, rnd: Rnd, relu: bool, satfinite: bool, d: u32, a: u32, b: u32 },
-    Ld { space: Space, size: u8, n: u8, sext: u8, dmask: u64, ds: [u32; 4], base: u32, off: i64 },
-    St { space: Space, size: u8, n: u8, srcs: [u32; 4], base: u32, off: i64 },
-    Atom { space: Space, size: u8, f: F3, d: u32, base: u32, off: i64, b: u32, c: u32 },
-    Bra { target: u32 },
+    Alu1 {
+        f: F1,
+        d: u32,
+        a: u32,
+    },
+    Alu2 {
+        f: F2,
+        d: u32,
+        a: u32,
+        b: u32,
+    },
+    Alu3 {
+        f: F3,
+        d: u32,
+        a: u32,
+        b: u32,
+        c: u32,
+    },
+    Setp {
+        f: Cmp,
+        p: u32,
+        q: u32,
+        a: u32,
+        b: u32,
+        comb: u8,
+        c: u32,
+        cneg: bool,
+    },
+    Pack {
+        d: u32,
+        parts: [u32; 4],
+        n: u8,
+        bits: u8,
+    },
+    Unpack {
+        ds: [u32; 4],
+        n: u8,
+        bits: u8,
+        a: u32,
+    },
+    Cvt {
+        spec: CvtSpec,
+        d: u32,
+        a: u32,
+    },
+    CvtPack {
+        bf: bool,
+        rnd: Rnd,
+        relu: bool,
+        satfinite: bool,
+        d: u32,
+        a: u32,
+        b: u32,
+    },
+    Ld {
+        space: Space,
+        size: u8,
+        n: u8,
+        sext: u8,
+        dmask: u64,
+        ds: [u32; 4],
+        base: u32,
+        off: i64,
+    },
+    St {
+        space: Space,
+        size: u8,
+        n: u8,
+        srcs: [u32; 4],
+        base: u32,
+        off: i64,
+    },
+    Atom {
+        space: Space,
+        size: u8,
+        f: F3,
+        d: u32,
+        base: u32,
+        off: i64,
+        b: u32,
+        c: u32,
+    },
+    Bra {
+        target: u32,
+    },
     Exit,
     Trap,
-    Bar { id: u32, count: u32, arrive: bool },
-    WarpSync { mask: u32 },
-    Shfl { mode: u8, d: u32, p: u32, a: u32, b: u32, c: u32, mask: u32 },
-    Vote { mode: u8, d: u32, a: u32, neg: bool, mask: u32 },
-    Activemask { d: u32 },
-    Redux { f: F2, d: u32, a: u32, mask: u32 },
-    CpAsync { dbase: u32, doff: i64, sbase: u32, soff: i64, size: u8, src_size: u32, ignore: u32, ineg: bool },
+    Bar {
+        id: u32,
+        count: u32,
+        arrive: bool,
+    },
+    WarpSync {
+        mask: u32,
+    },
+    Shfl {
+        mode: u8,
+        d: u32,
+        p: u32,
+        a: u32,
+        b: u32,
+        c: u32,
+        mask: u32,
+    },
+    Vote {
+        mode: u8,
+        d: u32,
+        a: u32,
+        neg: bool,
+        mask: u32,
+    },
+    Activemask {
+        d: u32,
+    },
+    Redux {
+        f: F2,
+        d: u32,
+        a: u32,
+        mask: u32,
+    },
+    CpAsync {
+        dbase: u32,
+        doff: i64,
+        sbase: u32,
+        soff: i64,
+        size: u8,
+        src_size: u32,
+        ignore: u32,
+        ineg: bool,
+    },
     CpCommit,
-    CpWait { n: u32, all: bool },
-    Ldmatrix { num: u8, trans: bool, ds: [u32; 4], base: u32, off: i64, generic: bool },
-    Mma { k: u8, bf: bool, d_f32: bool, c_f32: bool, d: [u32; 4], a: [u32; 4], b: [u32; 2], c: [u32; 4] },
+    CpWait {
+        n: u32,
+        all: bool,
+    },
+    Ldmatrix {
+        num: u8,
+        trans: bool,
+        ds: [u32; 4],
+        base: u32,
+        off: i64,
+        generic: bool,
+    },
+    Mma {
+        k: u8,
+        bf: bool,
+        d_f32: bool,
+        c_f32: bool,
+        d: [u32; 4],
+        a: [u32; 4],
+        b: [u32; 2],
+        c: [u32; 4],
+    },
     Nop,
 }
 
@@ -317,19 +445,35 @@ fn is_global_addr(a: u64) -> u64 {
     1 - is_shared_addr(a)
 }
 fn testp_finite<const F64: bool>(a: u64) -> u64 {
-    let x = if F64 { f64::from_bits(a) } else { f64::from(f32::from_bits(a as u32)) };
+    let x = if F64 {
+        f64::from_bits(a)
+    } else {
+        f64::from(f32::from_bits(a as u32))
+    };
     u64::from(x.is_finite())
 }
 fn testp_infinite<const F64: bool>(a: u64) -> u64 {
-    let x = if F64 { f64::from_bits(a) } else { f64::from(f32::from_bits(a as u32)) };
+    let x = if F64 {
+        f64::from_bits(a)
+    } else {
+        f64::from(f32::from_bits(a as u32))
+    };
     u64::from(x.is_infinite())
 }
 fn testp_number<const F64: bool>(a: u64) -> u64 {
-    let x = if F64 { f64::from_bits(a) } else { f64::from(f32::from_bits(a as u32)) };
+    let x = if F64 {
+        f64::from_bits(a)
+    } else {
+        f64::from(f32::from_bits(a as u32))
+    };
     u64::from(!x.is_nan())
 }
 fn testp_nan<const F64: bool>(a: u64) -> u64 {
-    let x = if F64 { f64::from_bits(a) } else { f64::from(f32::from_bits(a as u32)) };
+    let x = if F64 {
+        f64::from_bits(a)
+    } else {
+        f64::from(f32::from_bits(a as u32))
+    };
     u64::from(x.is_nan())
 }
 
@@ -491,14 +635,20 @@ impl<'a> Dec<'a> {
             (Operand::Int(v), _) => *v & ops::mask(w),
             (Operand::F32(b), Ty::F32) => u64::from(*b),
             (Operand::F32(b), Ty::F64) => f64::from(f32::from_bits(*b)).to_bits(),
-            (Operand::F32(b), Ty::F16) => ops::round_float(f64::from(f32::from_bits(*b)), Fmt::F16, Rnd::Rn, 0, false),
-            (Operand::F32(b), Ty::Bf16) => ops::round_float(f64::from(f32::from_bits(*b)), Fmt::Bf16, Rnd::Rn, 0, false),
+            (Operand::F32(b), Ty::F16) => {
+                ops::round_float(f64::from(f32::from_bits(*b)), Fmt::F16, Rnd::Rn, 0, false)
+            }
+            (Operand::F32(b), Ty::Bf16) => {
+                ops::round_float(f64::from(f32::from_bits(*b)), Fmt::Bf16, Rnd::Rn, 0, false)
+            }
             (Operand::F32(b), _) => u64::from(*b) & ops::mask(w),
             (Operand::F64(x), Ty::F32) => ops::round_float(*x, Fmt::F32, Rnd::Rn, 0, false),
             (Operand::F64(x), Ty::F64) => x.to_bits(),
             (Operand::F64(x), Ty::F16) => ops::round_float(*x, Fmt::F16, Rnd::Rn, 0, false),
             (Operand::F64(x), Ty::Bf16) => ops::round_float(*x, Fmt::Bf16, Rnd::Rn, 0, false),
-            (Operand::F64(x), _) => return Err(self.err(format!("float literal {x} for a {w}-bit integer operand"))),
+            (Operand::F64(x), _) => {
+                return Err(self.err(format!("float literal {x} for a {w}-bit integer operand")))
+            }
             _ => return Err(self.err("expected an immediate")),
         })
     }
@@ -520,7 +670,9 @@ impl<'a> Dec<'a> {
                     return Ok(self.konst(u64::from(off)));
                 }
                 if self.params.contains_key(n) {
-                    return Err(self.err(format!("taking the address of parameter `{n}` is not supported; use ld.param")));
+                    return Err(self.err(format!(
+                        "taking the address of parameter `{n}` is not supported; use ld.param"
+                    )));
                 }
                 Err(self.err(format!("unknown register or symbol `{n}`")))
             }
@@ -538,7 +690,9 @@ impl<'a> Dec<'a> {
             Operand::Sink => Ok(SINK),
             Operand::Name(n) => match self.regs.get(n) {
                 Some(r) => Ok(r.0),
-                None if SPECIALS.contains(&n.as_str()) => Err(self.err(format!("special register `{n}` is read-only"))),
+                None if SPECIALS.contains(&n.as_str()) => {
+                    Err(self.err(format!("special register `{n}` is read-only")))
+                }
                 None => Err(self.err(format!("unknown register `{n}`"))),
             },
             other => Err(self.err(format!("expected a destination register, found {other:?}"))),
@@ -774,7 +928,9 @@ fn decode_inst(d: &mut Dec, i: &parser::Inst) -> Result<Inst, PtxError> {
     let (guard, guard_neg) = match &i.guard {
         None => (NO_REG, false),
         Some((n, neg)) => {
-            let r = d.lookup(n).ok_or_else(|| d.err(format!("unknown guard predicate `{n}`")))?;
+            let r = d
+                .lookup(n)
+                .ok_or_else(|| d.err(format!("unknown guard predicate `{n}`")))?;
             if d.regs.get(n).is_some_and(|r| r.1 != Ty::Pred) {
                 return Err(d.err(format!("guard `{n}` is not a .pred register")));
             }
@@ -795,7 +951,10 @@ fn decode_inst(d: &mut Dec, i: &parser::Inst) -> Result<Inst, PtxError> {
 }
 
 fn last_ty(d: &Dec, m: &Mods, op: &str) -> Result<Ty, PtxError> {
-    m.tys.last().copied().ok_or_else(|| d.err(format!("`{op}` needs a type")))
+    m.tys
+        .last()
+        .copied()
+        .ok_or_else(|| d.err(format!("`{op}` needs a type")))
 }
 
 #[allow(clippy::too_many_lines)]
@@ -804,7 +963,8 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
     let opc = i.opcode.as_str();
     let ftz = m.has(".ftz");
     let sat = m.has(".sat");
-    let unsupported = |d: &Dec, what: &str| d.err(format!("unsupported: `{}` {what}", full_name(i)));
+    let unsupported =
+        |d: &Dec, what: &str| d.err(format!("unsupported: `{}` {what}", full_name(i)));
     match opc {
         "mov" => {
             want(d, o, 2, opc)?;
@@ -817,7 +977,12 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
                     }
                     let (ds, n) = d.vec_dst(&o[0])?;
                     let a = d.src(src, ty)?;
-                    Ok(Op::Unpack { ds, n, bits: (ty.bits() / u32::from(n)) as u8, a })
+                    Ok(Op::Unpack {
+                        ds,
+                        n,
+                        bits: (ty.bits() / u32::from(n)) as u8,
+                        a,
+                    })
                 }
                 (dst, Operand::Vec(parts)) => {
                     let n = parts.len();
@@ -827,12 +992,21 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
                     let bits = ty.bits() / n as u32;
                     let (parts, n) = d.vec_src(&o[1], Ty::B(bits))?;
                     let dd = d.dst(dst)?;
-                    Ok(Op::Pack { d: dd, parts, n, bits: bits as u8 })
+                    Ok(Op::Pack {
+                        d: dd,
+                        parts,
+                        n,
+                        bits: bits as u8,
+                    })
                 }
                 (dst, src) => {
                     let a = d.src(src, ty)?;
                     let dd = d.dst(dst)?;
-                    Ok(Op::Alu1 { f: ops::copy, d: dd, a })
+                    Ok(Op::Alu1 {
+                        f: ops::copy,
+                        d: dd,
+                        a,
+                    })
                 }
             }
         }
@@ -867,17 +1041,22 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             };
             Ok(Op::Alu1 { f, d: dd, a })
         }
-        "add" | "sub" | "mul" | "mad" | "fma" | "div" | "rem" | "min" | "max" | "and" | "or" | "xor"
-        | "shl" | "shr" | "copysign" | "bfe" | "prmt" | "shf" | "selp" => arith3(d, i, m),
-        "neg" | "abs" | "not" | "cnot" | "popc" | "clz" | "brev" | "bfind" | "rcp" | "sqrt" | "rsqrt"
-        | "ex2" | "lg2" | "sin" | "cos" | "tanh" | "testp" => arith1(d, i, m),
+        "add" | "sub" | "mul" | "mad" | "fma" | "div" | "rem" | "min" | "max" | "and" | "or"
+        | "xor" | "shl" | "shr" | "copysign" | "bfe" | "prmt" | "shf" | "selp" => arith3(d, i, m),
+        "neg" | "abs" | "not" | "cnot" | "popc" | "clz" | "brev" | "bfind" | "rcp" | "sqrt"
+        | "rsqrt" | "ex2" | "lg2" | "sin" | "cos" | "tanh" | "testp" => arith1(d, i, m),
         "setp" => {
             let ty = last_ty(d, m, opc)?;
             let cmp = i
                 .mods
                 .first()
-                .and_then(|c| ops::CMP_NAMES.iter().position(|n| c.strip_prefix('.') == Some(*n)))
-                .ok_or_else(|| d.err("setp needs a comparison (.eq, .lt, ...)"))? as u8;
+                .and_then(|c| {
+                    ops::CMP_NAMES
+                        .iter()
+                        .position(|n| c.strip_prefix('.') == Some(*n))
+                })
+                .ok_or_else(|| d.err("setp needs a comparison (.eq, .lt, ...)"))?
+                as u8;
             let comb = if m.has(".and") {
                 1
             } else if m.has(".or") {
@@ -918,17 +1097,36 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             };
             let a = d.src(&o[1], ty)?;
             let b = d.src(&o[2], ty)?;
-            let (c, cneg) = if comb == 0 { (SINK, false) } else { d.pred(&o[3])? };
-            Ok(Op::Setp { f, p, q, a, b, comb, c, cneg })
+            let (c, cneg) = if comb == 0 {
+                (SINK, false)
+            } else {
+                d.pred(&o[3])?
+            };
+            Ok(Op::Setp {
+                f,
+                p,
+                q,
+                a,
+                b,
+                comb,
+                c,
+                cneg,
+            })
         }
         "cvt" => {
-            let ty = m.tys.first().copied().ok_or_else(|| d.err("cvt needs types"))?;
+            let ty = m
+                .tys
+                .first()
+                .copied()
+                .ok_or_else(|| d.err("cvt needs types"))?;
             if matches!(ty, Ty::F16x2 | Ty::Bf16x2) {
                 want(d, o, 3, opc)?;
                 if m.tys.get(1) != Some(&Ty::F32) {
                     return Err(unsupported(d, "(packing cvt needs .f32 sources)"));
                 }
-                let rnd = m.rnd().ok_or_else(|| d.err("packing cvt needs a rounding mode"))?;
+                let rnd = m
+                    .rnd()
+                    .ok_or_else(|| d.err("packing cvt needs a rounding mode"))?;
                 let a = d.src(&o[1], Ty::F32)?;
                 let b = d.src(&o[2], Ty::F32)?;
                 let dd = d.dst(&o[0])?;
@@ -959,7 +1157,7 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
                 src,
                 rnd: m.rnd().unwrap_or(Rnd::Rn),
                 irnd,
-                sat: sat,
+                sat,
                 ftz,
                 relu: m.has(".relu"),
                 satfinite: m.has(".satfinite"),
@@ -979,7 +1177,15 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             }
             let (base, off) = d.addr(&o[1])?;
             let size = ty.bits().div_ceil(8) as u8;
-            let sext = if let Ty::S(w) = ty { if w < 64 { w as u8 } else { 0 } } else { 0 };
+            let sext = if let Ty::S(w) = ty {
+                if w < 64 {
+                    w as u8
+                } else {
+                    0
+                }
+            } else {
+                0
+            };
             let dmask = ops::mask(d.reg_bits(match &o[0] {
                 Operand::Vec(v) => v.first().unwrap_or(&Operand::Sink),
                 x => x,
@@ -987,7 +1193,16 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             if ty == Ty::Pred {
                 return Err(d.err("ld of .pred"));
             }
-            Ok(Op::Ld { space, size, n, sext, dmask, ds, base, off })
+            Ok(Op::Ld {
+                space,
+                size,
+                n,
+                sext,
+                dmask,
+                ds,
+                base,
+                off,
+            })
         }
         "st" => {
             want(d, o, 2, opc)?;
@@ -1002,7 +1217,14 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             if nn != n {
                 return Err(d.err(format!("`.v{n}` store with {nn} sources")));
             }
-            Ok(Op::St { space, size: ty.bits().div_ceil(8) as u8, n, srcs, base, off })
+            Ok(Op::St {
+                space,
+                size: ty.bits().div_ceil(8) as u8,
+                n,
+                srcs,
+                base,
+                off,
+            })
         }
         "atom" | "red" => {
             let ty = last_ty(d, m, opc)?;
@@ -1078,7 +1300,16 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             let (base, off) = d.addr(&o[k])?;
             let b = d.src(&o[k + 1], ty)?;
             let c = if cas { d.src(&o[k + 2], ty)? } else { SINK };
-            Ok(Op::Atom { space, size: (w / 8) as u8, f, d: dd, base, off, b, c })
+            Ok(Op::Atom {
+                space,
+                size: (w / 8) as u8,
+                f,
+                d: dd,
+                base,
+                off,
+                b,
+                c,
+            })
         }
         "bra" | "brx" => {
             if opc == "brx" {
@@ -1087,7 +1318,10 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             want(d, o, 1, opc)?;
             match &o[0] {
                 Operand::Name(l) => {
-                    let t = *d.labels.get(l).ok_or_else(|| d.err(format!("unknown label `{l}`")))?;
+                    let t = *d
+                        .labels
+                        .get(l)
+                        .ok_or_else(|| d.err(format!("unknown label `{l}`")))?;
                     Ok(Op::Bra { target: t })
                 }
                 _ => Err(d.err("bra needs a label")),
@@ -1102,20 +1336,26 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
                 return Ok(Op::WarpSync { mask });
             }
             let arrive = m.has(".arrive");
-            if !(arrive || m.has(".sync") || i.mods.iter().all(|x| x == ".cta" || x == ".aligned")) {
+            if !(arrive || m.has(".sync") || i.mods.iter().all(|x| x == ".cta" || x == ".aligned"))
+            {
                 return Err(unsupported(d, "(bar.red is not supported)"));
             }
             if o.is_empty() || o.len() > 2 {
                 return Err(d.err("bar takes a barrier id and an optional thread count"));
             }
             let id = d.src(&o[0], Ty::U(32))?;
-            let count = if o.len() == 2 { d.src(&o[1], Ty::U(32))? } else { NO_REG };
+            let count = if o.len() == 2 {
+                d.src(&o[1], Ty::U(32))?
+            } else {
+                NO_REG
+            };
             if arrive && count == NO_REG {
                 return Err(d.err("bar.arrive needs a thread count"));
             }
             Ok(Op::Bar { id, count, arrive })
         }
-        "membar" | "fence" | "prefetch" | "prefetchu" | "griddepcontrol" | "nanosleep" | "pmevent" => Ok(Op::Nop),
+        "membar" | "fence" | "prefetch" | "prefetchu" | "griddepcontrol" | "nanosleep"
+        | "pmevent" => Ok(Op::Nop),
         "shfl" => {
             if !m.has(".sync") {
                 return Err(d.err("shfl without .sync is not supported (PTX 6.0+ needs shfl.sync)"));
@@ -1133,14 +1373,25 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
                 return Err(d.err("shfl needs .up, .down, .bfly or .idx"));
             };
             let (dd, p) = match &o[0] {
-                Operand::Pair(a, b) => (d.dst(&Operand::Name(a.clone()))?, d.dst(&Operand::Name(b.clone()))?),
+                Operand::Pair(a, b) => (
+                    d.dst(&Operand::Name(a.clone()))?,
+                    d.dst(&Operand::Name(b.clone()))?,
+                ),
                 x => (d.dst(x)?, SINK),
             };
             let a = d.src(&o[1], Ty::B(32))?;
             let b = d.src(&o[2], Ty::B(32))?;
             let c = d.src(&o[3], Ty::B(32))?;
             let mask = d.src(&o[4], Ty::B(32))?;
-            Ok(Op::Shfl { mode, d: dd, p, a, b, c, mask })
+            Ok(Op::Shfl {
+                mode,
+                d: dd,
+                p,
+                a,
+                b,
+                c,
+                mask,
+            })
         }
         "vote" => {
             let mode = if m.has(".all") {
@@ -1158,8 +1409,18 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             want(d, o, if sync { 3 } else { 2 }, opc)?;
             let dd = d.dst(&o[0])?;
             let (a, neg) = d.pred(&o[1])?;
-            let mask = if sync { d.src(&o[2], Ty::B(32))? } else { NO_REG };
-            Ok(Op::Vote { mode, d: dd, a, neg, mask })
+            let mask = if sync {
+                d.src(&o[2], Ty::B(32))?
+            } else {
+                NO_REG
+            };
+            Ok(Op::Vote {
+                mode,
+                d: dd,
+                a,
+                neg,
+                mask,
+            })
         }
         "activemask" => {
             want(d, o, 1, opc)?;
@@ -1202,7 +1463,10 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
                 let Operand::Int(n) = o[0] else {
                     return Err(d.err("cp.async.wait_group needs an integer"));
                 };
-                return Ok(Op::CpWait { n: n.min(u64::from(u32::MAX)) as u32, all: false });
+                return Ok(Op::CpWait {
+                    n: n.min(u64::from(u32::MAX)) as u32,
+                    all: false,
+                });
             }
             if !(m.has(".ca") || m.has(".cg")) {
                 return Err(d.err("cp.async needs .ca or .cg"));
@@ -1219,7 +1483,9 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
                 return Err(d.err("cp.async cp-size must be an integer literal"));
             };
             if !matches!(size, 4 | 8 | 16) || (m.has(".cg") && size != 16) {
-                return Err(d.err(format!("cp.async cp-size {size}: must be 4, 8 or 16 (.cg: 16)")));
+                return Err(d.err(format!(
+                    "cp.async cp-size {size}: must be 4, 8 or 16 (.cg: 16)"
+                )));
             }
             let mut src_size = NO_REG;
             let mut ignore = NO_REG;
@@ -1242,7 +1508,16 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
                     x => src_size = d.src(x, Ty::U(32))?,
                 }
             }
-            Ok(Op::CpAsync { dbase, doff, sbase, soff, size: size as u8, src_size, ignore, ineg })
+            Ok(Op::CpAsync {
+                dbase,
+                doff,
+                sbase,
+                soff,
+                size: size as u8,
+                src_size,
+                ignore,
+                ineg,
+            })
         }
         "ldmatrix" => {
             want(d, o, 2, opc)?;
@@ -1260,11 +1535,20 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             };
             let (ds, n) = d.vec_dst(&o[0])?;
             if n != num {
-                return Err(d.err(format!("ldmatrix .x{num} needs {num} destination registers, found {n}")));
+                return Err(d.err(format!(
+                    "ldmatrix .x{num} needs {num} destination registers, found {n}"
+                )));
             }
             let (base, off) = d.addr(&o[1])?;
             let generic = !m.has_prefix(".shared");
-            Ok(Op::Ldmatrix { num, trans: m.has(".trans"), ds, base, off, generic })
+            Ok(Op::Ldmatrix {
+                num,
+                trans: m.has(".trans"),
+                ds,
+                base,
+                off,
+                generic,
+            })
         }
         "mma" => {
             want(d, o, 4, opc)?;
@@ -1297,19 +1581,26 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
                 Ty::F16 if !bf => false,
                 _ => return Err(unsupported(d, "(accumulator type)")),
             };
-            let regs = |d: &mut Dec, o: &Operand, n: usize, what: &str| -> Result<[u32; 4], PtxError> {
-                let Operand::Vec(v) = o else {
-                    return Err(d.err(format!("mma {what} must be a vector")));
+            let regs =
+                |d: &mut Dec, o: &Operand, n: usize, what: &str| -> Result<[u32; 4], PtxError> {
+                    let Operand::Vec(v) = o else {
+                        return Err(d.err(format!("mma {what} must be a vector")));
+                    };
+                    if v.len() != n {
+                        return Err(
+                            d.err(format!("mma {what} needs {n} registers, found {}", v.len()))
+                        );
+                    }
+                    let mut r = [SINK; 4];
+                    for (j, x) in v.iter().enumerate() {
+                        r[j] = if what == "d" {
+                            d.dst(x)?
+                        } else {
+                            d.src(x, Ty::B(32))?
+                        };
+                    }
+                    Ok(r)
                 };
-                if v.len() != n {
-                    return Err(d.err(format!("mma {what} needs {n} registers, found {}", v.len())));
-                }
-                let mut r = [SINK; 4];
-                for (j, x) in v.iter().enumerate() {
-                    r[j] = if what == "d" { d.dst(x)? } else { d.src(x, Ty::B(32))? };
-                }
-                Ok(r)
-            };
             let nd = if d_f32 { 4 } else { 2 };
             let nc = if c_f32 { 4 } else { 2 };
             let na = if k == 16 { 4 } else { 2 };
@@ -1318,7 +1609,16 @@ fn decode_op(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             let a = regs(d, &o[1], na, "a")?;
             let b4 = regs(d, &o[2], nb, "b")?;
             let c = regs(d, &o[3], nc, "c")?;
-            Ok(Op::Mma { k, bf, d_f32, c_f32, d: dd, a, b: [b4[0], b4[1]], c })
+            Ok(Op::Mma {
+                k,
+                bf,
+                d_f32,
+                c_f32,
+                d: dd,
+                a,
+                b: [b4[0], b4[1]],
+                c,
+            })
         }
         _ => Err(d.err(format!("unsupported instruction `{}`", full_name(i)))),
     }
@@ -1340,7 +1640,12 @@ fn arith3(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
     let ty = last_ty(d, m, opc)?;
     let ftz = m.has(".ftz");
     let sat = m.has(".sat");
-    let bad = |d: &Dec| d.err(format!("unsupported: `{}` (type or modifiers)", full_name(i)));
+    let bad = |d: &Dec| {
+        d.err(format!(
+            "unsupported: `{}` (type or modifiers)",
+            full_name(i)
+        ))
+    };
     let r = m.rnd().map_or(0, Rnd::code);
     // operand types: shifts and bfe take u32 amounts
     let three = matches!(opc, "mad" | "fma" | "bfe" | "prmt" | "shf" | "selp");
@@ -1368,7 +1673,11 @@ fn arith3(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
                 if ty != Ty::S(32) {
                     return Err(bad(d));
                 }
-                F::Two(if add { ops::w32::add_sat } else { ops::w32::sub_sat })
+                F::Two(if add {
+                    ops::w32::add_sat
+                } else {
+                    ops::w32::sub_sat
+                })
             } else if add {
                 F::Two(intw!(w, add, F2).ok_or_else(|| bad(d))?)
             } else {
@@ -1444,13 +1753,22 @@ fn arith3(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             }
             .ok_or_else(|| bad(d))?,
         ),
-        ("shl", Ty::B(w) | Ty::U(w) | Ty::S(w)) if w >= 16 => F::Two(intw!(w, shl, F2).ok_or_else(|| bad(d))?),
-        ("shr", Ty::B(w) | Ty::U(w)) if w >= 16 => F::Two(intw!(w, shr_u, F2).ok_or_else(|| bad(d))?),
+        ("shl", Ty::B(w) | Ty::U(w) | Ty::S(w)) if w >= 16 => {
+            F::Two(intw!(w, shl, F2).ok_or_else(|| bad(d))?)
+        }
+        ("shr", Ty::B(w) | Ty::U(w)) if w >= 16 => {
+            F::Two(intw!(w, shr_u, F2).ok_or_else(|| bad(d))?)
+        }
         ("shr", Ty::S(w)) if w >= 16 => F::Two(intw!(w, shr_s, F2).ok_or_else(|| bad(d))?),
         ("bfe", Ty::U(w)) => F::Three(intw!(w, bfe_u, F3).ok_or_else(|| bad(d))?),
         ("bfe", Ty::S(w)) => F::Three(intw!(w, bfe_s, F3).ok_or_else(|| bad(d))?),
         ("prmt", Ty::B(32)) => {
-            if m.all.iter().any(|x| matches!(x.as_str(), ".f4e" | ".b4e" | ".rc8" | ".ecl" | ".ecr" | ".rc16")) {
+            if m.all.iter().any(|x| {
+                matches!(
+                    x.as_str(),
+                    ".f4e" | ".b4e" | ".rc8" | ".ecl" | ".ecr" | ".rc16"
+                )
+            }) {
                 return Err(bad(d));
             }
             F::Three(ops::prmt)
@@ -1505,7 +1823,10 @@ fn arith3(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
             }
         }
         // halves
-        ("add" | "sub" | "mul" | "fma" | "min" | "max", Ty::F16 | Ty::F16x2 | Ty::Bf16 | Ty::Bf16x2) => {
+        (
+            "add" | "sub" | "mul" | "fma" | "min" | "max",
+            Ty::F16 | Ty::F16x2 | Ty::Bf16 | Ty::Bf16x2,
+        ) => {
             if r > 0 {
                 return Err(bad(d));
             }
@@ -1544,25 +1865,36 @@ fn arith1(d: &mut Dec, i: &parser::Inst, m: &Mods) -> Result<Op, PtxError> {
     want(d, o, 2, opc)?;
     let ty = last_ty(d, m, opc)?;
     let ftz = m.has(".ftz");
-    let bad = |d: &Dec| d.err(format!("unsupported: `{}` (type or modifiers)", full_name(i)));
+    let bad = |d: &Dec| {
+        d.err(format!(
+            "unsupported: `{}` (type or modifiers)",
+            full_name(i)
+        ))
+    };
     let approx = m.has(".approx");
     let f: F1 = match (opc, ty) {
-        ("neg", Ty::S(w)) | ("abs", Ty::S(w)) if w >= 16 => {
-            if opc == "neg" {
-                intw!(w, neg, F1)
-            } else {
-                intw!(w, abs, F1)
-            }
-            .ok_or_else(|| bad(d))?
+        ("neg", Ty::S(w)) | ("abs", Ty::S(w)) if w >= 16 => if opc == "neg" {
+            intw!(w, neg, F1)
+        } else {
+            intw!(w, abs, F1)
         }
+        .ok_or_else(|| bad(d))?,
         ("not", Ty::Pred) => ops::pred::not,
-        ("not", Ty::B(w) | Ty::U(w) | Ty::S(w)) if w >= 16 => intw!(w, not, F1).ok_or_else(|| bad(d))?,
-        ("cnot", Ty::B(w) | Ty::U(w) | Ty::S(w)) if w >= 16 => intw!(w, cnot, F1).ok_or_else(|| bad(d))?,
+        ("not", Ty::B(w) | Ty::U(w) | Ty::S(w)) if w >= 16 => {
+            intw!(w, not, F1).ok_or_else(|| bad(d))?
+        }
+        ("cnot", Ty::B(w) | Ty::U(w) | Ty::S(w)) if w >= 16 => {
+            intw!(w, cnot, F1).ok_or_else(|| bad(d))?
+        }
         ("popc", Ty::B(w)) => intw!(w, popc, F1).ok_or_else(|| bad(d))?,
         ("clz", Ty::B(w)) => intw!(w, clz, F1).ok_or_else(|| bad(d))?,
         ("brev", Ty::B(w)) => intw!(w, brev, F1).ok_or_else(|| bad(d))?,
-        ("bfind", Ty::U(w)) if !m.has(".shiftamt") => intw!(w, bfind_u, F1).ok_or_else(|| bad(d))?,
-        ("bfind", Ty::S(w)) if !m.has(".shiftamt") => intw!(w, bfind_s, F1).ok_or_else(|| bad(d))?,
+        ("bfind", Ty::U(w)) if !m.has(".shiftamt") => {
+            intw!(w, bfind_u, F1).ok_or_else(|| bad(d))?
+        }
+        ("bfind", Ty::S(w)) if !m.has(".shiftamt") => {
+            intw!(w, bfind_s, F1).ok_or_else(|| bad(d))?
+        }
         ("neg", Ty::F32) => ftz1!(ops::neg_f32, F1, ftz),
         ("abs", Ty::F32) => ftz1!(ops::abs_f32, F1, ftz),
         ("neg", Ty::F64) => ops::neg_f64,

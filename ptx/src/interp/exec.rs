@@ -65,16 +65,23 @@ impl Global {
         }
         if let Some(a) = self.allocs.get(i) {
             if addr.saturating_add(len) > a.0 && addr < a.0 {
-                return Err(format!("{len} bytes at {addr:#x} start {} bytes before the allocation at {:#x}", a.0 - addr, a.0));
+                return Err(format!(
+                    "{len} bytes at {addr:#x} start {} bytes before the allocation at {:#x}",
+                    a.0 - addr,
+                    a.0
+                ));
             }
         }
-        Err(format!("{len} bytes at {addr:#x} are not in any allocation"))
+        Err(format!(
+            "{len} bytes at {addr:#x} are not in any allocation"
+        ))
     }
 
     /// Offset into `data` of `[addr, addr + len)`, which must lie in one
     /// allocation (without updating the lookup cache).
     pub(crate) fn find_ro(&self, addr: u64, len: u64) -> Result<usize, String> {
-        self.locate(addr, len).map(|_| (addr - GLOBAL_BASE) as usize)
+        self.locate(addr, len)
+            .map(|_| (addr - GLOBAL_BASE) as usize)
     }
 
     /// Offset into `data` of `[addr, addr + len)`, which must lie in one
@@ -155,7 +162,10 @@ fn show_tid(bdim: Dim3, t: u32) -> String {
 
 impl Mem<'_> {
     fn sh_range(&self, off: u64, len: u64) -> Result<usize, MemErr> {
-        if off.checked_add(len).is_none_or(|e| e > self.shared.len() as u64) {
+        if off
+            .checked_add(len)
+            .is_none_or(|e| e > self.shared.len() as u64)
+        {
             return Err((
                 Fault::OutOfBounds,
                 format!(
@@ -167,7 +177,14 @@ impl Mem<'_> {
         Ok(off as usize)
     }
 
-    fn sh_read_check(&mut self, off: usize, len: usize, tid: u32, line: u32, atomic: bool) -> Result<(), MemErr> {
+    fn sh_read_check(
+        &mut self,
+        off: usize,
+        len: usize,
+        tid: u32,
+        line: u32,
+        atomic: bool,
+    ) -> Result<(), MemErr> {
         if !self.checks {
             return Ok(());
         }
@@ -205,7 +222,14 @@ impl Mem<'_> {
         Ok(())
     }
 
-    fn sh_write_check(&mut self, off: usize, len: usize, tid: u32, line: u32, atomic: bool) -> Result<(), MemErr> {
+    fn sh_write_check(
+        &mut self,
+        off: usize,
+        len: usize,
+        tid: u32,
+        line: u32,
+        atomic: bool,
+    ) -> Result<(), MemErr> {
         if !self.checks {
             return Ok(());
         }
@@ -244,13 +268,25 @@ impl Mem<'_> {
 
     /// Resolves an address of `space` to (is_shared, offset), with bounds
     /// and alignment checked.
-    fn resolve(&mut self, space: Space, addr: u64, len: u64, align: u64) -> Result<(Space, usize), MemErr> {
+    fn resolve(
+        &mut self,
+        space: Space,
+        addr: u64,
+        len: u64,
+        align: u64,
+    ) -> Result<(Space, usize), MemErr> {
         if align > 1 && addr % align != 0 {
-            return Err((Fault::Misaligned, format!("{len}-byte access at {addr:#x} is not {align}-byte aligned")));
+            return Err((
+                Fault::Misaligned,
+                format!("{len}-byte access at {addr:#x} is not {align}-byte aligned"),
+            ));
         }
         match space {
             Space::Param => {
-                if addr.checked_add(len).is_none_or(|e| e > self.params.len() as u64) {
+                if addr
+                    .checked_add(len)
+                    .is_none_or(|e| e > self.params.len() as u64)
+                {
                     return Err((
                         Fault::OutOfBounds,
                         format!("param access at offset {addr} of {len} bytes is outside the {} parameter bytes", self.params.len()),
@@ -259,18 +295,38 @@ impl Mem<'_> {
                 Ok((Space::Param, addr as usize))
             }
             Space::Shared => Ok((Space::Shared, self.sh_range(addr, len)?)),
-            Space::Global => Ok((Space::Global, self.global.find(addr, len).map_err(|m| (Fault::OutOfBounds, m))?)),
+            Space::Global => Ok((
+                Space::Global,
+                self.global
+                    .find(addr, len)
+                    .map_err(|m| (Fault::OutOfBounds, m))?,
+            )),
             Space::Generic => {
                 if (SHARED_WINDOW..SHARED_WINDOW + SHARED_WINDOW_SIZE).contains(&addr) {
                     Ok((Space::Shared, self.sh_range(addr - SHARED_WINDOW, len)?))
                 } else {
-                    Ok((Space::Global, self.global.find(addr, len).map_err(|m| (Fault::OutOfBounds, m))?))
+                    Ok((
+                        Space::Global,
+                        self.global
+                            .find(addr, len)
+                            .map_err(|m| (Fault::OutOfBounds, m))?,
+                    ))
                 }
             }
         }
     }
 
-    fn load(&mut self, space: Space, addr: u64, size: usize, n: usize, tid: u32, line: u32, out: &mut [u64; 4]) -> Result<(), MemErr> {
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        &mut self,
+        space: Space,
+        addr: u64,
+        size: usize,
+        n: usize,
+        tid: u32,
+        line: u32,
+        out: &mut [u64; 4],
+    ) -> Result<(), MemErr> {
         let total = size * n;
         let (sp, off) = self.resolve(space, addr, total as u64, total as u64)?;
         let bytes: &[u8] = match sp {
@@ -289,7 +345,15 @@ impl Mem<'_> {
         Ok(())
     }
 
-    fn store(&mut self, space: Space, addr: u64, size: usize, vals: &[u64], tid: u32, line: u32) -> Result<(), MemErr> {
+    fn store(
+        &mut self,
+        space: Space,
+        addr: u64,
+        size: usize,
+        vals: &[u64],
+        tid: u32,
+        line: u32,
+    ) -> Result<(), MemErr> {
         let total = size * vals.len();
         let (sp, off) = self.resolve(space, addr, total as u64, total as u64)?;
         let bytes: &mut [u8] = match sp {
@@ -306,7 +370,18 @@ impl Mem<'_> {
         Ok(())
     }
 
-    fn atomic(&mut self, space: Space, addr: u64, size: usize, f: super::decode::F3, b: u64, c: u64, tid: u32, line: u32) -> Result<u64, MemErr> {
+    #[allow(clippy::too_many_arguments)]
+    fn atomic(
+        &mut self,
+        space: Space,
+        addr: u64,
+        size: usize,
+        f: super::decode::F3,
+        b: u64,
+        c: u64,
+        tid: u32,
+        line: u32,
+    ) -> Result<u64, MemErr> {
         let (sp, off) = self.resolve(space, addr, size as u64, size as u64)?;
         let bytes: &mut [u8] = match sp {
             Space::Param => return Err((Fault::Invalid, "atomic on .param space".into())),
@@ -325,7 +400,12 @@ impl Mem<'_> {
         Ok(old)
     }
 
-    fn complete_async(&mut self, ta: &mut ThreadAsync, upto_group: u32, tid: u32) -> Result<(), (Fault, String, u32)> {
+    fn complete_async(
+        &mut self,
+        ta: &mut ThreadAsync,
+        upto_group: u32,
+        tid: u32,
+    ) -> Result<(), (Fault, String, u32)> {
         while let Some(p) = ta.copies.front() {
             if p.group >= upto_group {
                 break;
@@ -334,7 +414,8 @@ impl Mem<'_> {
             ta.copies.pop_front();
             let off = p.dst as usize;
             let len = usize::from(p.len);
-            self.sh_write_check(off, len, tid, p.line, false).map_err(|(f, m)| (f, m, p.line))?;
+            self.sh_write_check(off, len, tid, p.line, false)
+                .map_err(|(f, m)| (f, m, p.line))?;
             self.shared[off..off + len].copy_from_slice(&p.data[..len]);
         }
         Ok(())
@@ -490,7 +571,12 @@ impl Ctx<'_> {
 }
 
 /// Runs `k` over the grid.
-pub(crate) fn launch(k: &Kernel, global: &mut Global, params: &[u8], cfg: &LaunchCfg) -> Result<LaunchStats, PtxError> {
+pub(crate) fn launch(
+    k: &Kernel,
+    global: &mut Global,
+    params: &[u8],
+    cfg: &LaunchCfg,
+) -> Result<LaunchStats, PtxError> {
     let nthreads = cfg.block.count();
     let total_shared = if cfg.dyn_shared > 0 {
         u64::from(k.dyn_offset) + u64::from(cfg.dyn_shared)
@@ -543,7 +629,15 @@ pub(crate) fn launch(k: &Kernel, global: &mut Global, params: &[u8], cfg: &Launc
                     let n = (nthreads as usize - w * 32).min(32);
                     let live = if n == 32 { FULL } else { (1u32 << n) - 1 };
                     warps.push(Warp::new(live));
-                    init_regs(&mut regs[w * nregs * 32..(w + 1) * nregs * 32], k, cfg, ctx.ctaid, w, nwarps, total_shared);
+                    init_regs(
+                        &mut regs[w * nregs * 32..(w + 1) * nregs * 32],
+                        k,
+                        cfg,
+                        ctx.ctaid,
+                        w,
+                        nwarps,
+                        total_shared,
+                    );
                 }
                 run_block(&mut ctx, &mut warps, &mut regs, nregs)?;
                 ctx.stats.blocks += 1;
@@ -554,7 +648,15 @@ pub(crate) fn launch(k: &Kernel, global: &mut Global, params: &[u8], cfg: &Launc
     Ok(ctx.stats)
 }
 
-fn init_regs(rf: &mut [u64], k: &Kernel, cfg: &LaunchCfg, ctaid: Dim3, w: usize, nwarps: usize, total_shared: u64) {
+fn init_regs(
+    rf: &mut [u64],
+    k: &Kernel,
+    cfg: &LaunchCfg,
+    ctaid: Dim3,
+    w: usize,
+    nwarps: usize,
+    total_shared: u64,
+) {
     let b = cfg.block;
     let g = cfg.grid;
     for lane in 0..32usize {
@@ -599,7 +701,12 @@ fn init_regs(rf: &mut [u64], k: &Kernel, cfg: &LaunchCfg, ctaid: Dim3, w: usize,
     }
 }
 
-fn run_block(ctx: &mut Ctx, warps: &mut [Warp], regs: &mut [u64], nregs: usize) -> Result<(), PtxError> {
+fn run_block(
+    ctx: &mut Ctx,
+    warps: &mut [Warp],
+    regs: &mut [u64],
+    nregs: usize,
+) -> Result<(), PtxError> {
     loop {
         for (w, wp) in warps.iter_mut().enumerate() {
             if wp.live & !wp.blocked != 0 {
@@ -619,6 +726,7 @@ fn run_block(ctx: &mut Ctx, warps: &mut [Warp], regs: &mut [u64], nregs: usize) 
             }
         }
         let mut released = false;
+        #[allow(clippy::needless_range_loop)]
         for id in 0..NBARS {
             if waiting[id] == 0 {
                 continue;
@@ -734,7 +842,13 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
         }
         let pc = wp.cur_pc as usize;
         let Some(inst) = code.get(pc) else {
-            return Err(ctx.fault(w, wp.cur_mask.trailing_zeros() as usize, 0, Fault::Invalid, format!("program counter {pc} past the end")));
+            return Err(ctx.fault(
+                w,
+                wp.cur_mask.trailing_zeros() as usize,
+                0,
+                Fault::Invalid,
+                format!("program counter {pc} past the end"),
+            ));
         };
         let mut m = wp.cur_mask;
         if inst.guard != NO_REG {
@@ -755,7 +869,10 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                 m.trailing_zeros().min(31) as usize,
                 inst.line,
                 Fault::Limit,
-                format!("more than {} warp instructions executed (an endless loop?)", ctx.limit),
+                format!(
+                    "more than {} warp instructions executed (an endless loop?)",
+                    ctx.limit
+                ),
             ));
         }
         let line = inst.line;
@@ -778,12 +895,26 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                 }
             }
             Op::Alu3 { f, d, a, b, c } => {
-                let (d, a, b, c) = (*d as usize * 32, *a as usize * 32, *b as usize * 32, *c as usize * 32);
+                let (d, a, b, c) = (
+                    *d as usize * 32,
+                    *a as usize * 32,
+                    *b as usize * 32,
+                    *c as usize * 32,
+                );
                 for l in Lanes(m) {
                     rf[d + l] = f(rf[a + l], rf[b + l], rf[c + l]);
                 }
             }
-            Op::Setp { f, p, q, a, b, comb, c, cneg } => {
+            Op::Setp {
+                f,
+                p,
+                q,
+                a,
+                b,
+                comb,
+                c,
+                cneg,
+            } => {
                 for l in Lanes(m) {
                     let t = f(rd(rf, *a, l), rd(rf, *b, l));
                     let (pv, qv) = if *comb == 0 {
@@ -828,17 +959,43 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     wr(rf, *d, l, v);
                 }
             }
-            Op::CvtPack { bf, rnd, relu, satfinite, d, a, b } => {
+            Op::CvtPack {
+                bf,
+                rnd,
+                relu,
+                satfinite,
+                d,
+                a,
+                b,
+            } => {
                 for l in Lanes(m) {
-                    let v = ops::cvt_pack(*bf, *rnd, *relu, *satfinite, rd(rf, *a, l), rd(rf, *b, l));
+                    let v =
+                        ops::cvt_pack(*bf, *rnd, *relu, *satfinite, rd(rf, *a, l), rd(rf, *b, l));
                     wr(rf, *d, l, v);
                 }
             }
-            Op::Ld { space, size, n, sext, dmask, ds, base, off } => {
+            Op::Ld {
+                space,
+                size,
+                n,
+                sext,
+                dmask,
+                ds,
+                base,
+                off,
+            } => {
                 let mut vals = [0u64; 4];
                 for l in Lanes(m) {
                     let addr = addr_of(rf, *base, *off, l);
-                    if let Err((f, msg)) = ctx.mem.load(*space, addr, usize::from(*size), usize::from(*n), tid0 + l as u32, line, &mut vals) {
+                    if let Err((f, msg)) = ctx.mem.load(
+                        *space,
+                        addr,
+                        usize::from(*size),
+                        usize::from(*n),
+                        tid0 + l as u32,
+                        line,
+                        &mut vals,
+                    ) {
                         fail!(l, f, format!("ld: {msg}"));
                     }
                     for j in 0..usize::from(*n) {
@@ -850,7 +1007,14 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     }
                 }
             }
-            Op::St { space, size, n, srcs, base, off } => {
+            Op::St {
+                space,
+                size,
+                n,
+                srcs,
+                base,
+                off,
+            } => {
                 let n = usize::from(*n);
                 let mut vals = [0u64; 4];
                 for l in Lanes(m) {
@@ -858,16 +1022,41 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     for j in 0..n {
                         vals[j] = rd(rf, srcs[j], l);
                     }
-                    if let Err((f, msg)) = ctx.mem.store(*space, addr, usize::from(*size), &vals[..n], tid0 + l as u32, line) {
+                    if let Err((f, msg)) = ctx.mem.store(
+                        *space,
+                        addr,
+                        usize::from(*size),
+                        &vals[..n],
+                        tid0 + l as u32,
+                        line,
+                    ) {
                         fail!(l, f, format!("st: {msg}"));
                     }
                 }
             }
-            Op::Atom { space, size, f, d, base, off, b, c } => {
+            Op::Atom {
+                space,
+                size,
+                f,
+                d,
+                base,
+                off,
+                b,
+                c,
+            } => {
                 for l in Lanes(m) {
                     let addr = addr_of(rf, *base, *off, l);
                     let cv = if *c == SINK { 0 } else { rd(rf, *c, l) };
-                    match ctx.mem.atomic(*space, addr, usize::from(*size), *f, rd(rf, *b, l), cv, tid0 + l as u32, line) {
+                    match ctx.mem.atomic(
+                        *space,
+                        addr,
+                        usize::from(*size),
+                        *f,
+                        rd(rf, *b, l),
+                        cv,
+                        tid0 + l as u32,
+                        line,
+                    ) {
                         Ok(old) => wr(rf, *d, l, old),
                         Err((f, msg)) => fail!(l, f, format!("atom: {msg}")),
                     }
@@ -885,7 +1074,13 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     let r = ctx.mem.complete_async(&mut ta, u32::MAX, t as u32);
                     ctx.asyncs[t] = ta;
                     if let Err((f, msg, at)) = r {
-                        return Err(ctx.fault(w, l, at, f, format!("cp.async (completed at exit): {msg}")));
+                        return Err(ctx.fault(
+                            w,
+                            l,
+                            at,
+                            f,
+                            format!("cp.async (completed at exit): {msg}"),
+                        ));
                     }
                 }
                 wp.live &= !m;
@@ -894,7 +1089,11 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
             }
             Op::Trap => {
                 if m != 0 {
-                    fail!(m.trailing_zeros() as usize, Fault::Trap, "trap executed".into());
+                    fail!(
+                        m.trailing_zeros() as usize,
+                        Fault::Trap,
+                        "trap executed".into()
+                    );
                 }
             }
             Op::Bar { id, count, arrive } => {
@@ -902,22 +1101,37 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     let l0 = m.trailing_zeros() as usize;
                     let idv = rd(rf, *id, l0);
                     if idv >= NBARS as u64 {
-                        fail!(l0, Fault::Invalid, format!("barrier id {idv} is not in 0..16"));
+                        fail!(
+                            l0,
+                            Fault::Invalid,
+                            format!("barrier id {idv} is not in 0..16")
+                        );
                     }
                     let idv = idv as usize;
                     for l in Lanes(m) {
                         if rd(rf, *id, l) != idv as u64 {
-                            fail!(l, Fault::Divergence, "lanes of one warp name different barriers".into());
+                            fail!(
+                                l,
+                                Fault::Divergence,
+                                "lanes of one warp name different barriers".into()
+                            );
                         }
                     }
                     if *count != NO_REG {
                         let cnt = rd(rf, *count, l0);
-                        if cnt == 0 || cnt % 32 != 0 || cnt > u64::from(ctx.nthreads.div_ceil(32) * 32) {
+                        if cnt == 0
+                            || cnt % 32 != 0
+                            || cnt > u64::from(ctx.nthreads.div_ceil(32) * 32)
+                        {
                             fail!(l0, Fault::Invalid, format!("barrier thread count {cnt} must be a nonzero multiple of 32 not above the block's {} threads", ctx.nthreads));
                         }
                         let cnt = cnt as u32;
                         match ctx.bars[idv].expected {
-                            Some(e) if e != cnt => fail!(l0, Fault::Invalid, format!("barrier {idv} used with thread counts {e} and {cnt}")),
+                            Some(e) if e != cnt => fail!(
+                                l0,
+                                Fault::Invalid,
+                                format!("barrier {idv} used with thread counts {e} and {cnt}")
+                            ),
                             _ => ctx.bars[idv].expected = Some(cnt),
                         }
                     }
@@ -943,7 +1157,15 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     }
                 }
             }
-            Op::Shfl { mode, d, p, a, b, c, mask } => {
+            Op::Shfl {
+                mode,
+                d,
+                p,
+                a,
+                b,
+                c,
+                mask,
+            } => {
                 check_members(ctx, rf, *mask, m, w, line, "shfl.sync")?;
                 let mut src = [0u64; 32];
                 src.copy_from_slice(&rf[*a as usize * 32..*a as usize * 32 + 32]);
@@ -978,7 +1200,11 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     }
                     let j = j as usize;
                     if m & (1 << j) == 0 {
-                        fail!(l, Fault::Divergence, format!("shfl.sync reads lane {j}, which does not execute it"));
+                        fail!(
+                            l,
+                            Fault::Divergence,
+                            format!("shfl.sync reads lane {j}, which does not execute it")
+                        );
                     }
                     wr(rf, *d, l, src[j]);
                     if *p != SINK {
@@ -986,7 +1212,13 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     }
                 }
             }
-            Op::Vote { mode, d, a, neg, mask } => {
+            Op::Vote {
+                mode,
+                d,
+                a,
+                neg,
+                mask,
+            } => {
                 if *mask != NO_REG {
                     check_members(ctx, rf, *mask, m, w, line, "vote.sync")?;
                 }
@@ -997,7 +1229,11 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     }
                 }
                 for l in Lanes(m) {
-                    let members = if *mask == NO_REG { m } else { rd(rf, *mask, l) as u32 & m };
+                    let members = if *mask == NO_REG {
+                        m
+                    } else {
+                        rd(rf, *mask, l) as u32 & m
+                    };
                     let b = ballot & members;
                     let v = match mode {
                         0 => u64::from(b == members),
@@ -1025,7 +1261,16 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     wr(rf, *d, l, acc);
                 }
             }
-            Op::CpAsync { dbase, doff, sbase, soff, size, src_size, ignore, ineg } => {
+            Op::CpAsync {
+                dbase,
+                doff,
+                sbase,
+                soff,
+                size,
+                src_size,
+                ignore,
+                ineg,
+            } => {
                 for l in Lanes(m) {
                     let t = tid0 as usize + l;
                     let size = u64::from(*size);
@@ -1038,11 +1283,19 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                         size
                     };
                     if ssize > size {
-                        fail!(l, Fault::Invalid, format!("cp.async src-size {ssize} exceeds cp-size {size}"));
+                        fail!(
+                            l,
+                            Fault::Invalid,
+                            format!("cp.async src-size {ssize} exceeds cp-size {size}")
+                        );
                     }
                     let dst = addr_of(rf, *dbase, *doff, l);
                     if dst % size != 0 {
-                        fail!(l, Fault::Misaligned, format!("cp.async destination {dst:#x} is not {size}-byte aligned"));
+                        fail!(
+                            l,
+                            Fault::Misaligned,
+                            format!("cp.async destination {dst:#x} is not {size}-byte aligned")
+                        );
                     }
                     let doff = match ctx.mem.sh_range(dst, size) {
                         Ok(o) => o,
@@ -1052,16 +1305,29 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     let mut data = [0u8; 16];
                     if ssize > 0 {
                         if src % size != 0 {
-                            fail!(l, Fault::Misaligned, format!("cp.async source {src:#x} is not {size}-byte aligned"));
+                            fail!(
+                                l,
+                                Fault::Misaligned,
+                                format!("cp.async source {src:#x} is not {size}-byte aligned")
+                            );
                         }
                         match ctx.mem.global.find(src, ssize) {
-                            Ok(o) => data[..ssize as usize].copy_from_slice(ctx.mem.global.bytes(o, ssize as usize)),
-                            Err(msg) => fail!(l, Fault::OutOfBounds, format!("cp.async source: {msg}")),
+                            Ok(o) => data[..ssize as usize]
+                                .copy_from_slice(ctx.mem.global.bytes(o, ssize as usize)),
+                            Err(msg) => {
+                                fail!(l, Fault::OutOfBounds, format!("cp.async source: {msg}"))
+                            }
                         }
                     }
                     let ta = &mut ctx.asyncs[t];
                     let group = ta.open;
-                    ta.copies.push_back(Pending { dst: doff as u32, len: size as u8, data, line, group });
+                    ta.copies.push_back(Pending {
+                        dst: doff as u32,
+                        len: size as u8,
+                        data,
+                        line,
+                        group,
+                    });
                 }
             }
             Op::CpCommit => {
@@ -1083,14 +1349,34 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     let r = ctx.mem.complete_async(&mut ta, upto, t as u32);
                     ctx.asyncs[t] = ta;
                     if let Err((f, msg, at)) = r {
-                        return Err(ctx.fault(w, l, at, f, format!("cp.async (completed at line {line}): {msg}")));
+                        return Err(ctx.fault(
+                            w,
+                            l,
+                            at,
+                            f,
+                            format!("cp.async (completed at line {line}): {msg}"),
+                        ));
                     }
                 }
             }
-            Op::Ldmatrix { num, trans, ds, base, off, generic } => {
+            Op::Ldmatrix {
+                num,
+                trans,
+                ds,
+                base,
+                off,
+                generic,
+            } => {
                 if m != FULL {
                     let missing = (!m).trailing_zeros() as usize;
-                    fail!(missing, Fault::Divergence, format!("ldmatrix.sync.aligned needs all 32 lanes; lanes {:#010x} execute it", m));
+                    fail!(
+                        missing,
+                        Fault::Divergence,
+                        format!(
+                            "ldmatrix.sync.aligned needs all 32 lanes; lanes {:#010x} execute it",
+                            m
+                        )
+                    );
                 }
                 let num = usize::from(*num);
                 let mut rows = [[0u16; 8]; 32];
@@ -1098,37 +1384,71 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
                     let mut a = addr_of(rf, *base, *off, lane);
                     if *generic {
                         if !(SHARED_WINDOW..SHARED_WINDOW + SHARED_WINDOW_SIZE).contains(&a) {
-                            fail!(lane, Fault::OutOfBounds, format!("ldmatrix row address {a:#x} is not in shared memory"));
+                            fail!(
+                                lane,
+                                Fault::OutOfBounds,
+                                format!("ldmatrix row address {a:#x} is not in shared memory")
+                            );
                         }
                         a -= SHARED_WINDOW;
                     }
                     if a % 16 != 0 {
-                        fail!(lane, Fault::Misaligned, format!("ldmatrix row address {a:#x} is not 16-byte aligned"));
+                        fail!(
+                            lane,
+                            Fault::Misaligned,
+                            format!("ldmatrix row address {a:#x} is not 16-byte aligned")
+                        );
                     }
                     let o = match ctx.mem.sh_range(a, 16) {
                         Ok(o) => o,
                         Err((f, msg)) => fail!(lane, f, format!("ldmatrix: {msg}")),
                     };
-                    if let Err((f, msg)) = ctx.mem.sh_read_check(o, 16, tid0 + lane as u32, line, false) {
+                    if let Err((f, msg)) =
+                        ctx.mem
+                            .sh_read_check(o, 16, tid0 + lane as u32, line, false)
+                    {
                         fail!(lane, f, format!("ldmatrix: {msg}"));
                     }
                     for (j, e) in row.iter_mut().enumerate() {
-                        *e = u16::from_le_bytes([ctx.mem.shared[o + 2 * j], ctx.mem.shared[o + 2 * j + 1]]);
+                        *e = u16::from_le_bytes([
+                            ctx.mem.shared[o + 2 * j],
+                            ctx.mem.shared[o + 2 * j + 1],
+                        ]);
                     }
                 }
                 for l in 0..32usize {
                     let (g, c) = (l / 4, 2 * (l % 4));
                     for (mi, r) in ds.iter().enumerate().take(num) {
                         let mat = &rows[mi * 8..mi * 8 + 8];
-                        let (lo, hi) = if *trans { (mat[c][g], mat[c + 1][g]) } else { (mat[g][c], mat[g][c + 1]) };
+                        let (lo, hi) = if *trans {
+                            (mat[c][g], mat[c + 1][g])
+                        } else {
+                            (mat[g][c], mat[g][c + 1])
+                        };
                         wr(rf, *r, l, u64::from(lo) | (u64::from(hi) << 16));
                     }
                 }
             }
-            Op::Mma { k: kk, bf, d_f32, c_f32, d, a, b, c } => {
+            Op::Mma {
+                k: kk,
+                bf,
+                d_f32,
+                c_f32,
+                d,
+                a,
+                b,
+                c,
+            } => {
                 if m != FULL {
                     let missing = (!m).trailing_zeros() as usize;
-                    fail!(missing, Fault::Divergence, format!("mma.sync.aligned needs all 32 lanes; lanes {:#010x} execute it", m));
+                    fail!(
+                        missing,
+                        Fault::Divergence,
+                        format!(
+                            "mma.sync.aligned needs all 32 lanes; lanes {:#010x} execute it",
+                            m
+                        )
+                    );
                 }
                 mma(rf, *kk, *bf, *d_f32, *c_f32, d, a, b, c);
             }
@@ -1138,11 +1458,25 @@ fn run_warp(ctx: &mut Ctx, wp: &mut Warp, rf: &mut [u64], w: usize) -> Result<()
     }
 }
 
-fn check_members(ctx: &Ctx, rf: &[u64], mask: u32, m: u32, w: usize, line: u32, what: &str) -> Result<(), PtxError> {
+fn check_members(
+    ctx: &Ctx,
+    rf: &[u64],
+    mask: u32,
+    m: u32,
+    w: usize,
+    line: u32,
+    what: &str,
+) -> Result<(), PtxError> {
     for l in Lanes(m) {
         let mk = rd(rf, mask, l) as u32;
         if mk & (1 << l) == 0 {
-            return Err(ctx.fault(w, l, line, Fault::Divergence, format!("{what}: membermask {mk:#010x} does not name the executing lane {l}")));
+            return Err(ctx.fault(
+                w,
+                l,
+                line,
+                Fault::Divergence,
+                format!("{what}: membermask {mk:#010x} does not name the executing lane {l}"),
+            ));
         }
         if mk & !m != 0 {
             return Err(ctx.fault(
@@ -1161,7 +1495,17 @@ fn check_members(ctx: &Ctx, rf: &[u64], mask: u32, m: u32, w: usize, line: u32, 
 /// PTX ISA ("Matrix Fragments for mma.m16n8k16 / m16n8k8 with floating
 /// point type"): groupID = lane / 4, threadID_in_group = lane % 4.
 #[allow(clippy::too_many_arguments)]
-fn mma(rf: &mut [u64], k: u8, bf: bool, d_f32: bool, c_f32: bool, d: &[u32; 4], a: &[u32; 4], b: &[u32; 2], c: &[u32; 4]) {
+fn mma(
+    rf: &mut [u64],
+    k: u8,
+    bf: bool,
+    d_f32: bool,
+    c_f32: bool,
+    d: &[u32; 4],
+    a: &[u32; 4],
+    b: &[u32; 2],
+    c: &[u32; 4],
+) {
     let fmt = if bf { Fmt::Bf16 } else { Fmt::F16 };
     let kk = usize::from(k);
     let mut am = [[0f64; 16]; 16];
@@ -1212,7 +1556,12 @@ fn mma(rf: &mut [u64], k: u8, bf: bool, d_f32: bool, c_f32: bool, d: &[u32; 4], 
             for (i, &r) in d.iter().enumerate() {
                 let row = g + 8 * (i / 2);
                 let col = t * 2 + (i & 1);
-                wr(rf, r, l, ops::round_float(dm[row][col], Fmt::F32, Rnd::Rn, 0, false));
+                wr(
+                    rf,
+                    r,
+                    l,
+                    ops::round_float(dm[row][col], Fmt::F32, Rnd::Rn, 0, false),
+                );
             }
         } else {
             for (j, &r) in d.iter().enumerate().take(2) {

@@ -167,7 +167,10 @@ pub(crate) fn lex(text: &str) -> Result<Vec<Token>, PtxError> {
         }
         return Err(perr(
             line,
-            format!("unexpected character `{}`", text[i..].chars().next().unwrap_or('?')),
+            format!(
+                "unexpected character `{}`",
+                text[i..].chars().next().unwrap_or('?')
+            ),
         ));
     }
     Ok(out)
@@ -211,7 +214,9 @@ mod tests {
 
     #[test]
     fn lexes_instruction() {
-        let t = lex("@!%p1 ld.global.nc.v4.f32 {%f1, %f2}, [%rd1+-16]; // c\n0f3F800000 0x10 017 1.5").unwrap();
+        let t =
+            lex("@!%p1 ld.global.nc.v4.f32 {%f1, %f2}, [%rd1+-16]; // c\n0f3F800000 0x10 017 1.5")
+                .unwrap();
         let toks: Vec<Tok> = t.into_iter().map(|t| t.tok).collect();
         assert_eq!(toks[0], Tok::P('@'));
         assert_eq!(toks[1], Tok::P('!'));

@@ -240,7 +240,10 @@ impl Interpreter {
 
     /// Overwrites global memory at `addr`; the range must lie in one allocation.
     pub fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PtxError> {
-        let o = self.global.find(addr, bytes.len() as u64).map_err(|m| PtxError::Interp(format!("write: {m}")))?;
+        let o = self
+            .global
+            .find(addr, bytes.len() as u64)
+            .map_err(|m| PtxError::Interp(format!("write: {m}")))?;
         self.global.bytes_mut(o, bytes.len()).copy_from_slice(bytes);
         Ok(())
     }
@@ -258,7 +261,9 @@ impl Interpreter {
     /// Reads `n` values of a plain type.
     pub fn read_vec<T: bytemuck::Pod>(&self, addr: u64, n: usize) -> Result<Vec<T>, PtxError> {
         let b = self.read(addr, n * std::mem::size_of::<T>())?;
-        Ok(b.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect())
+        Ok(b.chunks_exact(std::mem::size_of::<T>())
+            .map(bytemuck::pod_read_unaligned)
+            .collect())
     }
 
     /// Runs `entry` over `grid` blocks of `block` threads with `shared_bytes`
@@ -275,8 +280,22 @@ impl Interpreter {
             .kernels
             .iter()
             .find(|k| k.name == entry)
-            .ok_or_else(|| PtxError::Interp(format!("no entry `{entry}` in the module (it has: {})", self.entries().join(", "))))?;
-        run_kernel(k, &mut self.global, grid.into(), block.into(), shared_bytes, args, self.checks, self.limit)
+            .ok_or_else(|| {
+                PtxError::Interp(format!(
+                    "no entry `{entry}` in the module (it has: {})",
+                    self.entries().join(", ")
+                ))
+            })?;
+        run_kernel(
+            k,
+            &mut self.global,
+            grid.into(),
+            block.into(),
+            shared_bytes,
+            args,
+            self.checks,
+            self.limit,
+        )
     }
 
     /// Runs a launcher's [`KernelLaunch`]; its module is this interpreter's
@@ -287,18 +306,35 @@ impl Interpreter {
                 let ks = parse_module(l.module)?;
                 self.others.push((l.module.to_string(), ks));
             }
-            let ks = self.others.iter().find(|(t, _)| t == l.module).map(|(_, k)| k);
+            let ks = self
+                .others
+                .iter()
+                .find(|(t, _)| t == l.module)
+                .map(|(_, k)| k);
             let k = ks
                 .and_then(|ks| ks.iter().find(|k| k.name == l.entry))
-                .ok_or_else(|| PtxError::Interp(format!("no entry `{}` in the launch's module", l.entry)))?;
-            return run_kernel(k, &mut self.global, l.grid, l.block, l.shared_bytes, &l.args, self.checks, self.limit);
+                .ok_or_else(|| {
+                    PtxError::Interp(format!("no entry `{}` in the launch's module", l.entry))
+                })?;
+            return run_kernel(
+                k,
+                &mut self.global,
+                l.grid,
+                l.block,
+                l.shared_bytes,
+                &l.args,
+                self.checks,
+                self.limit,
+            );
         }
         self.launch(&l.entry, l.grid, l.block, l.shared_bytes, &l.args)
     }
 }
 
 fn exec_find(g: &exec::Global, addr: u64, len: usize) -> Result<Vec<u8>, PtxError> {
-    let o = g.find_ro(addr, len as u64).map_err(|m| PtxError::Interp(format!("read: {m}")))?;
+    let o = g
+        .find_ro(addr, len as u64)
+        .map_err(|m| PtxError::Interp(format!("read: {m}")))?;
     Ok(g.bytes(o, len).to_vec())
 }
 
@@ -318,10 +354,16 @@ fn run_kernel(
         return bad(format!("empty launch: grid {grid:?}, block {block:?}"));
     }
     if block.count() > 1024 || block.z > 64 {
-        return bad(format!("block {block:?} has more than 1024 threads or z > 64"));
+        return bad(format!(
+            "block {block:?} has more than 1024 threads or z > 64"
+        ));
     }
     if args.len() != k.params.len() {
-        return bad(format!("takes {} parameters, {} given", k.params.len(), args.len()));
+        return bad(format!(
+            "takes {} parameters, {} given",
+            k.params.len(),
+            args.len()
+        ));
     }
     let mut params = vec![0u8; k.param_bytes as usize];
     for (i, (a, p)) in args.iter().zip(&k.params).enumerate() {
@@ -331,7 +373,10 @@ fn run_kernel(
             Arg::F32(_) => p.size == 4 && (p.ty == ".f32" || p.ty == ".b32"),
         };
         if !ok {
-            return bad(format!("parameter {i} `{}` is {} ({} bytes), given {a:?}", p.name, p.ty, p.size));
+            return bad(format!(
+                "parameter {i} `{}` is {} ({} bytes), given {a:?}",
+                p.name, p.ty, p.size
+            ));
         }
         let b = a.to_le_bytes();
         let o = p.offset as usize;

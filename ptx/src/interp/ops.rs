@@ -108,16 +108,18 @@ pub(crate) fn round_float(x: f64, fmt: Fmt, rnd: Rnd, tail: i8, satfinite: bool)
     let neg = x.is_sign_negative();
     let s = if neg { sign_bit } else { 0 };
     if x.is_infinite() {
-        return s | if satfinite { max_finite } else { emax_field << mbits };
+        return s | if satfinite {
+            max_finite
+        } else {
+            emax_field << mbits
+        };
     }
     if fmt == Fmt::F64 && tail == 0 {
         return x.to_bits();
     }
     let a = x.abs();
-    if a == 0.0 {
-        if tail == 0 {
-            return s;
-        }
+    if a == 0.0 && tail == 0 {
+        return s;
     }
     let bits = a.to_bits();
     let ef = (bits >> 52) as i32;
@@ -156,8 +158,8 @@ pub(crate) fn round_float(x: f64, fmt: Fmt, rnd: Rnd, tail: i8, satfinite: bool)
     let away = match rnd {
         Rnd::Rn => above_half || (at_half && n & 1 == 1),
         Rnd::Rz => false,
-        Rnd::Rm => neg && inexact && !(tail < 0 && !rem_nonzero),
-        Rnd::Rp => !neg && inexact && !(tail < 0 && !rem_nonzero),
+        Rnd::Rm => neg && inexact && (tail >= 0 || rem_nonzero),
+        Rnd::Rp => !neg && inexact && (tail >= 0 || rem_nonzero),
     };
     let toward = match rnd {
         Rnd::Rn => false,
@@ -188,7 +190,11 @@ pub(crate) fn round_float(x: f64, fmt: Fmt, rnd: Rnd, tail: i8, satfinite: bool)
                 Rnd::Rm => neg,
                 Rnd::Rp => !neg,
             };
-        s | if to_inf { emax_field << mbits } else { max_finite }
+        s | if to_inf {
+            emax_field << mbits
+        } else {
+            max_finite
+        }
     };
     if n >= 1u64 << mbits {
         let field = (q + mbits as i32 + bias) as i64;
@@ -424,7 +430,11 @@ macro_rules! int_ops {
                 let v = u(a);
                 let mut r: $u = 0;
                 for i in 0..len.min($w) {
-                    let bit = if pos + i < $w { (v >> (pos + i)) & 1 } else { 0 };
+                    let bit = if pos + i < $w {
+                        (v >> (pos + i)) & 1
+                    } else {
+                        0
+                    };
                     r |= bit << i;
                 }
                 out_u(r)
@@ -601,7 +611,11 @@ pub(crate) fn mul_f32<const R: u8, const FTZ: bool, const SAT: bool>(a: u64, b: 
     fin32::<FTZ, SAT>(r)
 }
 
-pub(crate) fn fma_f32<const R: u8, const FTZ: bool, const SAT: bool>(a: u64, b: u64, c: u64) -> u64 {
+pub(crate) fn fma_f32<const R: u8, const FTZ: bool, const SAT: bool>(
+    a: u64,
+    b: u64,
+    c: u64,
+) -> u64 {
     let (a, b, c) = (in32::<FTZ>(a), in32::<FTZ>(b), in32::<FTZ>(c));
     let r = if R == 0 {
         a.mul_add(b, c)
@@ -829,7 +843,9 @@ pub(crate) fn abs_h<const X2: bool>(a: u64) -> u64 {
     }
 }
 pub(crate) fn ex2_h<const BF: bool, const X2: bool>(a: u64) -> u64 {
-    h2::<X2>(a, 0, 0, |a, _, _| hput(BF, hget(BF, a).exp2(), false, false))
+    h2::<X2>(a, 0, 0, |a, _, _| {
+        hput(BF, hget(BF, a).exp2(), false, false)
+    })
 }
 
 // ---------------------------------------------------------------- comparisons
@@ -1096,9 +1112,15 @@ mod tests {
     fn directed_rounding() {
         let one = 1.0f32.to_bits() as u64;
         let tiny = 1.0e-30f32.to_bits() as u64;
-        assert_eq!(add_f32::<3, false, false>(one, tiny), u64::from(1.000_000_1f32.to_bits()));
+        assert_eq!(
+            add_f32::<3, false, false>(one, tiny),
+            u64::from(1.000_000_1f32.to_bits())
+        );
         assert_eq!(add_f32::<2, false, false>(one, tiny), one);
-        assert_eq!(sub_f32::<1, false, false>(one, tiny), u64::from(0.999_999_94f32.to_bits()));
+        assert_eq!(
+            sub_f32::<1, false, false>(one, tiny),
+            u64::from(0.999_999_94f32.to_bits())
+        );
         assert_eq!(sub_f32::<0, false, false>(one, tiny), one);
     }
 

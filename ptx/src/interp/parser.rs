@@ -181,7 +181,10 @@ impl P {
         let line = self.line();
         match self.next()? {
             Tok::Int(v) => Ok(v),
-            t => Err(perr(line, format!("expected an integer, found {}", show(&t)))),
+            t => Err(perr(
+                line,
+                format!("expected an integer, found {}", show(&t)),
+            )),
         }
     }
 
@@ -189,7 +192,10 @@ impl P {
         let line = self.line();
         match self.next()? {
             Tok::Dot(s) => Ok(s),
-            t => Err(perr(line, format!("expected a directive or type, found {}", show(&t)))),
+            t => Err(perr(
+                line,
+                format!("expected a directive or type, found {}", show(&t)),
+            )),
         }
     }
 
@@ -252,7 +258,10 @@ pub(crate) fn parse(text: &str) -> Result<Module, PtxError> {
                     p.pos += 1;
                     let v = p.int()?;
                     if v != 64 {
-                        return Err(perr(line, format!(".address_size {v}: only 64 is supported")));
+                        return Err(perr(
+                            line,
+                            format!(".address_size {v}: only 64 is supported"),
+                        ));
                     }
                 }
                 ".file" | ".loc" | ".section" => {
@@ -283,14 +292,24 @@ pub(crate) fn parse(text: &str) -> Result<Module, PtxError> {
                     return Err(perr(line, "`.func` is not supported by the interpreter (inline device functions into the .entry)"));
                 }
                 ".global" | ".const" => {
-                    return Err(perr(line, format!("module-scope `{d}` variables are not supported by the interpreter")));
+                    return Err(perr(
+                        line,
+                        format!(
+                            "module-scope `{d}` variables are not supported by the interpreter"
+                        ),
+                    ));
                 }
                 ".pragma" => {
                     p.skip_statement()?;
                 }
                 other => return Err(perr(line, format!("unknown module directive `{other}`"))),
             },
-            other => return Err(perr(line, format!("expected a directive, found {}", show(&other)))),
+            other => {
+                return Err(perr(
+                    line,
+                    format!("expected a directive, found {}", show(&other)),
+                ))
+            }
         }
     }
     if !saw_version {
@@ -313,9 +332,14 @@ fn shared_var(p: &mut P, line: u32, is_extern: bool) -> Result<SharedVar, PtxErr
                 let d = d.clone();
                 p.pos += 1;
                 if d == ".v2" || d == ".v4" {
-                    return Err(perr(line, "vector-typed .shared variables are not supported; use .b8 arrays"));
+                    return Err(perr(
+                        line,
+                        "vector-typed .shared variables are not supported; use .b8 arrays",
+                    ));
                 }
-                elem = Some(type_size(&d).ok_or_else(|| perr(line, format!("bad .shared type `{d}`")))?);
+                elem = Some(
+                    type_size(&d).ok_or_else(|| perr(line, format!("bad .shared type `{d}`")))?,
+                );
             }
             _ => break,
         }
@@ -332,11 +356,17 @@ fn shared_var(p: &mut P, line: u32, is_extern: bool) -> Result<SharedVar, PtxErr
         }
     }
     if p.is_p('=') {
-        return Err(perr(line, "initialized .shared variables are not supported"));
+        return Err(perr(
+            line,
+            "initialized .shared variables are not supported",
+        ));
     }
     p.expect_p(';')?;
     if count.is_none() && !is_extern {
-        return Err(perr(line, "an unsized .shared array must be declared .extern"));
+        return Err(perr(
+            line,
+            "an unsized .shared array must be declared .extern",
+        ));
     }
     if align == 0 {
         align = elem_size;
@@ -359,15 +389,13 @@ fn entry(p: &mut P, line: u32) -> Result<Entry, PtxError> {
         line,
         ..Entry::default()
     };
-    if p.eat_p('(') {
-        if !p.eat_p(')') {
-            loop {
-                e.params.push(param(p)?);
-                if p.eat_p(')') {
-                    break;
-                }
-                p.expect_p(',')?;
+    if p.eat_p('(') && !p.eat_p(')') {
+        loop {
+            e.params.push(param(p)?);
+            if p.eat_p(')') {
+                break;
             }
+            p.expect_p(',')?;
         }
     }
     // performance directives up to the body
@@ -376,7 +404,12 @@ fn entry(p: &mut P, line: u32) -> Result<Entry, PtxError> {
         match p.next()? {
             Tok::Dot(_) | Tok::Int(_) | Tok::P(',') | Tok::Str(_) => {}
             Tok::P(';') => {}
-            t => return Err(perr(l, format!("expected the body of `{}`, found {}", e.name, show(&t)))),
+            t => {
+                return Err(perr(
+                    l,
+                    format!("expected the body of `{}`, found {}", e.name, show(&t)),
+                ))
+            }
         }
     }
     p.expect_p('{')?;
@@ -410,8 +443,18 @@ fn entry(p: &mut P, line: u32) -> Result<Entry, PtxError> {
                 }
                 ".loc" | ".file" => p.skip_line(l),
                 ".pragma" => p.skip_statement()?,
-                ".local" => return Err(perr(l, "`.local` memory is not supported by the interpreter")),
-                other => return Err(perr(l, format!("unsupported directive `{other}` in a function body"))),
+                ".local" => {
+                    return Err(perr(
+                        l,
+                        "`.local` memory is not supported by the interpreter",
+                    ))
+                }
+                other => {
+                    return Err(perr(
+                        l,
+                        format!("unsupported directive `{other}` in a function body"),
+                    ))
+                }
             },
             Tok::Ident(name) if p.peek_at(1) == Some(&Tok::P(':')) => {
                 p.pos += 2;
@@ -421,7 +464,12 @@ fn entry(p: &mut P, line: u32) -> Result<Entry, PtxError> {
                 let i = inst(p)?;
                 e.body.push(Stmt::Inst(i));
             }
-            other => return Err(perr(l, format!("expected an instruction, found {}", show(&other)))),
+            other => {
+                return Err(perr(
+                    l,
+                    format!("expected an instruction, found {}", show(&other)),
+                ))
+            }
         }
     }
     Ok(e)
@@ -528,7 +576,10 @@ fn inst(p: &mut P) -> Result<Inst, PtxError> {
                 t => {
                     return Err(perr(
                         l,
-                        format!("expected `,` or `;` after an operand of `{opcode}`, found {}", show(&t)),
+                        format!(
+                            "expected `,` or `;` after an operand of `{opcode}`, found {}",
+                            show(&t)
+                        ),
                     ))
                 }
             }
@@ -546,10 +597,7 @@ fn inst(p: &mut P) -> Result<Inst, PtxError> {
 /// A name, with a special register's component (`%tid.x`) joined.
 fn name(p: &mut P) -> Result<String, PtxError> {
     let mut n = p.ident()?;
-    if matches!(
-        n.as_str(),
-        "%tid" | "%ntid" | "%ctaid" | "%nctaid"
-    ) {
+    if matches!(n.as_str(), "%tid" | "%ntid" | "%ctaid" | "%nctaid") {
         if let Some(Tok::Dot(c)) = p.peek() {
             if matches!(c.as_str(), ".x" | ".y" | ".z") {
                 n.push_str(c);

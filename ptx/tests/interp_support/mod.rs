@@ -16,7 +16,11 @@ fn ptxas() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("PTXAS") {
         return Some(PathBuf::from(p));
     }
-    let out = Command::new("sh").arg("-c").arg("command -v ptxas").output().ok()?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("command -v ptxas")
+        .output()
+        .ok()?;
     let s = String::from_utf8(out.stdout).ok()?;
     let s = s.trim();
     (!s.is_empty()).then(|| PathBuf::from(s))
