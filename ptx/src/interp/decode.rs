@@ -808,7 +808,10 @@ fn layout_shared(
                         message: format!("duplicate .shared variable `{}`", v.name),
                     });
                 }
-                off += n * u64::from(v.elem_size);
+                off = n
+                    .checked_mul(u64::from(v.elem_size))
+                    .and_then(|b| off.checked_add(b))
+                    .unwrap_or(u64::MAX);
             }
             None => {
                 dyn_align = dyn_align.max(u64::from(v.align));
@@ -846,8 +849,9 @@ fn decode_entry(m: &parser::Module, e: &Entry) -> Result<Kernel, PtxError> {
     let mut params = Vec::new();
     let mut poff = 0u32;
     for p in &e.params {
-        let a = p.align.max(1);
-        poff = poff.div_ceil(a) * a;
+        let a = p.align.clamp(1, 256);
+        d.line = p.line;
+        poff = poff.div_ceil(a).saturating_mul(a);
         if d.params.insert(p.name.clone(), poff).is_some() {
             d.line = p.line;
             return Err(d.err(format!("duplicate parameter `{}`", p.name)));
@@ -858,7 +862,10 @@ fn decode_entry(m: &parser::Module, e: &Entry) -> Result<Kernel, PtxError> {
             size: p.size,
             ty: p.ty.clone(),
         });
-        poff += p.size;
+        poff = poff
+            .checked_add(p.size)
+            .filter(|&n| n <= 32_764)
+            .ok_or_else(|| d.err(format!("parameters exceed 32764 bytes at `{}`", p.name)))?;
     }
     // shared memory: module scope first, then the entry's own
     let vars: Vec<&parser::SharedVar> = m.shared.iter().chain(e.shared.iter()).collect();
@@ -878,6 +885,9 @@ fn decode_entry(m: &parser::Module, e: &Entry) -> Result<Kernel, PtxError> {
             d.regs.insert(n, (d.next, ty));
             d.next += 1;
         }
+    }
+    if d.next > 1 << 20 {
+        return Err(d.err(format!("{} registers declared (at most 2^20)", d.next)));
     }
     // labels
     let mut idx = 0u32;

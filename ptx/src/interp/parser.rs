@@ -535,7 +535,17 @@ fn reg_decl(p: &mut P, line: u32, regs: &mut Vec<RegDecl>) -> Result<(), PtxErro
         if p.eat_p('<') {
             let n = p.int()?;
             p.expect_p('>')?;
-            count = Some(u32::try_from(n).map_err(|_| perr(line, "too many registers"))?);
+            count = Some(
+                u32::try_from(n)
+                    .ok()
+                    .filter(|&n| n <= 1 << 16)
+                    .ok_or_else(|| {
+                        perr(
+                            line,
+                            format!("{n} registers in one declaration (at most 65536)"),
+                        )
+                    })?,
+            );
         }
         regs.push(RegDecl {
             name,
@@ -615,6 +625,9 @@ fn operand(p: &mut P) -> Result<Operand, PtxError> {
             p.pos += 1;
             let mut v = Vec::new();
             loop {
+                if p.is_p('{') {
+                    return Err(perr(line, "nested vector operand"));
+                }
                 v.push(operand(p)?);
                 if p.eat_p('}') {
                     break;
