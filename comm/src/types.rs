@@ -100,6 +100,9 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -
             out.len()
         )));
     }
+    if dtype == DType::F32 && reduce_f32_aligned(op, srcs, out) {
+        return Ok(());
+    }
     match dtype {
         DType::F32 => {
             reduce_typed::<4, f32>(op, srcs, out, f32::from_le_bytes, |x| x.to_le_bytes())
@@ -123,6 +126,43 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -
         ),
     }
     Ok(())
+}
+
+/// The f32 path where every slice is 4-byte aligned (the usual case): plain
+/// slices the compiler vectorizes, same order and NaN rules as
+/// [`reduce_typed`]. False (nothing written) where a slice is misaligned.
+fn reduce_f32_aligned(op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -> bool {
+    let Ok(o) = bytemuck::try_cast_slice_mut::<u8, f32>(out) else {
+        return false;
+    };
+    let mut typed = Vec::with_capacity(srcs.len());
+    for s in srcs {
+        match bytemuck::try_cast_slice::<u8, f32>(s) {
+            Ok(t) => typed.push(t),
+            Err(_) => return false,
+        }
+    }
+    o.copy_from_slice(typed[0]);
+    for t in &typed[1..] {
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => o.iter_mut().zip(*t).for_each(|(a, x)| *a += x),
+            ReduceOp::Max => o.iter_mut().zip(*t).for_each(|(a, x)| {
+                if !a.is_nan() && (x.is_nan() || *x > *a) {
+                    *a = *x
+                }
+            }),
+            ReduceOp::Min => o.iter_mut().zip(*t).for_each(|(a, x)| {
+                if !a.is_nan() && (x.is_nan() || *x < *a) {
+                    *a = *x
+                }
+            }),
+        }
+    }
+    if op == ReduceOp::Avg {
+        let p = typed.len() as f32;
+        o.iter_mut().for_each(|a| *a /= p);
+    }
+    true
 }
 
 /// Accumulator arithmetic of [`reduce_typed`].
@@ -246,6 +286,30 @@ mod tests {
         let mut out = vec![0u8; 2];
         reduce_into(DType::Bf16, ReduceOp::Sum, &[&a, &b, &c], &mut out).unwrap();
         assert_eq!(bf16::from_le_bytes([out[0], out[1]]).to_f32(), 258.0);
+    }
+
+    #[test]
+    fn misaligned_f32_slices_reduce_like_aligned_ones() {
+        let a = bytes(&[1.5f32, f32::NAN, -3.0, 7.0]);
+        let b = bytes(&[2.0f32, 1.0, -4.0, f32::NAN]);
+        for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min] {
+            let mut fast = vec![0u8; 16];
+            reduce_into(DType::F32, op, &[&a, &b], &mut fast).unwrap();
+            // Shift everything by one byte to force the generic path.
+            let (mut a1, mut b1, mut o1) = (vec![0u8; 17], vec![0u8; 17], vec![0u8; 17]);
+            a1[1..].copy_from_slice(&a);
+            b1[1..].copy_from_slice(&b);
+            reduce_into(DType::F32, op, &[&a1[1..], &b1[1..]], &mut o1[1..]).unwrap();
+            let f: Vec<u32> = fast
+                .chunks(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let g: Vec<u32> = o1[1..]
+                .chunks(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            assert_eq!(f, g, "{op}");
+        }
     }
 
     #[test]
