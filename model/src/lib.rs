@@ -1,1 +1,11 @@
-//! fpdt-model
+//! fpdt-model: GPT and Llama with hand-written backward, the FPDT layer
+//! schedule, the optimizer, data and checkpoints.
+
+pub mod config;
+pub mod error;
+
+pub use config::{
+    Activation, Family, LayerParams, ModelConfig, Norm, ParamEntry, ParamLayout, Schedule,
+    SplitMix64,
+};
+pub use error::{ModelError, Result};
