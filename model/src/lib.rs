@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod reference;
 
 pub use config::{
     Activation, Family, LayerParams, ModelConfig, Norm, ParamEntry, ParamLayout, Schedule,
