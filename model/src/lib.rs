@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod error;
+pub mod fpdt;
+pub mod layers;
 pub mod reference;
 
 pub use config::{
@@ -10,3 +12,4 @@ pub use config::{
     SplitMix64,
 };
 pub use error::{ModelError, Result};
+pub use fpdt::{FpdtGroup, RankModel, StepOutput};

@@ -1,0 +1,487 @@
+//! The FPDT attention layer (DESIGN.md section 5), with its pre-norm, QKV
+//! and output projections and residual, over all `u` chunks of one rank.
+//!
+//! Forward, per chunk i: norm and QKV projection of the local `x_i`
+//! (`[c, hidden]`); head-parallel all-to-all (scatter heads, gather
+//! sequence) of q, k, v to `[C, H/P, d]`; RoPE at global positions
+//! `iC..(i+1)C`; q_i against kv chunks `0..=i` (causal only on the
+//! diagonal) with the online softmax and the stable LSE merge into an f32
+//! accumulator, earlier kv chunks prefetched from the host arena through a
+//! double buffer one ahead; then the reverse all-to-all of o_i, the output
+//! projection and the residual. q, kv, o, lse (and the gathered o) of every
+//! chunk are stashed (offloaded when the schedule offloads).
+//!
+//! Backward: first per chunk the output projection's backward, the
+//! all-to-all of dO and `delta = rowsum(dO * O)`; then the outer loop over
+//! kv chunks i with the inner loop over query chunks `q = i..u` (causal
+//! only when `q == i`), the query bundle (q, lse, dO, delta) prefetched one
+//! ahead, dk/dv accumulated on the device in f32, the f32 dq accumulator of
+//! chunk q fetched and sent back to the host; dq_i is final at `q == i`.
+//! Then RoPE backward, reverse all-to-all, and the QKV projection's and
+//! norm's backward with x_i fetched from the host.
+
+use fpdt_comm::ulysses::Heads;
+use fpdt_comm::{Communicator, UlyssesAllToAll, UlyssesConfig};
+use fpdt_ptx::cpu::{attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, rope_bwd, rope_fwd, AttnShape};
+use fpdt_runtime::{DeviceBuffer, DoubleBuffer, View};
+
+use super::{kernel, linear_bwd, linear_fwd, missing, norm, Ctx, Held, Incoming, Stash, F32};
+use crate::config::LayerParams;
+use crate::error::Result;
+
+/// What the forward keeps for the backward, per chunk.
+pub(crate) struct Saved {
+    /// Roped queries `[C, H/P, d]`.
+    pub q: Vec<Stash>,
+    /// Roped keys then values `[2, C, KV/P, d]`.
+    pub kv: Vec<Stash>,
+    /// Final attention output `[C, H/P, d]` (f32).
+    pub o: Vec<Stash>,
+    /// Its log-sum-exp `[C, H/P]`.
+    pub lse: Vec<Stash>,
+    /// The output gathered back to this rank's tokens `[c, H*d]`.
+    pub o_local: Vec<Stash>,
+    /// The MLP block's input `[c, hidden]` (filled by the block).
+    pub x_mid: Vec<Stash>,
+}
+
+struct Dims {
+    u: usize,
+    c: usize,
+    big_c: usize,
+    hl: usize,
+    kvl: usize,
+    d: usize,
+    h: usize,
+    qd: usize,
+    kvd: usize,
+    theta: f32,
+    scale: f32,
+}
+
+impl Dims {
+    fn new(ctx: &Ctx<'_>) -> Dims {
+        let (cfg, s) = (ctx.cfg, ctx.sched);
+        Dims {
+            u: s.chunks,
+            c: s.local_chunk_tokens(),
+            big_c: s.chunk_tokens(),
+            hl: cfg.heads / s.ranks,
+            kvl: cfg.kv_heads / s.ranks,
+            d: cfg.head_dim,
+            h: cfg.hidden,
+            qd: cfg.q_dim(),
+            kvd: cfg.kv_dim(),
+            theta: cfg.rope_theta as f32,
+            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+        }
+    }
+
+    fn shape(&self) -> AttnShape {
+        AttnShape {
+            q_tokens: self.big_c,
+            kv_tokens: self.big_c,
+            heads: self.hl,
+            kv_heads: self.kvl,
+            head_dim: self.d,
+        }
+    }
+
+    /// Elements of one q / o chunk after the all-to-all.
+    fn qn(&self) -> usize {
+        self.big_c * self.hl * self.d
+    }
+
+    /// Elements of one k (or v) chunk after the all-to-all.
+    fn kn(&self) -> usize {
+        self.big_c * self.kvl * self.d
+    }
+
+    fn positions(&self, i: usize) -> Vec<u32> {
+        (i * self.big_c..(i + 1) * self.big_c)
+            .map(|p| p as u32)
+            .collect()
+    }
+}
+
+fn bias<'a>(ctx: &'a Ctx<'_>, r: &Option<std::ops::Range<usize>>, grad: bool) -> Result<Option<View<'a>>> {
+    Ok(match r {
+        Some(r) if grad => Some(ctx.g(r)?),
+        Some(r) => Some(ctx.p(r)?),
+        None => None,
+    })
+}
+
+fn rope(
+    ctx: &Ctx<'_>,
+    x: View<'_>,
+    y: View<'_>,
+    pos: Vec<u32>,
+    heads: usize,
+    dims: &Dims,
+    inverse: bool,
+) -> Result<()> {
+    let (d, theta) = (dims.d, dims.theta);
+    let n = x.len_of::<f32>() as f64;
+    let name = if inverse { "rope_bwd" } else { "rope_fwd" };
+    kernel(ctx.s(), name, 6.0 * n, &[x], &[y], move |i, o| {
+        if inverse {
+            rope_bwd(i[0], &pos, heads, d, theta, o[0])
+        } else {
+            rope_fwd(i[0], &pos, heads, d, theta, o[0])
+        }
+    })
+}
+
+fn attn_pair(
+    ctx: &Ctx<'_>,
+    dims: &Dims,
+    q: View<'_>,
+    kv: View<'_>,
+    causal: bool,
+    o: View<'_>,
+    lse: View<'_>,
+) -> Result<()> {
+    let shape = dims.shape();
+    let half = dims.kn() * F32;
+    let (k, v) = (kv.bytes(0..half)?, kv.bytes(half..2 * half)?);
+    let flops = shape.fwd_flops() * if causal { 0.5 } else { 1.0 };
+    let scale = dims.scale;
+    kernel(ctx.s(), "attn_fwd", flops, &[q, k, v], &[o, lse], move |i, out| {
+        let (o, l) = out.split_at_mut(1);
+        attn_fwd_chunk(i[0], i[1], i[2], &shape, causal, scale, o[0], l[0])
+    })
+}
+
+/// Forward over all chunks: returns the residual stream after attention
+/// (`x + attn(norm1(x))`, per chunk `[c, hidden]`) and what backward needs.
+pub(crate) fn forward(
+    ctx: &Ctx<'_>,
+    lp: &LayerParams,
+    xs: &[Stash],
+) -> Result<(Vec<Stash>, Saved)> {
+    let dm = Dims::new(ctx);
+    let s = ctx.s();
+    let comm: &dyn Communicator = ctx.comm;
+    let ul = UlyssesAllToAll::new(
+        comm,
+        ctx.dev.clone(),
+        UlyssesConfig::new(ctx.cfg.heads, ctx.cfg.kv_heads, dm.d, ctx.sched.ranks)?,
+    )?;
+    let mut saved = Saved {
+        q: Vec::new(),
+        kv: Vec::new(),
+        o: Vec::new(),
+        lse: Vec::new(),
+        o_local: Vec::new(),
+        x_mid: Vec::new(),
+    };
+    let mut outs = Vec::with_capacity(dm.u);
+    let kv_bytes = 2 * dm.kn() * F32;
+    let dbuf = if ctx.sched.offload && dm.u > 1 {
+        Some(DoubleBuffer::new(ctx.mover, kv_bytes, "kv slot")?)
+    } else {
+        None
+    };
+    for i in 0..dm.u {
+        let x = xs.get(i).ok_or_else(|| missing("x", i))?.fetch(ctx.mover)?;
+        let xv = x.view()?;
+        // Projections of the local tokens.
+        let hn = ctx.alloc(dm.c * dm.h, "attn norm")?;
+        norm::forward(ctx, xv.clone(), &lp.norm1_w, &lp.norm1_b, hn.view(), dm.c)?;
+        let ql = ctx.alloc(dm.c * dm.qd, "q local")?;
+        let kl = ctx.alloc(dm.c * dm.kvd, "k local")?;
+        let vl = ctx.alloc(dm.c * dm.kvd, "v local")?;
+        linear_fwd(s, hn.view(), ctx.p(&lp.wq)?, bias(ctx, &lp.bq, false)?, ql.view(), dm.c, dm.h, dm.qd)?;
+        linear_fwd(s, hn.view(), ctx.p(&lp.wk)?, bias(ctx, &lp.bk, false)?, kl.view(), dm.c, dm.h, dm.kvd)?;
+        linear_fwd(s, hn.view(), ctx.p(&lp.wv)?, bias(ctx, &lp.bv, false)?, vl.view(), dm.c, dm.h, dm.kvd)?;
+        drop(hn);
+        // Head-parallel all-to-all: this rank's heads of the whole chunk.
+        let qh = ctx.alloc(dm.qn(), "q heads")?;
+        ul.scatter_heads(s, Heads::Query, F32, ql.view(), qh.view())?;
+        let kh = ctx.alloc(dm.kn(), "k heads")?;
+        ul.scatter_heads(s, Heads::KeyValue, F32, kl.view(), kh.view())?;
+        let kv = ctx.alloc(2 * dm.kn(), "kv")?;
+        let half = dm.kn() * F32;
+        ul.scatter_heads(s, Heads::KeyValue, F32, vl.view(), kv.bytes(half..2 * half)?)?;
+        drop((ql, kl, vl));
+        // RoPE at the chunk's global positions.
+        let q = ctx.alloc(dm.qn(), "q")?;
+        rope(ctx, qh.view(), q.view(), dm.positions(i), dm.hl, &dm, false)?;
+        rope(ctx, kh.view(), kv.bytes(0..half)?, dm.positions(i), dm.kvl, &dm, false)?;
+        drop((qh, kh));
+        // q_i against kv_0..kv_i, merged online.
+        let o = ctx.alloc(dm.qn(), "o acc")?;
+        let lse = ctx.alloc(dm.big_c * dm.hl, "lse acc")?;
+        if i == 0 {
+            attn_pair(ctx, &dm, q.view(), kv.view(), true, o.view(), lse.view())?;
+        } else {
+            fill_neg_inf(ctx, lse.view())?;
+            let oj = ctx.alloc(dm.qn(), "o part")?;
+            let lj = ctx.alloc(dm.big_c * dm.hl, "lse part")?;
+            let merge = |ctx: &Ctx<'_>| -> Result<()> {
+                let hd = dm.d;
+                kernel(
+                    ctx.s(),
+                    "lse_merge",
+                    4.0 * dm.qn() as f64,
+                    &[oj.view(), lj.view()],
+                    &[o.view(), lse.view()],
+                    move |i, out| {
+                        let (o, l) = out.split_at_mut(1);
+                        lse_merge(o[0], l[0], i[0], i[1], hd)
+                    },
+                )
+            };
+            match &dbuf {
+                Some(db) => {
+                    let host = |j: usize| match saved.kv.get(j) {
+                        Some(Stash::Host(hc)) => Ok(hc),
+                        _ => Err(missing("kv (host)", j)),
+                    };
+                    let mut next = Some(db.prefetch(host(0)?)?);
+                    for j in 0..i {
+                        let cur = next.take().ok_or_else(|| missing("kv prefetch", j))?;
+                        let guard = cur.ready()?;
+                        if j + 1 < i {
+                            next = Some(db.prefetch(host(j + 1)?)?);
+                        }
+                        attn_pair(ctx, &dm, q.view(), guard.view(), false, oj.view(), lj.view())?;
+                        merge(ctx)?;
+                        drop(guard);
+                    }
+                }
+                None => {
+                    for j in 0..i {
+                        let kvj = saved.kv.get(j).ok_or_else(|| missing("kv", j))?.fetch(ctx.mover)?;
+                        attn_pair(ctx, &dm, q.view(), kvj.view()?, false, oj.view(), lj.view())?;
+                        merge(ctx)?;
+                    }
+                }
+            }
+            attn_pair(ctx, &dm, q.view(), kv.view(), true, oj.view(), lj.view())?;
+            merge(ctx)?;
+        }
+        // Back to this rank's tokens; output projection and residual.
+        let ol = ctx.alloc(dm.c * dm.qd, "o local")?;
+        ul.gather_heads(s, Heads::Query, F32, o.view(), ol.view())?;
+        let a = ctx.alloc(dm.c * dm.h, "attn out")?;
+        linear_fwd(s, ol.view(), ctx.p(&lp.wo)?, bias(ctx, &lp.bo, false)?, a.view(), dm.c, dm.qd, dm.h)?;
+        let xm = ctx.alloc(dm.c * dm.h, "x mid")?;
+        super::residual(s, xv, a.view(), xm.view())?;
+        drop((a, x));
+        saved.kv.push(ctx.stash(kv)?);
+        saved.q.push(ctx.stash(q)?);
+        saved.o.push(ctx.stash(o)?);
+        saved.lse.push(ctx.stash(lse)?);
+        saved.o_local.push(ctx.stash(ol)?);
+        outs.push(ctx.stash(xm)?);
+    }
+    Ok((outs, saved))
+}
+
+fn fill_neg_inf(ctx: &Ctx<'_>, v: View<'_>) -> Result<()> {
+    super::fill(ctx.s(), v, f32::NEG_INFINITY)
+}
+
+/// The query bundle of chunk q for the backward.
+struct Bundle<'a> {
+    q: Incoming<'a>,
+    lse: Incoming<'a>,
+    do_: Incoming<'a>,
+    delta: Incoming<'a>,
+}
+
+struct Ready<'a> {
+    q: Held<'a>,
+    lse: Held<'a>,
+    do_: Held<'a>,
+    delta: Held<'a>,
+}
+
+/// Backward over all chunks. `dxm[i]` is the gradient of the residual
+/// stream after attention (what [`forward`] returned); returns the gradient
+/// of the layer input per chunk. Parameter gradients are accumulated.
+pub(crate) fn backward(
+    ctx: &Ctx<'_>,
+    lp: &LayerParams,
+    xs: &[Stash],
+    saved: &Saved,
+    dxm: &[Stash],
+) -> Result<Vec<Stash>> {
+    let dm = Dims::new(ctx);
+    let s = ctx.s();
+    let mv = ctx.mover;
+    let comm: &dyn Communicator = ctx.comm;
+    let ul = UlyssesAllToAll::new(
+        comm,
+        ctx.dev.clone(),
+        UlyssesConfig::new(ctx.cfg.heads, ctx.cfg.kv_heads, dm.d, ctx.sched.ranks)?,
+    )?;
+    let get = |v: &'_ [Stash], what: &str, i: usize| -> Result<()> {
+        v.get(i).map(|_| ()).ok_or_else(|| missing(what, i))
+    };
+    // Phase A: output projection backward, dO to head-parallel, delta.
+    let mut dos = Vec::with_capacity(dm.u);
+    let mut deltas = Vec::with_capacity(dm.u);
+    for i in 0..dm.u {
+        get(dxm, "dx mid", i)?;
+        get(&saved.o_local, "o local", i)?;
+        get(&saved.o, "o", i)?;
+        let g = dxm[i].fetch(mv)?;
+        let ol = saved.o_local[i].fetch(mv)?;
+        let dol = ctx.alloc(dm.c * dm.qd, "do local")?;
+        linear_bwd(
+            s,
+            g.view()?,
+            ol.view()?,
+            ctx.p(&lp.wo)?,
+            Some((dol.view(), false)),
+            ctx.g(&lp.wo)?,
+            bias(ctx, &lp.bo, true)?,
+            dm.c,
+            dm.qd,
+            dm.h,
+        )?;
+        drop((g, ol));
+        let doh = ctx.alloc(dm.qn(), "do")?;
+        ul.scatter_heads(s, Heads::Query, F32, dol.view(), doh.view())?;
+        drop(dol);
+        let o = saved.o[i].fetch(mv)?;
+        let delta = ctx.alloc(dm.big_c * dm.hl, "delta")?;
+        let hd = dm.d;
+        kernel(
+            s,
+            "attn_delta",
+            2.0 * dm.qn() as f64,
+            &[doh.view(), o.view()?],
+            &[delta.view()],
+            move |i, out| attn_delta(i[0], i[1], hd, out[0]),
+        )?;
+        drop(o);
+        dos.push(ctx.stash(doh)?);
+        deltas.push(ctx.stash(delta)?);
+    }
+    // Phase B: outer loop over kv chunks, inner over query chunks.
+    let start = |qq: usize| -> Result<Bundle<'_>> {
+        get(&saved.q, "q", qq)?;
+        get(&saved.lse, "lse", qq)?;
+        Ok(Bundle {
+            q: saved.q[qq].start(mv)?,
+            lse: saved.lse[qq].start(mv)?,
+            do_: dos[qq].start(mv)?,
+            delta: deltas[qq].start(mv)?,
+        })
+    };
+    let mut dq: Vec<Option<Stash>> = (0..dm.u).map(|_| None).collect();
+    let mut dxs = Vec::with_capacity(dm.u);
+    let shape = dm.shape();
+    let half = dm.kn() * F32;
+    get(&saved.kv, "kv", 0)?;
+    let mut kv_next = Some(saved.kv[0].start(mv)?);
+    for i in 0..dm.u {
+        let kv = kv_next.take().ok_or_else(|| missing("kv", i))?.ready(mv)?;
+        if i + 1 < dm.u {
+            get(&saved.kv, "kv", i + 1)?;
+            kv_next = Some(saved.kv[i + 1].start(mv)?);
+        }
+        let dkv = ctx.zeros(2 * dm.kn(), "dkv")?;
+        let mut dq_final: Option<DeviceBuffer> = None;
+        let mut next = Some(start(i)?);
+        for qq in i..dm.u {
+            let b = next.take().ok_or_else(|| missing("query bundle", qq))?;
+            let cur = Ready {
+                q: b.q.ready(mv)?,
+                lse: b.lse.ready(mv)?,
+                do_: b.do_.ready(mv)?,
+                delta: b.delta.ready(mv)?,
+            };
+            if qq + 1 < dm.u {
+                next = Some(start(qq + 1)?);
+            }
+            let dqb = match dq[qq].take() {
+                Some(st) => st.take(mv)?,
+                None => ctx.zeros(dm.qn(), "dq")?,
+            };
+            let causal = qq == i;
+            let kvv = kv.view()?;
+            let (k, v) = (kvv.bytes(0..half)?, kvv.bytes(half..2 * half)?);
+            let (dk, dv) = (dkv.bytes(0..half)?, dkv.bytes(half..2 * half)?);
+            let scale = dm.scale;
+            let flops = 2.5 * shape.fwd_flops() * if causal { 0.5 } else { 1.0 };
+            kernel(
+                s,
+                "attn_bwd",
+                flops,
+                &[cur.q.view()?, k, v, cur.lse.view()?, cur.do_.view()?, cur.delta.view()?],
+                &[dqb.view(), dk, dv],
+                move |a, o| {
+                    let (dq, rest) = o.split_at_mut(1);
+                    let (dk, dv) = rest.split_at_mut(1);
+                    attn_bwd_chunk(
+                        a[0], a[1], a[2], a[3], a[4], a[5], &shape, causal, scale, dq[0], dk[0],
+                        dv[0],
+                    )
+                },
+            )?;
+            drop(cur);
+            if causal {
+                dq_final = Some(dqb);
+            } else {
+                dq[qq] = Some(ctx.stash(dqb)?);
+            }
+        }
+        drop(kv);
+        let dqb = dq_final.ok_or_else(|| missing("dq", i))?;
+        // RoPE backward and back to this rank's tokens.
+        let dqr = ctx.alloc(dm.qn(), "dq roped")?;
+        rope(ctx, dqb.view(), dqr.view(), dm.positions(i), dm.hl, &dm, true)?;
+        drop(dqb);
+        let dkr = ctx.alloc(dm.kn(), "dk roped")?;
+        rope(ctx, dkv.bytes(0..half)?, dkr.view(), dm.positions(i), dm.kvl, &dm, true)?;
+        let dql = ctx.alloc(dm.c * dm.qd, "dq local")?;
+        ul.gather_heads(s, Heads::Query, F32, dqr.view(), dql.view())?;
+        let dkl = ctx.alloc(dm.c * dm.kvd, "dk local")?;
+        ul.gather_heads(s, Heads::KeyValue, F32, dkr.view(), dkl.view())?;
+        let dvl = ctx.alloc(dm.c * dm.kvd, "dv local")?;
+        ul.gather_heads(s, Heads::KeyValue, F32, dkv.bytes(half..2 * half)?, dvl.view())?;
+        drop((dqr, dkr, dkv));
+        // QKV projection and norm backward, x_i fetched again.
+        get(xs, "x", i)?;
+        let x = xs[i].fetch(mv)?;
+        let hn = ctx.alloc(dm.c * dm.h, "attn norm")?;
+        norm::forward(ctx, x.view()?, &lp.norm1_w, &lp.norm1_b, hn.view(), dm.c)?;
+        let dhn = ctx.alloc(dm.c * dm.h, "attn norm grad")?;
+        let parts = [
+            (&dql, &lp.wq, &lp.bq, dm.qd),
+            (&dkl, &lp.wk, &lp.bk, dm.kvd),
+            (&dvl, &lp.wv, &lp.bv, dm.kvd),
+        ];
+        for (n, (dy, w, b, out)) in parts.into_iter().enumerate() {
+            linear_bwd(
+                s,
+                dy.view(),
+                hn.view(),
+                ctx.p(w)?,
+                Some((dhn.view(), n > 0)),
+                ctx.g(w)?,
+                bias(ctx, b, true)?,
+                dm.c,
+                dm.h,
+                out,
+            )?;
+        }
+        drop((dql, dkl, dvl, hn));
+        let g = dxm[i].fetch(mv)?;
+        let dx = ctx.alloc(dm.c * dm.h, "dx")?;
+        kernel(s, "copy", 0.0, &[g.view()?], &[dx.view()], |a, o| {
+            o[0].copy_from_slice(a[0]);
+            Ok(())
+        })?;
+        drop(g);
+        norm::backward(ctx, x.view()?, dhn.view(), &lp.norm1_w, &lp.norm1_b, dx.view(), true, dm.c)?;
+        drop(x);
+        dxs.push(ctx.stash(dx)?);
+    }
+    Ok(dxs)
+}

@@ -1,0 +1,83 @@
+//! Final norm, output head and softmax cross-entropy, fused forward and
+//! backward and chunked along tokens: the logits `[rows, vocab]` exist for
+//! one sub-chunk of `loss_tokens` rows at a time.
+
+use fpdt_ptx::cpu::softmax_cross_entropy;
+use fpdt_runtime::View;
+
+use super::mlp::rows;
+use super::{kernel, linear_bwd, linear_fwd, norm, Ctx};
+use crate::error::Result;
+use crate::reference::IGNORE_INDEX;
+
+/// For the `t` rows of the last layer's output `x` with `labels` (i32 in an
+/// f32-sized buffer): adds `grad_scale * sum(loss)` to `loss_acc[0]`, writes
+/// `dx`, accumulates the head's and the final norm's gradients.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_backward(
+    ctx: &Ctx<'_>,
+    x: View<'_>,
+    labels: View<'_>,
+    dx: View<'_>,
+    loss_acc: View<'_>,
+    t: usize,
+    grad_scale: f32,
+) -> Result<()> {
+    let (h, vocab) = (ctx.cfg.hidden, ctx.cfg.vocab_size);
+    let step = ctx.sched.loss_tokens();
+    let s = ctx.s();
+    let head = ctx.layout.lm_head();
+    let (nw, nb) = (ctx.layout.norm_f_w(), ctx.layout.norm_f_b());
+    let mut a = 0;
+    while a < t {
+        let b = (a + step).min(t);
+        let n = b - a;
+        let xr = rows(&x, h, a, b)?;
+        let hn = ctx.alloc(n * h, "loss norm")?;
+        norm::forward(ctx, xr.clone(), &nw, &nb, hn.view(), n)?;
+        let logits = ctx.alloc(n * vocab, "logits")?;
+        linear_fwd(s, hn.view(), ctx.p(&head)?, None, logits.view(), n, h, vocab)?;
+        let dlogits = ctx.alloc(n * vocab, "logits grad")?;
+        kernel(
+            s,
+            "softmax_xent",
+            6.0 * (n * vocab) as f64,
+            &[logits.view(), labels.elems::<f32>(a..b)?],
+            &[dlogits.view(), loss_acc.clone()],
+            move |i, o| {
+                let labels = bytemuck::cast_slice::<f32, i32>(i[1]);
+                let mut losses = vec![0.0f32; n];
+                let (dl, acc) = o.split_at_mut(1);
+                softmax_cross_entropy(
+                    i[0],
+                    labels,
+                    vocab,
+                    IGNORE_INDEX,
+                    grad_scale,
+                    &mut losses,
+                    dl[0],
+                )?;
+                acc[0][0] += grad_scale * losses.iter().sum::<f32>();
+                Ok(())
+            },
+        )?;
+        drop(logits);
+        let dhn = ctx.alloc(n * h, "loss norm grad")?;
+        linear_bwd(
+            s,
+            dlogits.view(),
+            hn.view(),
+            ctx.p(&head)?,
+            Some((dhn.view(), false)),
+            ctx.g(&head)?,
+            None,
+            n,
+            h,
+            vocab,
+        )?;
+        drop(dlogits);
+        norm::backward(ctx, xr, dhn.view(), &nw, &nb, rows(&dx, h, a, b)?, false, n)?;
+        a = b;
+    }
+    Ok(())
+}

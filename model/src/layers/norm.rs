@@ -1,0 +1,111 @@
+//! LayerNorm (GPT) and RMSNorm (Llama), forward and backward. The row
+//! statistics are recomputed in backward from the input (they are tiny; the
+//! input is what the schedule keeps).
+
+use std::ops::Range;
+
+use fpdt_ptx::cpu::{layer_norm_bwd, layer_norm_fwd, rms_norm_bwd, rms_norm_fwd};
+use fpdt_runtime::View;
+
+use super::{kernel, Ctx};
+use crate::config::Norm;
+use crate::error::Result;
+
+/// `y = norm(x)` over `t` rows of `hidden`, with gain `w` and bias `b`.
+pub(crate) fn forward(
+    ctx: &Ctx<'_>,
+    x: View<'_>,
+    w: &Range<usize>,
+    b: &Option<Range<usize>>,
+    y: View<'_>,
+    t: usize,
+) -> Result<()> {
+    let (dim, eps) = (ctx.cfg.hidden, ctx.cfg.norm_eps as f32);
+    let flops = 8.0 * (t * dim) as f64;
+    match (ctx.cfg.norm, b) {
+        (Norm::LayerNorm, Some(b)) => kernel(
+            ctx.s(),
+            "layer_norm_fwd",
+            flops,
+            &[x, ctx.p(w)?, ctx.p(b)?],
+            &[y],
+            move |i, o| {
+                let (mut mean, mut rstd) = (vec![0.0; t], vec![0.0; t]);
+                layer_norm_fwd(i[0], i[1], i[2], dim, eps, o[0], &mut mean, &mut rstd)
+            },
+        ),
+        _ => kernel(
+            ctx.s(),
+            "rms_norm_fwd",
+            flops,
+            &[x, ctx.p(w)?],
+            &[y],
+            move |i, o| {
+                let mut rstd = vec![0.0; t];
+                rms_norm_fwd(i[0], i[1], dim, eps, o[0], &mut rstd)
+            },
+        ),
+    }
+}
+
+/// Backward: `dx (+)= norm'(x)^T dy` (accumulated into `dx` when
+/// `accumulate`, the residual branch's gradient), `dw += ...`, `db += ...`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    ctx: &Ctx<'_>,
+    x: View<'_>,
+    dy: View<'_>,
+    w: &Range<usize>,
+    b: &Option<Range<usize>>,
+    dx: View<'_>,
+    accumulate: bool,
+    t: usize,
+) -> Result<()> {
+    let (dim, eps) = (ctx.cfg.hidden, ctx.cfg.norm_eps as f32);
+    let flops = 16.0 * (t * dim) as f64;
+    let add = move |dst: &mut [f32], src: &[f32]| {
+        if accumulate {
+            dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+        } else {
+            dst.copy_from_slice(src);
+        }
+    };
+    match (ctx.cfg.norm, b) {
+        (Norm::LayerNorm, Some(b)) => kernel(
+            ctx.s(),
+            "layer_norm_bwd",
+            flops,
+            &[x, dy, ctx.p(w)?],
+            &[dx, ctx.g(w)?, ctx.g(b)?],
+            move |i, o| {
+                let (mut mean, mut rstd) = (vec![0.0; t], vec![0.0; t]);
+                let mut y = vec![0.0; t * dim];
+                let zero = vec![0.0; dim];
+                layer_norm_fwd(i[0], i[2], &zero, dim, eps, &mut y, &mut mean, &mut rstd)?;
+                let mut d = vec![0.0; t * dim];
+                let (dx, rest) = o.split_at_mut(1);
+                let (dg, db) = rest.split_at_mut(1);
+                layer_norm_bwd(i[0], i[2], i[1], &mean, &rstd, dim, &mut d, dg[0], db[0])?;
+                add(dx[0], &d);
+                Ok(())
+            },
+        ),
+        _ => kernel(
+            ctx.s(),
+            "rms_norm_bwd",
+            flops,
+            &[x, dy, ctx.p(w)?],
+            &[dx, ctx.g(w)?],
+            move |i, o| {
+                let mut rstd = vec![0.0; t];
+                let mut y = vec![0.0; t * dim];
+                rms_norm_fwd(i[0], i[2], dim, eps, &mut y, &mut rstd)?;
+                let mut d = vec![0.0; t * dim];
+                let (dx, dg) = o.split_at_mut(1);
+                rms_norm_bwd(i[0], i[2], i[1], &rstd, dim, &mut d, dg[0])?;
+                add(dx[0], &d);
+                Ok(())
+            },
+        ),
+    }
+}
