@@ -99,7 +99,7 @@ impl ModelConfig {
             layers,
             heads,
             kv_heads: heads,
-            head_dim: if heads == 0 { 0 } else { hidden / heads },
+            head_dim: hidden.checked_div(heads).unwrap_or(0),
             intermediate: 4 * hidden,
             max_seq_len: 1024,
             rope_theta: 10_000.0,
@@ -127,7 +127,7 @@ impl ModelConfig {
             layers,
             heads,
             kv_heads,
-            head_dim: if heads == 0 { 0 } else { hidden / heads },
+            head_dim: hidden.checked_div(heads).unwrap_or(0),
             intermediate,
             max_seq_len: 8192,
             rope_theta: 500_000.0,
@@ -831,9 +831,10 @@ impl Schedule {
                 ),
             ));
         }
-        let small = self.chunks.checked_mul(self.ranks).ok_or_else(|| {
-            ModelError::config("chunks (u)", self.chunks, "u * P overflows")
-        })?;
+        let small = self
+            .chunks
+            .checked_mul(self.ranks)
+            .ok_or_else(|| ModelError::config("chunks (u)", self.chunks, "u * P overflows"))?;
         if self.seq_len % small != 0 {
             return Err(ModelError::config(
                 "seq_len",
@@ -849,14 +850,20 @@ impl Schedule {
             return Err(ModelError::config(
                 "heads",
                 cfg.heads,
-                format!("must be divisible by the sequence-parallel degree P ({})", self.ranks),
+                format!(
+                    "must be divisible by the sequence-parallel degree P ({})",
+                    self.ranks
+                ),
             ));
         }
         if cfg.kv_heads % self.ranks != 0 {
             return Err(ModelError::config(
                 "kv_heads",
                 cfg.kv_heads,
-                format!("must be divisible by the sequence-parallel degree P ({})", self.ranks),
+                format!(
+                    "must be divisible by the sequence-parallel degree P ({})",
+                    self.ranks
+                ),
             ));
         }
         if self.mlp_chunk > self.local_chunk_tokens() {

@@ -8,8 +8,8 @@
 //! gradients and the loss over the ranks. Parameters are replicated on each
 //! rank's device (f32); [`RankModel::adamw_step`] updates them.
 
-use fpdt_comm::{Communicator, DType, FpdtLayout, InProcessComm, InProcessGroup, ReduceOp};
 use fpdt_comm::GroupConfig;
+use fpdt_comm::{Communicator, DType, FpdtLayout, InProcessComm, InProcessGroup, ReduceOp};
 use fpdt_ptx::cpu::{adamw_step, AdamW};
 use fpdt_runtime::{ChunkMover, CpuConfig, Device, DeviceBuffer, MetaConfig};
 
@@ -36,7 +36,13 @@ pub struct RankModel<C: Communicator> {
 
 impl<C: Communicator> std::fmt::Debug for RankModel<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RankModel(rank {} of {}, {:?})", self.comm.rank(), self.comm.world_size(), self.sched)
+        write!(
+            f,
+            "RankModel(rank {} of {}, {:?})",
+            self.comm.rank(),
+            self.comm.world_size(),
+            self.sched
+        )
     }
 }
 
@@ -44,13 +50,22 @@ impl<C: Communicator> RankModel<C> {
     /// Rank `comm.rank()` of the model `cfg` run with `sched` on `dev`, with
     /// initial weights `params` (the flat layout). Everything is validated
     /// before anything is allocated.
-    pub fn new(cfg: &ModelConfig, sched: Schedule, comm: C, dev: Device, params: &[f32]) -> Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        sched: Schedule,
+        comm: C,
+        dev: Device,
+        params: &[f32],
+    ) -> Result<Self> {
         sched.validate(cfg)?;
         if comm.world_size() != sched.ranks {
             return Err(ModelError::config(
                 "ranks (P)",
                 sched.ranks,
-                format!("must equal the communicator's world size ({})", comm.world_size()),
+                format!(
+                    "must equal the communicator's world size ({})",
+                    comm.world_size()
+                ),
             ));
         }
         let layout = cfg.layout();
@@ -143,8 +158,16 @@ impl<C: Communicator> RankModel<C> {
         let s = ctx.s();
         fill(s, self.grads.view(), 0.0)?;
         fill(s, self.loss.view(), 0.0)?;
-        let (u, c, h) = (self.sched.chunks, self.sched.local_chunk_tokens(), self.cfg.hidden);
-        fn rows(b: &DeviceBuffer, i: usize, c: usize) -> fpdt_runtime::Result<fpdt_runtime::View<'_>> {
+        let (u, c, h) = (
+            self.sched.chunks,
+            self.sched.local_chunk_tokens(),
+            self.cfg.hidden,
+        );
+        fn rows(
+            b: &DeviceBuffer,
+            i: usize,
+            c: usize,
+        ) -> fpdt_runtime::Result<fpdt_runtime::View<'_>> {
             b.elems::<f32>(i * c..(i + 1) * c)
         }
         // Embedding.
@@ -168,14 +191,24 @@ impl<C: Communicator> RankModel<C> {
         for (i, xi) in x.iter().enumerate() {
             let xl = xi.fetch(&self.mover)?;
             let dx = ctx.alloc(c * h, "dx")?;
-            loss::forward_backward(&ctx, xl.view()?, rows(labels, i, c)?, dx.view(), self.loss.view(), c, scale)?;
+            loss::forward_backward(
+                &ctx,
+                xl.view()?,
+                rows(labels, i, c)?,
+                dx.view(),
+                self.loss.view(),
+                c,
+                scale,
+            )?;
             drop(xl);
             dys.push(ctx.stash(dx)?);
         }
         drop(x);
         // Layers backward.
         for l in (0..self.cfg.layers).rev() {
-            let xs = inputs.pop().ok_or_else(|| ModelError::Shape("layer input missing".into()))?;
+            let xs = inputs
+                .pop()
+                .ok_or_else(|| ModelError::Shape("layer input missing".into()))?;
             let sv = match saved.pop().flatten() {
                 Some(sv) => sv,
                 None => block::forward(&ctx, l, &xs)?.1,
@@ -187,8 +220,10 @@ impl<C: Communicator> RankModel<C> {
             embedding::backward(&ctx, rows(ids, i, c)?, g.view()?)?;
         }
         drop(dys);
-        self.comm.all_reduce(s, self.grads.view(), DType::F32, ReduceOp::Sum)?;
-        self.comm.all_reduce(s, self.loss.view(), DType::F32, ReduceOp::Sum)?;
+        self.comm
+            .all_reduce(s, self.grads.view(), DType::F32, ReduceOp::Sum)?;
+        self.comm
+            .all_reduce(s, self.loss.view(), DType::F32, ReduceOp::Sum)?;
         self.comm.synchronize(s)?;
         self.dev.synchronize()?;
         Ok(())
@@ -266,20 +301,35 @@ impl std::fmt::Debug for FpdtGroup {
 
 impl FpdtGroup {
     /// P cpu devices made from `cpu`.
-    pub fn cpu(cfg: &ModelConfig, sched: Schedule, params: &[f32], cpu: &CpuConfig) -> Result<Self> {
+    pub fn cpu(
+        cfg: &ModelConfig,
+        sched: Schedule,
+        params: &[f32],
+        cpu: &CpuConfig,
+    ) -> Result<Self> {
         sched.validate(cfg)?;
         let comms = InProcessGroup::cpu(sched.ranks, cpu, GroupConfig::default())?;
         Self::from_comms(cfg, sched, params, comms)
     }
 
     /// P meta devices made from `meta` (sizes and costs only).
-    pub fn meta(cfg: &ModelConfig, sched: Schedule, params: &[f32], meta: &MetaConfig) -> Result<Self> {
+    pub fn meta(
+        cfg: &ModelConfig,
+        sched: Schedule,
+        params: &[f32],
+        meta: &MetaConfig,
+    ) -> Result<Self> {
         sched.validate(cfg)?;
         let comms = InProcessGroup::meta(sched.ranks, meta, GroupConfig::default())?;
         Self::from_comms(cfg, sched, params, comms)
     }
 
-    fn from_comms(cfg: &ModelConfig, sched: Schedule, params: &[f32], comms: Vec<InProcessComm>) -> Result<Self> {
+    fn from_comms(
+        cfg: &ModelConfig,
+        sched: Schedule,
+        params: &[f32],
+        comms: Vec<InProcessComm>,
+    ) -> Result<Self> {
         let ranks = comms
             .into_iter()
             .map(|c| {

@@ -214,25 +214,63 @@ pub fn run(
     let mut caches = Vec::with_capacity(cfg.layers);
     for lp in layout.layers() {
         let h1 = norm_fwd(cfg, params, &x, &lp.norm1_w, &lp.norm1_b);
-        let q = linear(&h1, &params[lp.wq.clone()], opt(&lp.bq).as_deref(), t, h, qd);
-        let k = linear(&h1, &params[lp.wk.clone()], opt(&lp.bk).as_deref(), t, h, kvd);
-        let v = linear(&h1, &params[lp.wv.clone()], opt(&lp.bv).as_deref(), t, h, kvd);
+        let q = linear(
+            &h1,
+            &params[lp.wq.clone()],
+            opt(&lp.bq).as_deref(),
+            t,
+            h,
+            qd,
+        );
+        let k = linear(
+            &h1,
+            &params[lp.wk.clone()],
+            opt(&lp.bk).as_deref(),
+            t,
+            h,
+            kvd,
+        );
+        let v = linear(
+            &h1,
+            &params[lp.wv.clone()],
+            opt(&lp.bv).as_deref(),
+            t,
+            h,
+            kvd,
+        );
         let q = r::rope(&q, &positions, cfg.heads, d, theta, false);
         let k = r::rope(&k, &positions, cfg.kv_heads, d, theta, false);
         let (o, _lse) = r::attn_fwd(&q, &k, &v, &shape, true, scale);
         let a = linear(&o, &params[lp.wo.clone()], opt(&lp.bo).as_deref(), t, qd, h);
         let x1: Vec<f64> = x.iter().zip(&a).map(|(p, q)| p + q).collect();
         let h2 = norm_fwd(cfg, params, &x1, &lp.norm2_w, &lp.norm2_b);
-        let z1 = linear(&h2, &params[lp.w1.clone()], opt(&lp.b1).as_deref(), t, h, inter);
+        let z1 = linear(
+            &h2,
+            &params[lp.w1.clone()],
+            opt(&lp.b1).as_deref(),
+            t,
+            h,
+            inter,
+        );
         let (z3, act) = match (cfg.activation, &lp.w3) {
             (Activation::SwiGlu, Some(w3)) => {
                 let z3 = linear(&h2, &params[w3.clone()], None, t, h, inter);
                 let act: Vec<f64> = z1.iter().zip(&z3).map(|(&g, &u)| r::swiglu(g, u)).collect();
                 (z3, act)
             }
-            _ => (Vec::new(), z1.iter().map(|&z| r::gelu_tanh(z)).collect::<Vec<f64>>()),
+            _ => (
+                Vec::new(),
+                z1.iter().map(|&z| r::gelu_tanh(z)).collect::<Vec<f64>>(),
+            ),
         };
-        let m = linear(&act, &params[lp.w2.clone()], opt(&lp.b2).as_deref(), t, inter, h);
+        let m = linear(
+            &act,
+            &params[lp.w2.clone()],
+            opt(&lp.b2).as_deref(),
+            t,
+            inter,
+            h,
+        );
         let x2: Vec<f64> = x1.iter().zip(&m).map(|(p, q)| p + q).collect();
         caches.push(LayerCache {
             x: std::mem::replace(&mut x, x2),

@@ -21,14 +21,29 @@ fn cpu() -> CpuConfig {
 
 /// Compares per tensor: `max |g - ref| <= tol * max |ref|` of the tensor,
 /// and the loss to `tol` relative.
-fn compare(cfg: &ModelConfig, loss: f64, grads: &[f32], r: &reference::RefOutput, tol: f64, what: &str) {
+fn compare(
+    cfg: &ModelConfig,
+    loss: f64,
+    grads: &[f32],
+    r: &reference::RefOutput,
+    tol: f64,
+    what: &str,
+) {
     let rel = (loss - r.loss).abs() / r.loss.abs();
-    assert!(rel < tol, "{what}: loss {loss} vs reference {} (rel {rel:e})", r.loss);
+    assert!(
+        rel < tol,
+        "{what}: loss {loss} vs reference {} (rel {rel:e})",
+        r.loss
+    );
     for e in cfg.layout().entries() {
         let g: Vec<f64> = grads[e.range()].iter().map(|&x| f64::from(x)).collect();
         let gr = &r.grads[e.range()];
         let scale = gr.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-        assert!(scale > 0.0, "{what}: reference gradient of {} is zero", e.name);
+        assert!(
+            scale > 0.0,
+            "{what}: reference gradient of {} is zero",
+            e.name
+        );
         let (err, i) = max_rel(&g, gr, scale);
         assert!(
             err < tol,
@@ -40,7 +55,14 @@ fn compare(cfg: &ModelConfig, loss: f64, grads: &[f32], r: &reference::RefOutput
     }
 }
 
-fn check(cfg: &ModelConfig, seq: usize, ranks: usize, chunks: usize, offload: bool, checkpoint: bool) {
+fn check(
+    cfg: &ModelConfig,
+    seq: usize,
+    ranks: usize,
+    chunks: usize,
+    offload: bool,
+    checkpoint: bool,
+) {
     let what = format!(
         "{:?} S={seq} P={ranks} u={chunks} offload={offload} checkpoint={checkpoint}",
         cfg.family
@@ -86,7 +108,9 @@ fn grid(cfg: &ModelConfig, ranks: &[usize]) {
         for u in 1..=4 {
             // c = 3 tokens per rank and chunk (S not a power of two) and,
             // for one setting, c = 5 with a ragged MLP/loss sub-chunk.
-            for (offload, checkpoint) in [(false, false), (true, false), (false, true), (true, true)] {
+            for (offload, checkpoint) in
+                [(false, false), (true, false), (false, true), (true, true)]
+            {
                 check(cfg, 3 * u * p, p, u, offload, checkpoint);
             }
         }

@@ -56,12 +56,23 @@ fn llama_gqa_reference_gradients_match_finite_differences() {
 fn reference_rejects_bad_batches() {
     let cfg = tiny_gpt();
     let p = random_params(&cfg, 1);
-    let e = reference::loss(&cfg, &p, &[0, 1], &[1]).unwrap_err().to_string();
+    let e = reference::loss(&cfg, &p, &[0, 1], &[1])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("2 tokens but 1 targets"), "{e}");
-    let e = reference::loss(&cfg, &p, &[0, 99], &[1, 2]).unwrap_err().to_string();
-    assert!(e.contains("tokens") && e.contains("99") && e.contains("vocab_size"), "{e}");
-    let e = reference::loss(&cfg, &p, &[0, 1], &[-1, -1]).unwrap_err().to_string();
+    let e = reference::loss(&cfg, &p, &[0, 99], &[1, 2])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokens") && e.contains("99") && e.contains("vocab_size"),
+        "{e}"
+    );
+    let e = reference::loss(&cfg, &p, &[0, 1], &[-1, -1])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("targets"), "{e}");
-    let e = reference::loss(&cfg, &p[1..], &[0, 1], &[1, 2]).unwrap_err().to_string();
+    let e = reference::loss(&cfg, &p[1..], &[0, 1], &[1, 2])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("parameters"), "{e}");
 }

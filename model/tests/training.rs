@@ -40,14 +40,24 @@ fn three_adamw_steps_follow_the_reference_losses() {
             let r = reference::loss_and_grads(&cfg, &params, &tokens, &targets).unwrap();
             let out = g.step(&tokens, &targets).unwrap();
             let rel = (out.loss - r.loss).abs() / r.loss;
-            assert!(rel < 1e-4, "{:?} step {step}: loss {} vs {} (rel {rel:e})", cfg.family, out.loss, r.loss);
+            assert!(
+                rel < 1e-4,
+                "{:?} step {step}: loss {} vs {} (rel {rel:e})",
+                cfg.family,
+                out.loss,
+                r.loss
+            );
             losses.push(r.loss);
             reference::adamw_step(&mut params, &r.grads, &mut m, &mut v, &opt, step as i32);
             g.adamw_step(&opt, step).unwrap();
         }
         // The weights after three steps follow too.
         let w = g.ranks()[0].params().unwrap();
-        let (err, i) = max_rel(&w.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(), &params, 1e-2);
+        let (err, i) = max_rel(
+            &w.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(),
+            &params,
+            1e-2,
+        );
         assert!(err < 1e-3, "{:?}: weight {i} off by {err:e}", cfg.family);
         assert!(losses.iter().all(|l| l.is_finite()));
     }
@@ -75,15 +85,28 @@ fn traces(cfg: &ModelConfig, sched: Schedule, meta: bool) -> Vec<Vec<fpdt_runtim
 fn meta_device_gives_the_cpu_allocation_trace() {
     for (cfg, sched) in [
         (tiny_gpt(), Schedule::fpdt(24, 2, 3)),
-        (tiny_llama(), Schedule { checkpoint: false, ..Schedule::fpdt(16, 2, 4) }),
+        (
+            tiny_llama(),
+            Schedule {
+                checkpoint: false,
+                ..Schedule::fpdt(16, 2, 4)
+            },
+        ),
         (tiny_gpt(), Schedule::ulysses(12, 4)),
     ] {
         let c = traces(&cfg, sched, false);
         let m = traces(&cfg, sched, true);
         assert_eq!(c.len(), m.len());
         for (r, (a, b)) in c.iter().zip(&m).enumerate() {
-            assert!(a.len() > 100, "rank {r}: only {} allocation events", a.len());
-            assert_eq!(a, b, "rank {r} of {sched:?}: cpu and meta allocation traces differ");
+            assert!(
+                a.len() > 100,
+                "rank {r}: only {} allocation events",
+                a.len()
+            );
+            assert_eq!(
+                a, b,
+                "rank {r} of {sched:?}: cpu and meta allocation traces differ"
+            );
         }
     }
 }
@@ -92,22 +115,40 @@ fn meta_device_gives_the_cpu_allocation_trace() {
 fn meta_device_runs_a_full_size_config_without_data() {
     // llama-3-8b layer shapes at 64K tokens on 4 ranks would not fit this
     // machine; meta only records sizes. One layer keeps it quick.
-    let cfg = ModelConfig { layers: 1, ..ModelConfig::preset("llama-3-8b").unwrap() };
+    let cfg = ModelConfig {
+        layers: 1,
+        ..ModelConfig::preset("llama-3-8b").unwrap()
+    };
     let sched = Schedule::fpdt(1 << 16, 4, 16);
     let n = cfg.layout().len();
     let params = vec![0.0f32; n];
-    let meta = MetaConfig { device_memory: 200 << 30, host_memory: 1 << 42, ..MetaConfig::default() };
+    let meta = MetaConfig {
+        device_memory: 200 << 30,
+        host_memory: 1 << 42,
+        ..MetaConfig::default()
+    };
     let mut g = FpdtGroup::meta(&cfg, sched, &params, &meta).unwrap();
     let tokens = vec![0u32; sched.seq_len];
     let targets = vec![1i32; sched.seq_len];
     g.forward_backward(&tokens, &targets).unwrap();
-    let peak = g.ranks()[0].device().ledger().usage(fpdt_runtime::Space::Device).peak;
+    let peak = g.ranks()[0]
+        .device()
+        .ledger()
+        .usage(fpdt_runtime::Space::Device)
+        .peak;
     // Weights and gradients (f32) plus O(chunk) activations: at 64K tokens
     // the largest are one loss sub-chunk's logits and their gradient
     // (512 rows x 128256 x 4 bytes each).
     let fixed = 2 * n * 4;
-    assert!(peak > fixed, "peak {peak} must hold params and grads ({fixed})");
-    assert!(peak - fixed < 1 << 30, "activations {} exceed 1 GiB", peak - fixed);
+    assert!(
+        peak > fixed,
+        "peak {peak} must hold params and grads ({fixed})"
+    );
+    assert!(
+        peak - fixed < 1 << 30,
+        "activations {} exceed 1 GiB",
+        peak - fixed
+    );
     assert!(g.ranks()[0].loss().is_err(), "meta has no data to download");
 }
 
@@ -116,29 +157,53 @@ fn bad_configs_are_rejected_before_allocation_naming_field_value_and_rule() {
     let gpt = tiny_gpt();
     let p = vec![0.0f32; gpt.layout().len()];
     let dev_cfg = cpu();
-    let err = |cfg: &ModelConfig, s: Schedule| FpdtGroup::cpu(cfg, s, &p, &dev_cfg).unwrap_err().to_string();
+    let err = |cfg: &ModelConfig, s: Schedule| {
+        FpdtGroup::cpu(cfg, s, &p, &dev_cfg)
+            .unwrap_err()
+            .to_string()
+    };
     // heads (4) not divisible by P = 3.
     let e = err(&gpt, Schedule::fpdt(18, 3, 2));
     assert!(e.contains("heads = 4") && e.contains("P (3)"), "{e}");
     // seq_len not divisible by u * P.
     let e = err(&gpt, Schedule::fpdt(10, 2, 3));
-    assert!(e.contains("seq_len = 10") && e.contains("divisible by chunks (u = 3) x ranks (P = 2) = 6"), "{e}");
+    assert!(
+        e.contains("seq_len = 10") && e.contains("divisible by chunks (u = 3) x ranks (P = 2) = 6"),
+        "{e}"
+    );
     // chunk larger than the sequence (more chunks than tokens).
     let e = err(&gpt, Schedule::fpdt(4, 1, 8));
-    assert!(e.contains("chunks (u) = 8") && e.contains("must not exceed seq_len (4)"), "{e}");
+    assert!(
+        e.contains("chunks (u) = 8") && e.contains("must not exceed seq_len (4)"),
+        "{e}"
+    );
     // zero sizes.
     let e = err(&gpt, Schedule::fpdt(0, 1, 1));
     assert!(e.contains("seq_len = 0") && e.contains("positive"), "{e}");
-    let e = err(&ModelConfig { hidden: 0, ..gpt.clone() }, Schedule::fpdt(4, 1, 1));
+    let e = err(
+        &ModelConfig {
+            hidden: 0,
+            ..gpt.clone()
+        },
+        Schedule::fpdt(4, 1, 1),
+    );
     assert!(e.contains("hidden = 0"), "{e}");
     // heads not divisible by kv heads.
-    let e = err(&ModelConfig { kv_heads: 3, ..gpt.clone() }, Schedule::fpdt(4, 1, 1));
+    let e = err(
+        &ModelConfig {
+            kv_heads: 3,
+            ..gpt.clone()
+        },
+        Schedule::fpdt(4, 1, 1),
+    );
     assert!(e.contains("heads = 4") && e.contains("kv_heads (3)"), "{e}");
     // kv heads not divisible by P.
     let e = err(&tiny_llama(), Schedule::fpdt(16, 4, 1));
     assert!(e.contains("kv_heads = 2") && e.contains("P (4)"), "{e}");
     // Wrong parameter count.
-    let e = FpdtGroup::cpu(&gpt, Schedule::fpdt(4, 1, 1), &p[1..], &dev_cfg).unwrap_err().to_string();
+    let e = FpdtGroup::cpu(&gpt, Schedule::fpdt(4, 1, 1), &p[1..], &dev_cfg)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("initial parameters"), "{e}");
 }
 
@@ -154,17 +219,31 @@ fn hf_configs_load_and_unknown_activations_are_named() {
         "vocab_size":128256,"hidden_act":"silu","max_position_embeddings":8192}"#;
     let c = ModelConfig::from_hf_json(llama).unwrap();
     assert_eq!(c, ModelConfig::preset("llama-3-8b").unwrap());
-    let e = ModelConfig::from_hf_json(&gpt2.replace("gelu_new", "relu")).unwrap_err().to_string();
-    assert!(e.contains("activation_function") && e.contains("relu") && e.contains("unknown activation"), "{e}");
-    let e = ModelConfig::from_hf_json(&llama.replace("\"num_key_value_heads\":8", "\"num_key_value_heads\":5"))
+    let e = ModelConfig::from_hf_json(&gpt2.replace("gelu_new", "relu"))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("heads = 32") && e.contains("kv_heads (5)"), "{e}");
-    let e = ModelConfig::from_hf_json(r#"{"n_embd":64}"#).unwrap_err().to_string();
+    assert!(
+        e.contains("activation_function") && e.contains("relu") && e.contains("unknown activation"),
+        "{e}"
+    );
+    let e = ModelConfig::from_hf_json(
+        &llama.replace("\"num_key_value_heads\":8", "\"num_key_value_heads\":5"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("heads = 32") && e.contains("kv_heads (5)"),
+        "{e}"
+    );
+    let e = ModelConfig::from_hf_json(r#"{"n_embd":64}"#)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("n_head") && e.contains("required"), "{e}");
     let e = ModelConfig::preset("gpt-9000").unwrap_err().to_string();
     assert!(e.contains("gpt-9000") && e.contains("llama-3-8b"), "{e}");
-    let e = ModelConfig::from_hf_json("not json").unwrap_err().to_string();
+    let e = ModelConfig::from_hf_json("not json")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("config.json"), "{e}");
 }
 
@@ -177,5 +256,8 @@ fn flops_per_token_counts_matmuls_and_causal_attention() {
     let attn = 6.0 * 12.0 * 768.0 * 1024.0;
     let n = c.matmul_params() as f64;
     assert_eq!(f, 6.0 * n + attn);
-    assert_eq!(c.matmul_params(), 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 50257 * 768);
+    assert_eq!(
+        c.matmul_params(),
+        12 * (4 * 768 * 768 + 2 * 768 * 3072) + 50257 * 768
+    );
 }

@@ -22,7 +22,9 @@
 
 use fpdt_comm::ulysses::Heads;
 use fpdt_comm::{Communicator, UlyssesAllToAll, UlyssesConfig};
-use fpdt_ptx::cpu::{attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, rope_bwd, rope_fwd, AttnShape};
+use fpdt_ptx::cpu::{
+    attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, rope_bwd, rope_fwd, AttnShape,
+};
 use fpdt_runtime::{DeviceBuffer, DoubleBuffer, View};
 
 use super::{kernel, linear_bwd, linear_fwd, missing, norm, Ctx, Held, Incoming, Stash, F32};
@@ -104,7 +106,11 @@ impl Dims {
     }
 }
 
-fn bias<'a>(ctx: &'a Ctx<'_>, r: &Option<std::ops::Range<usize>>, grad: bool) -> Result<Option<View<'a>>> {
+fn bias<'a>(
+    ctx: &'a Ctx<'_>,
+    r: &Option<std::ops::Range<usize>>,
+    grad: bool,
+) -> Result<Option<View<'a>>> {
     Ok(match r {
         Some(r) if grad => Some(ctx.g(r)?),
         Some(r) => Some(ctx.p(r)?),
@@ -147,10 +153,17 @@ fn attn_pair(
     let (k, v) = (kv.bytes(0..half)?, kv.bytes(half..2 * half)?);
     let flops = shape.fwd_flops() * if causal { 0.5 } else { 1.0 };
     let scale = dims.scale;
-    kernel(ctx.s(), "attn_fwd", flops, &[q, k, v], &[o, lse], move |i, out| {
-        let (o, l) = out.split_at_mut(1);
-        attn_fwd_chunk(i[0], i[1], i[2], &shape, causal, scale, o[0], l[0])
-    })
+    kernel(
+        ctx.s(),
+        "attn_fwd",
+        flops,
+        &[q, k, v],
+        &[o, lse],
+        move |i, out| {
+            let (o, l) = out.split_at_mut(1);
+            attn_fwd_chunk(i[0], i[1], i[2], &shape, causal, scale, o[0], l[0])
+        },
+    )
 }
 
 /// Forward over all chunks: returns the residual stream after attention
@@ -188,13 +201,40 @@ pub(crate) fn forward(
         let xv = x.view()?;
         // Projections of the local tokens.
         let hn = ctx.alloc(dm.c * dm.h, "attn norm")?;
-        norm::forward(ctx, xv.clone(), &lp.norm1_w, &lp.norm1_b, hn.view(), dm.c)?;
+        norm::forward(ctx, xv, &lp.norm1_w, &lp.norm1_b, hn.view(), dm.c)?;
         let ql = ctx.alloc(dm.c * dm.qd, "q local")?;
         let kl = ctx.alloc(dm.c * dm.kvd, "k local")?;
         let vl = ctx.alloc(dm.c * dm.kvd, "v local")?;
-        linear_fwd(s, hn.view(), ctx.p(&lp.wq)?, bias(ctx, &lp.bq, false)?, ql.view(), dm.c, dm.h, dm.qd)?;
-        linear_fwd(s, hn.view(), ctx.p(&lp.wk)?, bias(ctx, &lp.bk, false)?, kl.view(), dm.c, dm.h, dm.kvd)?;
-        linear_fwd(s, hn.view(), ctx.p(&lp.wv)?, bias(ctx, &lp.bv, false)?, vl.view(), dm.c, dm.h, dm.kvd)?;
+        linear_fwd(
+            s,
+            hn.view(),
+            ctx.p(&lp.wq)?,
+            bias(ctx, &lp.bq, false)?,
+            ql.view(),
+            dm.c,
+            dm.h,
+            dm.qd,
+        )?;
+        linear_fwd(
+            s,
+            hn.view(),
+            ctx.p(&lp.wk)?,
+            bias(ctx, &lp.bk, false)?,
+            kl.view(),
+            dm.c,
+            dm.h,
+            dm.kvd,
+        )?;
+        linear_fwd(
+            s,
+            hn.view(),
+            ctx.p(&lp.wv)?,
+            bias(ctx, &lp.bv, false)?,
+            vl.view(),
+            dm.c,
+            dm.h,
+            dm.kvd,
+        )?;
         drop(hn);
         // Head-parallel all-to-all: this rank's heads of the whole chunk.
         let qh = ctx.alloc(dm.qn(), "q heads")?;
@@ -203,12 +243,26 @@ pub(crate) fn forward(
         ul.scatter_heads(s, Heads::KeyValue, F32, kl.view(), kh.view())?;
         let kv = ctx.alloc(2 * dm.kn(), "kv")?;
         let half = dm.kn() * F32;
-        ul.scatter_heads(s, Heads::KeyValue, F32, vl.view(), kv.bytes(half..2 * half)?)?;
+        ul.scatter_heads(
+            s,
+            Heads::KeyValue,
+            F32,
+            vl.view(),
+            kv.bytes(half..2 * half)?,
+        )?;
         drop((ql, kl, vl));
         // RoPE at the chunk's global positions.
         let q = ctx.alloc(dm.qn(), "q")?;
         rope(ctx, qh.view(), q.view(), dm.positions(i), dm.hl, &dm, false)?;
-        rope(ctx, kh.view(), kv.bytes(0..half)?, dm.positions(i), dm.kvl, &dm, false)?;
+        rope(
+            ctx,
+            kh.view(),
+            kv.bytes(0..half)?,
+            dm.positions(i),
+            dm.kvl,
+            &dm,
+            false,
+        )?;
         drop((qh, kh));
         // q_i against kv_0..kv_i, merged online.
         let o = ctx.alloc(dm.qn(), "o acc")?;
@@ -246,14 +300,26 @@ pub(crate) fn forward(
                         if j + 1 < i {
                             next = Some(db.prefetch(host(j + 1)?)?);
                         }
-                        attn_pair(ctx, &dm, q.view(), guard.view(), false, oj.view(), lj.view())?;
+                        attn_pair(
+                            ctx,
+                            &dm,
+                            q.view(),
+                            guard.view(),
+                            false,
+                            oj.view(),
+                            lj.view(),
+                        )?;
                         merge(ctx)?;
                         drop(guard);
                     }
                 }
                 None => {
                     for j in 0..i {
-                        let kvj = saved.kv.get(j).ok_or_else(|| missing("kv", j))?.fetch(ctx.mover)?;
+                        let kvj = saved
+                            .kv
+                            .get(j)
+                            .ok_or_else(|| missing("kv", j))?
+                            .fetch(ctx.mover)?;
                         attn_pair(ctx, &dm, q.view(), kvj.view()?, false, oj.view(), lj.view())?;
                         merge(ctx)?;
                     }
@@ -266,7 +332,16 @@ pub(crate) fn forward(
         let ol = ctx.alloc(dm.c * dm.qd, "o local")?;
         ul.gather_heads(s, Heads::Query, F32, o.view(), ol.view())?;
         let a = ctx.alloc(dm.c * dm.h, "attn out")?;
-        linear_fwd(s, ol.view(), ctx.p(&lp.wo)?, bias(ctx, &lp.bo, false)?, a.view(), dm.c, dm.qd, dm.h)?;
+        linear_fwd(
+            s,
+            ol.view(),
+            ctx.p(&lp.wo)?,
+            bias(ctx, &lp.bo, false)?,
+            a.view(),
+            dm.c,
+            dm.qd,
+            dm.h,
+        )?;
         let xm = ctx.alloc(dm.c * dm.h, "x mid")?;
         super::residual(s, xv, a.view(), xm.view())?;
         drop((a, x));
@@ -413,7 +488,14 @@ pub(crate) fn backward(
                 s,
                 "attn_bwd",
                 flops,
-                &[cur.q.view()?, k, v, cur.lse.view()?, cur.do_.view()?, cur.delta.view()?],
+                &[
+                    cur.q.view()?,
+                    k,
+                    v,
+                    cur.lse.view()?,
+                    cur.do_.view()?,
+                    cur.delta.view()?,
+                ],
                 &[dqb.view(), dk, dv],
                 move |a, o| {
                     let (dq, rest) = o.split_at_mut(1);
@@ -435,16 +517,38 @@ pub(crate) fn backward(
         let dqb = dq_final.ok_or_else(|| missing("dq", i))?;
         // RoPE backward and back to this rank's tokens.
         let dqr = ctx.alloc(dm.qn(), "dq roped")?;
-        rope(ctx, dqb.view(), dqr.view(), dm.positions(i), dm.hl, &dm, true)?;
+        rope(
+            ctx,
+            dqb.view(),
+            dqr.view(),
+            dm.positions(i),
+            dm.hl,
+            &dm,
+            true,
+        )?;
         drop(dqb);
         let dkr = ctx.alloc(dm.kn(), "dk roped")?;
-        rope(ctx, dkv.bytes(0..half)?, dkr.view(), dm.positions(i), dm.kvl, &dm, true)?;
+        rope(
+            ctx,
+            dkv.bytes(0..half)?,
+            dkr.view(),
+            dm.positions(i),
+            dm.kvl,
+            &dm,
+            true,
+        )?;
         let dql = ctx.alloc(dm.c * dm.qd, "dq local")?;
         ul.gather_heads(s, Heads::Query, F32, dqr.view(), dql.view())?;
         let dkl = ctx.alloc(dm.c * dm.kvd, "dk local")?;
         ul.gather_heads(s, Heads::KeyValue, F32, dkr.view(), dkl.view())?;
         let dvl = ctx.alloc(dm.c * dm.kvd, "dv local")?;
-        ul.gather_heads(s, Heads::KeyValue, F32, dkv.bytes(half..2 * half)?, dvl.view())?;
+        ul.gather_heads(
+            s,
+            Heads::KeyValue,
+            F32,
+            dkv.bytes(half..2 * half)?,
+            dvl.view(),
+        )?;
         drop((dqr, dkr, dkv));
         // QKV projection and norm backward, x_i fetched again.
         get(xs, "x", i)?;
@@ -479,7 +583,16 @@ pub(crate) fn backward(
             Ok(())
         })?;
         drop(g);
-        norm::backward(ctx, x.view()?, dhn.view(), &lp.norm1_w, &lp.norm1_b, dx.view(), true, dm.c)?;
+        norm::backward(
+            ctx,
+            x.view()?,
+            dhn.view(),
+            &lp.norm1_w,
+            &lp.norm1_b,
+            dx.view(),
+            true,
+            dm.c,
+        )?;
         drop(x);
         dxs.push(ctx.stash(dx)?);
     }

@@ -34,16 +34,25 @@ pub(crate) fn forward_backward(
         let n = b - a;
         let xr = rows(&x, h, a, b)?;
         let hn = ctx.alloc(n * h, "loss norm")?;
-        norm::forward(ctx, xr.clone(), &nw, &nb, hn.view(), n)?;
+        norm::forward(ctx, xr, &nw, &nb, hn.view(), n)?;
         let logits = ctx.alloc(n * vocab, "logits")?;
-        linear_fwd(s, hn.view(), ctx.p(&head)?, None, logits.view(), n, h, vocab)?;
+        linear_fwd(
+            s,
+            hn.view(),
+            ctx.p(&head)?,
+            None,
+            logits.view(),
+            n,
+            h,
+            vocab,
+        )?;
         let dlogits = ctx.alloc(n * vocab, "logits grad")?;
         kernel(
             s,
             "softmax_xent",
             6.0 * (n * vocab) as f64,
             &[logits.view(), labels.elems::<f32>(a..b)?],
-            &[dlogits.view(), loss_acc.clone()],
+            &[dlogits.view(), loss_acc],
             move |i, o| {
                 let labels = bytemuck::cast_slice::<f32, i32>(i[1]);
                 let mut losses = vec![0.0f32; n];

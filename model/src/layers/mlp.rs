@@ -33,7 +33,7 @@ pub(crate) fn forward(
         let n = b - a;
         let xr = rows(&x, h, a, b)?;
         let hn = ctx.alloc(n * h, "mlp norm")?;
-        norm::forward(ctx, xr.clone(), &lp.norm2_w, &lp.norm2_b, hn.view(), n)?;
+        norm::forward(ctx, xr, &lp.norm2_w, &lp.norm2_b, hn.view(), n)?;
         let act = wide(ctx, lp, hn.view(), n)?;
         let m = ctx.alloc(n * h, "mlp out")?;
         let bias = match &lp.b2 {
@@ -61,7 +61,7 @@ fn wide(
         Some(r) => Some(ctx.p(r)?),
         None => None,
     };
-    linear_fwd(s, hn.clone(), ctx.p(&lp.w1)?, b1, z1.view(), n, h, inter)?;
+    linear_fwd(s, hn, ctx.p(&lp.w1)?, b1, z1.view(), n, h, inter)?;
     let act = ctx.alloc(n * inter, "mlp wide")?;
     match (ctx.cfg.activation, &lp.w3) {
         (Activation::SwiGlu, Some(w3)) => {
@@ -114,7 +114,7 @@ pub(crate) fn backward(
         let (xr, dyr, dxr) = (rows(&x, h, a, b)?, rows(&dy, h, a, b)?, rows(&dx, h, a, b)?);
         // Recompute the block's forward up to the wide activation.
         let hn = ctx.alloc(n * h, "mlp norm")?;
-        norm::forward(ctx, xr.clone(), &lp.norm2_w, &lp.norm2_b, hn.view(), n)?;
+        norm::forward(ctx, xr, &lp.norm2_w, &lp.norm2_b, hn.view(), n)?;
         let z1 = ctx.alloc(n * inter, "mlp wide")?;
         let b1 = match &lp.b1 {
             Some(r) => Some(ctx.p(r)?),
@@ -140,7 +140,7 @@ pub(crate) fn backward(
                 let w2 = ctx.p(&lp.w2)?;
                 linear_bwd(
                     s,
-                    dyr.clone(),
+                    dyr,
                     act.view(),
                     w2,
                     Some((dact.view(), false)),
@@ -200,7 +200,7 @@ pub(crate) fn backward(
                 )?;
                 linear_bwd(
                     s,
-                    dyr.clone(),
+                    dyr,
                     act.view(),
                     ctx.p(&lp.w2)?,
                     Some((dact.view(), false)),
@@ -234,7 +234,7 @@ pub(crate) fn backward(
             }
         }
         // dx = dy + norm2 backward.
-        kernel(s, "copy", 0.0, &[dyr], &[dxr.clone()], |i, o| {
+        kernel(s, "copy", 0.0, &[dyr], &[dxr], |i, o| {
             o[0].copy_from_slice(i[0]);
             Ok(())
         })?;

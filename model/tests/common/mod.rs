@@ -24,7 +24,11 @@ pub fn tiny_llama() -> ModelConfig {
 /// norm gains around 1 and non-zero biases.
 pub fn random_params(cfg: &ModelConfig, seed: u64) -> Vec<f64> {
     let layout = cfg.layout();
-    let mut p: Vec<f64> = layout.init(seed, 0.3).iter().map(|&x| f64::from(x)).collect();
+    let mut p: Vec<f64> = layout
+        .init(seed, 0.3)
+        .iter()
+        .map(|&x| f64::from(x))
+        .collect();
     let mut rng = SplitMix64(seed ^ 0xABCD);
     for e in layout.entries() {
         let is_bias = e.name.ends_with(".bias");
@@ -45,7 +49,9 @@ pub fn random_params(cfg: &ModelConfig, seed: u64) -> Vec<f64> {
 /// more ignored in the middle when the sequence is long enough).
 pub fn random_batch(cfg: &ModelConfig, seq: usize, seed: u64) -> (Vec<u32>, Vec<i32>) {
     let mut rng = SplitMix64(seed);
-    let tokens: Vec<u32> = (0..=seq).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+    let tokens: Vec<u32> = (0..=seq)
+        .map(|_| rng.below(cfg.vocab_size) as u32)
+        .collect();
     let mut targets: Vec<i32> = tokens[1..].iter().map(|&t| t as i32).collect();
     targets[seq - 1] = -1;
     if seq > 4 {
