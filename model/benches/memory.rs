@@ -4,7 +4,6 @@
 //! the allocator's logical ledger. Prints a table.
 
 #[path = "../../benches/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use fpdt_model::{FpdtGroup, ModelConfig, Schedule};
