@@ -59,6 +59,25 @@ pub enum ModelError {
         /// What happened.
         message: String,
     },
+    /// Token data is missing, truncated, empty or out of the vocabulary;
+    /// one line naming the file and what to do.
+    #[error("{0}")]
+    Data(String),
+    /// A checkpoint is missing, torn, or from another config; one line
+    /// naming the checkpoint (and the field) and what to do.
+    #[error("{0}")]
+    Checkpoint(String),
+    /// Tokenizing text failed (the tokenizer itself, or an input file).
+    #[error("{0}")]
+    Tokenizer(String),
+    /// A command-line flag has a bad value; names the flag and the rule.
+    #[error("{flag}: {message}")]
+    Usage {
+        /// The flag, e.g. `--seq-len`.
+        flag: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
 }
 
 impl ModelError {

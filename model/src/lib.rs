@@ -7,6 +7,13 @@ pub mod fpdt;
 pub mod layers;
 pub mod reference;
 
+// Trainer parts: data, the passkey task, the tokenizer, checkpoints, the CLI.
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod passkey;
+pub mod tokenizer;
+
 pub use config::{
     Activation, Family, LayerParams, ModelConfig, Norm, ParamEntry, ParamLayout, Schedule,
     SplitMix64,
