@@ -344,6 +344,16 @@ impl TrainArgs {
         }
 
         let config = load_model_config(&self.model)?;
+        if config.heads % self.ranks != 0 || config.kv_heads % self.ranks != 0 {
+            return Err(usage(
+                "--ranks",
+                format!(
+                    "{} must divide the model's heads ({}) and kv_heads ({}) (Ulysses splits \
+                     heads across ranks)",
+                    self.ranks, config.heads, config.kv_heads
+                ),
+            ));
+        }
         let schedule = Schedule {
             offload: self.offload.on(),
             checkpoint: self.checkpointing.on(),
@@ -463,6 +473,15 @@ pub fn plan(args: &PlanArgs) -> Result<ExitCode> {
         return Err(usage("--host-memory", "0 must be positive"));
     }
     let config = load_model_config(&args.model)?;
+    if config.heads % args.gpus != 0 || config.kv_heads % args.gpus != 0 {
+        return Err(usage(
+            "--gpus",
+            format!(
+                "{} must divide the model's heads ({}) and kv_heads ({})",
+                args.gpus, config.heads, config.kv_heads
+            ),
+        ));
+    }
     let schedule = Schedule::fpdt(args.seq_len, args.gpus, args.seq_len / chunk);
     schedule.validate(&config)?;
     println!(
