@@ -430,8 +430,9 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         args.out.display()
     );
     eprintln!(
-        "error: fpdt train: the training loop is not built yet (the flags, data, task and \
-         checkpoints above are checked; the optimizer step of the model is still being written)"
+        "error: fpdt train: the training loop is not built yet (the flags, data, task, output \
+         directory and --resume checkpoint above are checked; the loop around the model's step \
+         — lr schedule, clipping, accumulation, optimizer-state checkpoints, metrics — comes next)"
     );
     Ok(ExitCode::from(EXIT_NOT_BUILT))
 }
