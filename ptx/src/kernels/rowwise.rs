@@ -90,19 +90,37 @@ fn rows_dim(kernel: &'static str, rows: usize, dim: usize) -> Result<(u32, u32)>
     Ok((rows as u32, dim as u32))
 }
 
-/// `out = a + b` over `n` elements of `dtype`.
-pub fn residual_add(n: usize, dtype: DType, out: u64, a: u64, b: u64) -> Result<KernelLaunch> {
-    const K: &str = "residual_add";
-    let s = dtype_variant(K, dtype, BOTH)?;
+/// An element-wise kernel whose every pointer holds `n` elements of one
+/// `dtype`: entry `{kernel}_{dtype}`, pointers checked in order.
+fn same_dtype_elementwise(
+    kernel: &'static str,
+    module: &'static str,
+    n: usize,
+    dtype: DType,
+    list: &[(&'static str, u64)],
+) -> Result<KernelLaunch> {
+    let s = dtype_variant(kernel, dtype, BOTH)?;
     let z = dtype.size() as u64;
-    let args = ptrs(K, &[("out", out, z), ("a", a, z), ("b", b, z)])?;
+    let checked: Vec<_> = list.iter().map(|&(name, p)| (name, p, z)).collect();
+    let args = ptrs(kernel, &checked)?;
     Ok(elementwise(
-        RESIDUAL_ADD_PTX,
-        format!("residual_add_{s}"),
-        count(K, "n", n)?,
+        module,
+        format!("{kernel}_{s}"),
+        count(kernel, "n", n)?,
         args,
         &[],
     ))
+}
+
+/// `out = a + b` over `n` elements of `dtype`.
+pub fn residual_add(n: usize, dtype: DType, out: u64, a: u64, b: u64) -> Result<KernelLaunch> {
+    same_dtype_elementwise(
+        "residual_add",
+        RESIDUAL_ADD_PTX,
+        n,
+        dtype,
+        &[("out", out), ("a", a), ("b", b)],
+    )
 }
 
 /// Cast `n` elements `from` -> `to` (f32 <-> bf16).
@@ -133,17 +151,13 @@ pub fn cast(n: usize, from: DType, to: DType, dst: u64, src: u64) -> Result<Kern
 
 /// SwiGLU forward `out = silu(gate) * up`.
 pub fn swiglu_fwd(n: usize, dtype: DType, out: u64, gate: u64, up: u64) -> Result<KernelLaunch> {
-    const K: &str = "swiglu_fwd";
-    let s = dtype_variant(K, dtype, BOTH)?;
-    let z = dtype.size() as u64;
-    let args = ptrs(K, &[("out", out, z), ("gate", gate, z), ("up", up, z)])?;
-    Ok(elementwise(
+    same_dtype_elementwise(
+        "swiglu_fwd",
         SWIGLU_PTX,
-        format!("swiglu_fwd_{s}"),
-        count(K, "n", n)?,
-        args,
-        &[],
-    ))
+        n,
+        dtype,
+        &[("out", out), ("gate", gate), ("up", up)],
+    )
 }
 
 /// SwiGLU backward into `dgate`, `dup`.
@@ -156,56 +170,41 @@ pub fn swiglu_bwd(
     up: u64,
     dout: u64,
 ) -> Result<KernelLaunch> {
-    const K: &str = "swiglu_bwd";
-    let s = dtype_variant(K, dtype, BOTH)?;
-    let z = dtype.size() as u64;
-    let args = ptrs(
-        K,
-        &[
-            ("dgate", dgate, z),
-            ("dup", dup, z),
-            ("gate", gate, z),
-            ("up", up, z),
-            ("dout", dout, z),
-        ],
-    )?;
-    Ok(elementwise(
+    same_dtype_elementwise(
+        "swiglu_bwd",
         SWIGLU_PTX,
-        format!("swiglu_bwd_{s}"),
-        count(K, "n", n)?,
-        args,
-        &[],
-    ))
+        n,
+        dtype,
+        &[
+            ("dgate", dgate),
+            ("dup", dup),
+            ("gate", gate),
+            ("up", up),
+            ("dout", dout),
+        ],
+    )
 }
 
 /// GeLU (tanh) forward `y = gelu(x)`.
 pub fn gelu_tanh_fwd(n: usize, dtype: DType, y: u64, x: u64) -> Result<KernelLaunch> {
-    const K: &str = "gelu_tanh_fwd";
-    let s = dtype_variant(K, dtype, BOTH)?;
-    let z = dtype.size() as u64;
-    let args = ptrs(K, &[("y", y, z), ("x", x, z)])?;
-    Ok(elementwise(
+    same_dtype_elementwise(
+        "gelu_tanh_fwd",
         GELU_TANH_PTX,
-        format!("gelu_tanh_fwd_{s}"),
-        count(K, "n", n)?,
-        args,
-        &[],
-    ))
+        n,
+        dtype,
+        &[("y", y), ("x", x)],
+    )
 }
 
 /// GeLU (tanh) backward `dx = dy * gelu'(x)`.
 pub fn gelu_tanh_bwd(n: usize, dtype: DType, dx: u64, x: u64, dy: u64) -> Result<KernelLaunch> {
-    const K: &str = "gelu_tanh_bwd";
-    let s = dtype_variant(K, dtype, BOTH)?;
-    let z = dtype.size() as u64;
-    let args = ptrs(K, &[("dx", dx, z), ("x", x, z), ("dy", dy, z)])?;
-    Ok(elementwise(
+    same_dtype_elementwise(
+        "gelu_tanh_bwd",
         GELU_TANH_PTX,
-        format!("gelu_tanh_bwd_{s}"),
-        count(K, "n", n)?,
-        args,
-        &[],
-    ))
+        n,
+        dtype,
+        &[("dx", dx), ("x", x), ("dy", dy)],
+    )
 }
 
 /// RMSNorm forward over `rows` rows of `dim`: y (dtype), rstd (f32).
