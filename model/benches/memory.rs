@@ -10,13 +10,12 @@ use fpdt_model::{FpdtGroup, ModelConfig, Schedule};
 use fpdt_runtime::{fmt_bytes, MetaConfig, Space};
 
 fn peak(cfg: &ModelConfig, sched: Schedule) -> Result<usize, fpdt_model::ModelError> {
-    let params = vec![0.0f32; cfg.layout().len()];
     let meta = MetaConfig {
         device_memory: 1 << 40,
         host_memory: 1 << 44,
         ..MetaConfig::default()
     };
-    let mut g = FpdtGroup::meta(cfg, sched, &params, &meta)?;
+    let mut g = FpdtGroup::meta(cfg, sched, &meta)?;
     let tokens = vec![0u32; sched.seq_len];
     let targets = vec![1i32; sched.seq_len];
     g.forward_backward(&tokens, &targets)?;

@@ -48,14 +48,15 @@ impl<C: Communicator> std::fmt::Debug for RankModel<C> {
 
 impl<C: Communicator> RankModel<C> {
     /// Rank `comm.rank()` of the model `cfg` run with `sched` on `dev`, with
-    /// initial weights `params` (the flat layout). Everything is validated
-    /// before anything is allocated.
+    /// initial weights `params` (the flat layout; `None` only on a device
+    /// without data, the meta planner's, where weights are sizes alone).
+    /// Everything is validated before anything is allocated.
     pub fn new(
         cfg: &ModelConfig,
         sched: Schedule,
         comm: C,
         dev: Device,
-        params: &[f32],
+        params: Option<&[f32]>,
     ) -> Result<Self> {
         sched.validate(cfg)?;
         if comm.world_size() != sched.ranks {
@@ -69,14 +70,23 @@ impl<C: Communicator> RankModel<C> {
             ));
         }
         let layout = cfg.layout();
-        if params.len() != layout.len() {
-            return Err(ModelError::Shape(format!(
-                "{} initial parameters given, the layout of this config has {}",
-                params.len(),
-                layout.len()
-            )));
-        }
-        let p = dev.upload(params, "params")?;
+        let p = match params {
+            Some(w) if w.len() != layout.len() => {
+                return Err(ModelError::Shape(format!(
+                    "{} initial parameters given, the layout of this config has {}",
+                    w.len(),
+                    layout.len()
+                )))
+            }
+            Some(w) => dev.upload(w, "params")?,
+            None if dev.has_data() => {
+                return Err(ModelError::Shape(format!(
+                    "the {} device holds data: it needs initial weights",
+                    dev.kind()
+                )))
+            }
+            None => dev.alloc(layout.len() * F32, "params")?,
+        };
         let grads = dev.alloc(layout.len() * F32, "grads")?;
         let loss = dev.alloc(F32, "loss")?;
         Ok(RankModel {
@@ -309,25 +319,20 @@ impl FpdtGroup {
     ) -> Result<Self> {
         sched.validate(cfg)?;
         let comms = InProcessGroup::cpu(sched.ranks, cpu, GroupConfig::default())?;
-        Self::from_comms(cfg, sched, params, comms)
+        Self::from_comms(cfg, sched, Some(params), comms)
     }
 
-    /// P meta devices made from `meta` (sizes and costs only).
-    pub fn meta(
-        cfg: &ModelConfig,
-        sched: Schedule,
-        params: &[f32],
-        meta: &MetaConfig,
-    ) -> Result<Self> {
+    /// P meta devices made from `meta` (sizes and costs only: no weights).
+    pub fn meta(cfg: &ModelConfig, sched: Schedule, meta: &MetaConfig) -> Result<Self> {
         sched.validate(cfg)?;
         let comms = InProcessGroup::meta(sched.ranks, meta, GroupConfig::default())?;
-        Self::from_comms(cfg, sched, params, comms)
+        Self::from_comms(cfg, sched, None, comms)
     }
 
     fn from_comms(
         cfg: &ModelConfig,
         sched: Schedule,
-        params: &[f32],
+        params: Option<&[f32]>,
         comms: Vec<InProcessComm>,
     ) -> Result<Self> {
         let ranks = comms

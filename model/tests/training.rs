@@ -68,7 +68,7 @@ fn traces(cfg: &ModelConfig, sched: Schedule, meta: bool) -> Vec<Vec<fpdt_runtim
     let p32: Vec<f32> = params.iter().map(|&x| x as f32).collect();
     let (tokens, targets) = random_batch(cfg, sched.seq_len, 2);
     let mut g = if meta {
-        FpdtGroup::meta(cfg, sched, &p32, &MetaConfig::default()).unwrap()
+        FpdtGroup::meta(cfg, sched, &MetaConfig::default()).unwrap()
     } else {
         FpdtGroup::cpu(cfg, sched, &p32, &cpu()).unwrap()
     };
@@ -120,14 +120,12 @@ fn meta_device_runs_a_full_size_config_without_data() {
         ..ModelConfig::preset("llama-3-8b").unwrap()
     };
     let sched = Schedule::fpdt(1 << 16, 4, 16);
-    let n = cfg.layout().len();
-    let params = vec![0.0f32; n];
     let meta = MetaConfig {
         device_memory: 200 << 30,
         host_memory: 1 << 42,
         ..MetaConfig::default()
     };
-    let mut g = FpdtGroup::meta(&cfg, sched, &params, &meta).unwrap();
+    let mut g = FpdtGroup::meta(&cfg, sched, &meta).unwrap();
     let tokens = vec![0u32; sched.seq_len];
     let targets = vec![1i32; sched.seq_len];
     g.forward_backward(&tokens, &targets).unwrap();
@@ -139,7 +137,7 @@ fn meta_device_runs_a_full_size_config_without_data() {
     // Weights and gradients (f32) plus O(chunk) activations: at 64K tokens
     // the largest are one loss sub-chunk's logits and their gradient
     // (512 rows x 128256 x 4 bytes each).
-    let fixed = 2 * n * 4;
+    let fixed = 2 * cfg.layout().len() * 4;
     assert!(
         peak > fixed,
         "peak {peak} must hold params and grads ({fixed})"

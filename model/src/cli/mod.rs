@@ -4,6 +4,7 @@
 //! so that the parsing and the checks are testable as a library.
 
 mod info;
+mod plan;
 mod train;
 
 use std::ffi::OsString;
@@ -15,7 +16,8 @@ use clap::{Parser, Subcommand};
 use crate::error::ModelError;
 use crate::tokenizer::{prepare, PrepareOptions};
 
-pub use train::{PlanArgs, TrainArgs, TrainPlan};
+pub use plan::PlanArgs;
+pub use train::{TrainArgs, TrainPlan};
 
 /// Exit code of a run that failed on bad input or a fault.
 pub const EXIT_ERROR: u8 = 1;
@@ -165,7 +167,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, ModelError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Train(a) => train::train(&a),
-        Command::Plan(a) => train::plan(&a),
+        Command::Plan(a) => plan::plan(&a),
     }
 }
 
