@@ -5,21 +5,110 @@
 //! chunked loss, fused with its backward; every layer's backward in reverse
 //! (recomputing the layer's forward from its offloaded input when
 //! checkpointing); the embedding's backward; then the all-reduce of the
-//! gradients and the loss over the ranks. Parameters are replicated on each
-//! rank's device (f32); [`RankModel::adamw_step`] updates them.
+//! loss. Gradients accumulate on each rank over micro-batches; the optimizer
+//! step reduce-scatters them, so each rank updates its shard of the fp32
+//! master weights and AdamW moments (in the host arena) and the updated
+//! shards are all-gathered into the working weights replicated on every
+//! rank's device (DESIGN.md section 5, "Optimizer").
 
 use fpdt_comm::GroupConfig;
 use fpdt_comm::{Communicator, DType, FpdtLayout, InProcessComm, InProcessGroup, ReduceOp};
 use fpdt_ptx::cpu::{adamw_step, AdamW};
-use fpdt_runtime::{ChunkMover, CpuConfig, Device, DeviceBuffer, MetaConfig};
+use fpdt_runtime::{ChunkMover, CpuConfig, Device, DeviceBuffer, HostBuffer, MetaConfig};
 
 use crate::config::{ModelConfig, ParamLayout, Schedule};
 use crate::error::{ModelError, Result};
 use crate::layers::{block, embedding, fill, loss, Ctx, Stash, F32};
 use crate::reference::check_batch;
 
+/// Where the gradients of a rank stand between optimizer steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GradState {
+    /// Zero: nothing accumulated since the last optimizer step.
+    Zero,
+    /// This rank's own contribution, not yet reduced over the ranks.
+    Local,
+    /// Summed over the ranks, the whole flat layout on every rank.
+    Full,
+}
+
+/// The optimizer state of one rank: its shard of the fp32 master weights
+/// and of the AdamW moments, in the host arena (DESIGN.md section 5), and
+/// one device buffer of the shard's size that receives the reduce-scattered
+/// gradient and then sends the updated weights to the all-gather.
+struct OptimizerShard {
+    /// Elements of the (padded) flat layout this rank updates.
+    range: std::ops::Range<usize>,
+    master: HostBuffer,
+    m: HostBuffer,
+    v: HostBuffer,
+    /// The shard's gradient, copied to the host for the update.
+    host_grad: HostBuffer,
+    /// Reduce-scatter target, then all-gather source.
+    dev_shard: DeviceBuffer,
+    /// AdamW steps taken (the bias correction's t).
+    steps: u32,
+}
+
+/// AdamW's state: fp32 master weights, first and second moments (each the
+/// flat layout, or one rank's shard of it) and the steps taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerState {
+    /// The fp32 master weights.
+    pub master: Vec<f32>,
+    /// First moments.
+    pub m: Vec<f32>,
+    /// Second moments.
+    pub v: Vec<f32>,
+    /// AdamW steps taken (skipped steps not counted).
+    pub steps: u32,
+}
+
+/// What one forward and backward pass of a sequence measured (global over
+/// the ranks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MicroStats {
+    /// Mean loss over the sequence's counted targets.
+    pub loss: f64,
+    /// Counted targets (not ignored).
+    pub targets: usize,
+    /// Counted targets whose logits' argmax is the target.
+    pub correct: usize,
+}
+
+impl MicroStats {
+    /// `correct / targets` (0 when nothing was counted).
+    pub fn accuracy(&self) -> f64 {
+        if self.targets == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.targets as f64
+        }
+    }
+}
+
+/// What an optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimReport {
+    /// Global L2 norm of the gradient before clipping.
+    pub grad_norm: f64,
+    /// The factor the gradient was scaled by (1: not clipped).
+    pub clip_scale: f64,
+    /// True when the norm was not finite: no weight changed.
+    pub skipped: bool,
+}
+
+/// The optimizer settings of one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimStep {
+    /// AdamW's constants; `lr` is this step's learning rate.
+    pub adamw: AdamW,
+    /// Clip the gradient to this global norm (0: no clipping).
+    pub clip: f64,
+}
+
 /// One rank of the FPDT model: its device, its communicator, the working
-/// weights, the gradients and the optimizer state.
+/// weights, the gradients and its shard of the optimizer state.
 pub struct RankModel<C: Communicator> {
     cfg: ModelConfig,
     layout: ParamLayout,
@@ -27,10 +116,19 @@ pub struct RankModel<C: Communicator> {
     comm: C,
     dev: Device,
     mover: ChunkMover,
+    /// Working weights, the flat layout padded to a multiple of P (f32).
     params: DeviceBuffer,
+    /// Gradients, same shape (f32), accumulated over micro-batches.
     grads: DeviceBuffer,
+    grad_state: GradState,
+    /// [weighted loss sum, correct argmax count] of the last pass.
     loss: DeviceBuffer,
-    moments: Option<(DeviceBuffer, DeviceBuffer)>,
+    /// Where the loss and the gradient norm are read on the host (kept, so
+    /// reading them allocates nothing and the cpu and meta allocation
+    /// traces stay equal).
+    readback: HostBuffer,
+    last: Option<MicroStats>,
+    opt: OptimizerShard,
     batch: Option<(DeviceBuffer, DeviceBuffer, usize)>,
 }
 
@@ -70,25 +168,45 @@ impl<C: Communicator> RankModel<C> {
             ));
         }
         let layout = cfg.layout();
-        let p = match params {
-            Some(w) if w.len() != layout.len() => {
+        let n = layout.len();
+        match params {
+            Some(w) if w.len() != n => {
                 return Err(ModelError::Shape(format!(
-                    "{} initial parameters given, the layout of this config has {}",
+                    "{} initial parameters given, the layout of this config has {n}",
                     w.len(),
-                    layout.len()
                 )))
             }
-            Some(w) => dev.upload(w, "params")?,
             None if dev.has_data() => {
                 return Err(ModelError::Shape(format!(
                     "the {} device holds data: it needs initial weights",
                     dev.kind()
                 )))
             }
-            None => dev.alloc(layout.len() * F32, "params")?,
-        };
-        let grads = dev.alloc(layout.len() * F32, "grads")?;
-        let loss = dev.alloc(F32, "loss")?;
+            _ => {}
+        }
+        let p = sched.ranks;
+        let n_pad = layout.padded_len(p);
+        let k = n_pad / p;
+        let r = comm.rank();
+        let range = r * k..(r + 1) * k;
+        let weights = dev.alloc(n_pad * F32, "params")?;
+        let grads = dev.alloc(n_pad * F32, "grads")?;
+        let loss = dev.alloc(2 * F32, "loss")?;
+        let readback = dev.alloc_host(3 * F32, "readback")?;
+        let mut master = dev.alloc_host(k * F32, "adam master")?;
+        let mut m = dev.alloc_host(k * F32, "adam m")?;
+        let mut v = dev.alloc_host(k * F32, "adam v")?;
+        let host_grad = dev.alloc_host(k * F32, "grad shard")?;
+        let dev_shard = dev.alloc(k * F32, "shard")?;
+        if let Some(w) = params {
+            let mut padded = w.to_vec();
+            padded.resize(n_pad, 0.0);
+            dev.write(weights.view(), &padded)?;
+            master.copy_from(&padded[range.clone()])?;
+            m.write(|x: &mut [f32]| x.fill(0.0))?;
+            v.write(|x: &mut [f32]| x.fill(0.0))?;
+        }
+        fill(dev.compute(), grads.view(), 0.0)?;
         Ok(RankModel {
             cfg: cfg.clone(),
             layout,
@@ -96,10 +214,21 @@ impl<C: Communicator> RankModel<C> {
             mover: ChunkMover::new(&dev),
             comm,
             dev,
-            params: p,
+            params: weights,
             grads,
+            grad_state: GradState::Zero,
             loss,
-            moments: None,
+            readback,
+            last: None,
+            opt: OptimizerShard {
+                range,
+                master,
+                m,
+                v,
+                host_grad,
+                dev_shard,
+                steps: 0,
+            },
             batch: None,
         })
     }
@@ -119,6 +248,11 @@ impl<C: Communicator> RankModel<C> {
         &self.sched
     }
 
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
     /// Loads one sequence: all `S` tokens and targets (global order; each
     /// rank keeps its share in the FPDT token layout). Targets of -1 are
     /// ignored.
@@ -133,24 +267,78 @@ impl<C: Communicator> RankModel<C> {
         let valid = check_batch(&self.cfg, tokens, targets)?;
         let lay = FpdtLayout::new(self.sched.seq_len, self.sched.ranks, self.sched.chunks)?;
         let r = self.comm.rank();
+        // Replace before allocating, so two batches are never held at once.
+        self.batch = None;
         let ids = self.dev.upload(&lay.shard(tokens, r)?, "ids")?;
         let labels = self.dev.upload(&lay.shard(targets, r)?, "labels")?;
         self.batch = Some((ids, labels, valid));
         Ok(())
     }
 
-    /// Forward and backward of the loaded sequence: afterwards [`Self::loss`]
-    /// and [`Self::grads`] hold the global mean loss and its gradient (the
-    /// same on every rank). Call on every rank at once.
+    /// Forward and backward of the loaded sequence, from zero gradients,
+    /// with the gradient all-reduced: afterwards [`Self::loss`] and
+    /// [`Self::grads`] hold the global mean loss and its gradient (the same
+    /// on every rank). Call on every rank at once.
     pub fn forward_backward(&mut self) -> Result<()> {
-        let r = self.run();
+        self.zero_grads()?;
+        self.accumulate(1.0)?;
+        let r = self.reduce_full();
+        self.abort_on_err(r)
+    }
+
+    /// Forward and backward of the loaded sequence, adding `weight` times
+    /// its mean-loss gradient to this rank's gradients (not yet reduced over
+    /// the ranks: the optimizer step reduce-scatters them). Gradient
+    /// accumulation over A sequences uses `weight = 1/A`. Call on every rank
+    /// at once.
+    pub fn accumulate(&mut self, weight: f32) -> Result<MicroStats> {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(ModelError::config(
+                "weight",
+                weight,
+                "must be finite and positive",
+            ));
+        }
+        if self.grad_state == GradState::Full {
+            return Err(ModelError::Shape(
+                "accumulate after forward_backward: the gradients are already reduced; take an \
+                 optimizer step or zero them first"
+                    .into(),
+            ));
+        }
+        let r = self.run(weight);
+        let stats = self.abort_on_err(r)?;
+        self.grad_state = GradState::Local;
+        self.last = Some(stats);
+        Ok(stats)
+    }
+
+    fn abort_on_err<T>(&self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
             self.comm.abort(&e.to_string());
         }
         r
     }
 
-    fn run(&mut self) -> Result<()> {
+    /// Sets the gradients to zero (a new accumulation).
+    pub fn zero_grads(&mut self) -> Result<()> {
+        if self.grad_state != GradState::Zero {
+            fill(self.dev.compute(), self.grads.view(), 0.0)?;
+            self.grad_state = GradState::Zero;
+        }
+        Ok(())
+    }
+
+    fn reduce_full(&mut self) -> Result<()> {
+        let s = self.dev.compute();
+        self.comm
+            .all_reduce(s, self.grads.view(), DType::F32, ReduceOp::Sum)?;
+        self.comm.synchronize(s)?;
+        self.grad_state = GradState::Full;
+        Ok(())
+    }
+
+    fn run(&mut self, weight: f32) -> Result<MicroStats> {
         let (ids, labels, valid) = self
             .batch
             .as_ref()
@@ -166,7 +354,6 @@ impl<C: Communicator> RankModel<C> {
             grads: &self.grads,
         };
         let s = ctx.s();
-        fill(s, self.grads.view(), 0.0)?;
         fill(s, self.loss.view(), 0.0)?;
         let (u, c, h) = (
             self.sched.chunks,
@@ -196,7 +383,7 @@ impl<C: Communicator> RankModel<C> {
             inputs.push(std::mem::replace(&mut x, out));
         }
         // Loss, fused with its backward.
-        let scale = 1.0 / *valid as f32;
+        let scale = weight / *valid as f32;
         let mut dys = Vec::with_capacity(u);
         for (i, xi) in x.iter().enumerate() {
             let xl = xi.fetch(&self.mover)?;
@@ -231,61 +418,230 @@ impl<C: Communicator> RankModel<C> {
         }
         drop(dys);
         self.comm
-            .all_reduce(s, self.grads.view(), DType::F32, ReduceOp::Sum)?;
-        self.comm
             .all_reduce(s, self.loss.view(), DType::F32, ReduceOp::Sum)?;
         self.comm.synchronize(s)?;
         self.dev.synchronize()?;
-        Ok(())
+        let targets = *valid;
+        if !self.dev.has_data() {
+            // Meta: the same copy, no data to read.
+            s.copy(self.loss.view(), self.readback.elems::<f32>(0..2)?)?;
+            return Ok(MicroStats {
+                loss: f64::NAN,
+                targets,
+                correct: 0,
+            });
+        }
+        s.copy(self.loss.view(), self.readback.elems::<f32>(0..2)?)?;
+        s.synchronize()?;
+        let acc = self.readback.to_vec::<f32>(2)?;
+        Ok(MicroStats {
+            loss: f64::from(acc[0]) / f64::from(weight),
+            targets,
+            correct: acc[1] as usize,
+        })
     }
 
-    /// The mean loss of the last step (cpu: downloaded; meta has no data).
+    /// The mean loss of the last pass (cpu: downloaded; meta has no data).
     pub fn loss(&self) -> Result<f64> {
-        Ok(f64::from(self.dev.download::<f32>(self.loss.view())?[0]))
+        match self.last {
+            Some(m) if self.dev.has_data() => Ok(m.loss),
+            Some(_) => Err(ModelError::Runtime(fpdt_runtime::RuntimeError::NoData {
+                what: "the loss".into(),
+            })),
+            None => Err(ModelError::Shape("no forward pass has run".into())),
+        }
     }
 
-    /// The gradients of the last step (the flat layout).
+    /// What the last pass measured.
+    pub fn last_stats(&self) -> Option<MicroStats> {
+        self.last
+    }
+
+    /// The gradients (the flat layout) after [`Self::forward_backward`].
     pub fn grads(&self) -> Result<Vec<f32>> {
-        Ok(self.dev.download::<f32>(self.grads.view())?)
+        if self.grad_state != GradState::Full {
+            return Err(ModelError::Shape(
+                "the gradients are not reduced over the ranks: call forward_backward".into(),
+            ));
+        }
+        let mut g = self.dev.download::<f32>(self.grads.view())?;
+        g.truncate(self.layout.len());
+        Ok(g)
     }
 
     /// The working weights (the flat layout).
     pub fn params(&self) -> Result<Vec<f32>> {
-        Ok(self.dev.download::<f32>(self.params.view())?)
+        let mut p = self.dev.download::<f32>(self.params.view())?;
+        p.truncate(self.layout.len());
+        Ok(p)
     }
 
-    /// One AdamW step (`step` 1-based) on the weights with the gradients of
-    /// the last step. The f32 weights are their own master copy here.
-    pub fn adamw_step(&mut self, opt: &AdamW, step: u32) -> Result<()> {
-        if self.moments.is_none() {
-            let n = self.layout.len() * F32;
-            let m = self.dev.alloc(n, "adam m")?;
-            let v = self.dev.alloc(n, "adam v")?;
-            fill(self.dev.compute(), m.view(), 0.0)?;
-            fill(self.dev.compute(), v.view(), 0.0)?;
-            self.moments = Some((m, v));
+    /// This rank's shard of the optimizer state and the range of the
+    /// padded flat layout it covers.
+    pub fn optimizer_shard(&self) -> Result<(std::ops::Range<usize>, OptimizerState)> {
+        self.dev.synchronize()?;
+        let k = self.opt.range.len();
+        Ok((
+            self.opt.range.clone(),
+            OptimizerState {
+                master: self.opt.master.to_vec(k)?,
+                m: self.opt.m.to_vec(k)?,
+                v: self.opt.v.to_vec(k)?,
+                steps: self.opt.steps,
+            },
+        ))
+    }
+
+    /// Restores weights and optimizer state (the whole flat layout, each
+    /// rank takes its shard), e.g. from a checkpoint. The working weights
+    /// become the master weights.
+    pub fn restore(&mut self, state: &OptimizerState) -> Result<()> {
+        let n = self.layout.len();
+        let (master, m, v, steps) = (&state.master, &state.m, &state.v, state.steps);
+        for (what, x) in [("weights", master), ("adam m", m), ("adam v", v)] {
+            if x.len() != n {
+                return Err(ModelError::Shape(format!(
+                    "restore: {what} has {} values, the layout has {n}",
+                    x.len()
+                )));
+            }
         }
-        let (m, v) = self
-            .moments
-            .as_ref()
-            .ok_or_else(|| ModelError::Shape("optimizer state missing".into()))?;
-        let opt = *opt;
-        let n = self.layout.len() as f64;
+        let n_pad = self.layout.padded_len(self.sched.ranks);
+        let pad = |x: &[f32]| {
+            let mut y = x.to_vec();
+            y.resize(n_pad, 0.0);
+            y
+        };
+        let (w, m, v) = (pad(master), pad(m), pad(v));
+        let r = self.opt.range.clone();
+        self.dev.synchronize()?;
+        self.dev.write(self.params.view(), &w)?;
+        self.opt.master.copy_from(&w[r.clone()])?;
+        self.opt.m.copy_from(&m[r.clone()])?;
+        self.opt.v.copy_from(&v[r])?;
+        self.opt.steps = steps;
+        self.zero_grads()?;
+        self.dev.synchronize()?;
+        Ok(())
+    }
+
+    /// One sharded AdamW step with the accumulated gradients: reduce-scatter
+    /// (each rank receives the sum of its shard), the global norm (an
+    /// all-reduce of the shards' squared norms), clipping, AdamW on the fp32
+    /// master shard and moments in the host arena, the updated shard copied
+    /// to the device and all-gathered into every rank's working weights.
+    /// A non-finite norm skips the update (no weight or moment changes).
+    /// The gradients are zero afterwards. Call on every rank at once.
+    pub fn optimizer_step(&mut self, step: &OptimStep) -> Result<OptimReport> {
+        let r = self.optimizer_step_inner(step);
+        self.abort_on_err(r)
+    }
+
+    fn optimizer_step_inner(&mut self, step: &OptimStep) -> Result<OptimReport> {
+        if !(step.clip.is_finite() && step.clip >= 0.0) {
+            return Err(ModelError::config(
+                "clip",
+                step.clip,
+                "must be finite and >= 0 (0: no clipping)",
+            ));
+        }
+        let s = self.dev.compute().clone();
+        let opt = &mut self.opt;
+        let k = opt.range.len();
+        match self.grad_state {
+            GradState::Zero | GradState::Local => self.comm.reduce_scatter(
+                &s,
+                self.grads.view(),
+                opt.dev_shard.view(),
+                DType::F32,
+                ReduceOp::Sum,
+            )?,
+            GradState::Full => s.copy(
+                self.grads.elems::<f32>(opt.range.clone())?,
+                opt.dev_shard.view(),
+            )?,
+        }
+        // The squared norm of this shard, then of all shards.
+        let sq = self.dev.alloc(F32, "grad norm")?;
         crate::layers::kernel(
-            self.dev.compute(),
-            "adamw",
-            10.0 * n,
-            &[self.grads.view()],
-            &[self.params.view(), m.view(), v.view()],
+            &s,
+            "grad_sq_norm",
+            2.0 * k as f64,
+            &[opt.dev_shard.view()],
+            &[sq.view()],
+            |i, o| {
+                o[0][0] = fpdt_ptx::cpu::sq_norm(i[0]) as f32;
+                Ok(())
+            },
+        )?;
+        self.comm
+            .all_reduce(&s, sq.view(), DType::F32, ReduceOp::Sum)?;
+        s.copy(opt.dev_shard.view(), opt.host_grad.view())?;
+        s.copy(sq.view(), self.readback.elems::<f32>(2..3)?)?;
+        self.comm.synchronize(&s)?;
+        s.synchronize()?;
+        drop(sq);
+        let norm = if self.dev.has_data() {
+            f64::from(self.readback.to_vec::<f32>(3)?[2]).sqrt()
+        } else {
+            0.0
+        };
+        let scale = if step.clip > 0.0 && norm > step.clip {
+            step.clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        if !norm.is_finite() {
+            // Every rank saw the same all-reduced norm, so all skip.
+            fill(&s, self.grads.view(), 0.0)?;
+            self.grad_state = GradState::Zero;
+            s.synchronize()?;
+            return Ok(OptimReport {
+                grad_norm: norm,
+                clip_scale: 1.0,
+                skipped: true,
+            });
+        }
+        opt.steps += 1;
+        let t = opt.steps;
+        let adamw = step.adamw;
+        let gs = scale as f32;
+        // AdamW on the host shard (the arena): 10 FLOPs per element.
+        crate::layers::kernel(
+            &s,
+            "adamw_host",
+            10.0 * k as f64,
+            &[opt.host_grad.view()],
+            &[opt.master.view(), opt.m.view(), opt.v.view()],
             move |i, o| {
                 let (p, rest) = o.split_at_mut(1);
                 let (m, v) = rest.split_at_mut(1);
                 let mut working = vec![0.0f32; p[0].len()];
-                adamw_step(&opt, step, 1.0, p[0], i[0], m[0], v[0], &mut working)
+                adamw_step(&adamw, t, gs, p[0], i[0], m[0], v[0], &mut working)
             },
         )?;
-        self.dev.synchronize()?;
-        Ok(())
+        // f32 working weights are the master weights themselves.
+        s.copy(opt.master.view(), opt.dev_shard.view())?;
+        self.comm
+            .all_gather(&s, opt.dev_shard.view(), self.params.view())?;
+        fill(&s, self.grads.view(), 0.0)?;
+        self.comm.synchronize(&s)?;
+        s.synchronize()?;
+        self.grad_state = GradState::Zero;
+        Ok(OptimReport {
+            grad_norm: norm,
+            clip_scale: scale,
+            skipped: false,
+        })
+    }
+
+    /// One AdamW step at `opt.lr` without clipping (the optimizer's step
+    /// counter supplies the bias correction).
+    pub fn adamw_step(&mut self, opt: &AdamW) -> Result<OptimReport> {
+        self.optimizer_step(&OptimStep {
+            adamw: *opt,
+            clip: 0.0,
+        })
     }
 }
 
@@ -399,9 +755,80 @@ impl FpdtGroup {
         })
     }
 
-    /// AdamW on every rank.
-    pub fn adamw_step(&mut self, opt: &AdamW, step: u32) -> Result<()> {
-        self.on_all(|r| r.adamw_step(opt, step))?;
+    /// AdamW on every rank (see [`RankModel::adamw_step`]).
+    pub fn adamw_step(&mut self, opt: &AdamW) -> Result<OptimReport> {
+        first(self.on_all(|r| r.adamw_step(opt))?)
+    }
+
+    /// Zeroes every rank's gradients.
+    pub fn zero_grads(&mut self) -> Result<()> {
+        self.on_all(|r| r.zero_grads())?;
         Ok(())
     }
+
+    /// Loads a sequence on every rank and accumulates `weight` times its
+    /// gradient (see [`RankModel::accumulate`]).
+    pub fn accumulate(
+        &mut self,
+        tokens: &[u32],
+        targets: &[i32],
+        weight: f32,
+    ) -> Result<MicroStats> {
+        self.on_all(|r| r.load_batch(tokens, targets))?;
+        first(self.on_all(|r| r.accumulate(weight))?)
+    }
+
+    /// The sharded optimizer step on every rank (see
+    /// [`RankModel::optimizer_step`]).
+    pub fn optimizer_step(&mut self, step: &OptimStep) -> Result<OptimReport> {
+        first(self.on_all(|r| r.optimizer_step(step))?)
+    }
+
+    /// The working weights (rank 0's; all ranks hold the same).
+    pub fn params(&self) -> Result<Vec<f32>> {
+        self.ranks
+            .first()
+            .ok_or_else(|| ModelError::Shape("empty group".into()))?
+            .params()
+    }
+
+    /// The whole optimizer state (the flat layout), gathered from the
+    /// ranks' shards.
+    pub fn optimizer_state(&self) -> Result<OptimizerState> {
+        let mut all = OptimizerState {
+            master: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+            steps: 0,
+        };
+        for r in &self.ranks {
+            let (_, sh) = r.optimizer_shard()?;
+            all.master.extend(sh.master);
+            all.m.extend(sh.m);
+            all.v.extend(sh.v);
+            all.steps = sh.steps;
+        }
+        let n = self
+            .ranks
+            .first()
+            .map(|r| r.layout.len())
+            .unwrap_or_default();
+        all.master.truncate(n);
+        all.m.truncate(n);
+        all.v.truncate(n);
+        Ok(all)
+    }
+
+    /// Restores weights and optimizer state on every rank.
+    pub fn restore(&mut self, state: &OptimizerState) -> Result<()> {
+        self.on_all(|r| r.restore(state))?;
+        Ok(())
+    }
+}
+
+/// Rank 0's result of a call on all ranks.
+fn first<T>(v: Vec<T>) -> Result<T> {
+    v.into_iter()
+        .next()
+        .ok_or_else(|| ModelError::Shape("empty group".into()))
 }

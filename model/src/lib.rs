@@ -19,4 +19,6 @@ pub use config::{
     SplitMix64,
 };
 pub use error::{ModelError, Result};
-pub use fpdt::{FpdtGroup, RankModel, StepOutput};
+pub use fpdt::{
+    FpdtGroup, MicroStats, OptimReport, OptimStep, OptimizerState, RankModel, StepOutput,
+};

@@ -174,6 +174,9 @@ pub struct RefOutput {
     /// Gradient of `loss` for every parameter (the flat layout); empty when
     /// only the loss was asked for.
     pub grads: Vec<f64>,
+    /// Counted targets whose logits' argmax (the first maximum) is the
+    /// target.
+    pub correct: usize,
 }
 
 /// Forward (and, with `backward`, the gradient of) the mean loss of the
@@ -292,10 +295,24 @@ pub fn run(
     let gs = 1.0 / valid as f64;
     let (losses, dlogits) = r::cross_entropy(&logits, targets, vocab, IGNORE_INDEX, gs);
     let loss = losses.iter().sum::<f64>() * gs;
+    let correct = logits
+        .chunks(vocab)
+        .zip(targets)
+        .filter(|(row, &t)| {
+            t != IGNORE_INDEX && {
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold(0, |b, (j, &z)| if z > row[b] { j } else { b });
+                best as i64 == i64::from(t)
+            }
+        })
+        .count();
     if !backward {
         return Ok(RefOutput {
             loss,
             grads: Vec::new(),
+            correct,
         });
     }
 
@@ -421,7 +438,11 @@ pub fn run(
     }
     let de = r::embedding_bwd(&dx, tokens, h, vocab);
     add_into(&mut g, &layout.embed(), &de);
-    Ok(RefOutput { loss, grads: g })
+    Ok(RefOutput {
+        loss,
+        grads: g,
+        correct,
+    })
 }
 
 /// The loss only.

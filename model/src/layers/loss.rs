@@ -11,7 +11,8 @@ use crate::error::Result;
 use crate::reference::IGNORE_INDEX;
 
 /// For the `t` rows of the last layer's output `x` with `labels` (i32 in an
-/// f32-sized buffer): adds `grad_scale * sum(loss)` to `loss_acc[0]`, writes
+/// f32-sized buffer): adds `grad_scale * sum(loss)` to `loss_acc[0]` and the
+/// number of rows whose logits' argmax is the label to `loss_acc[1]`, writes
 /// `dx`, accumulates the head's and the final norm's gradients.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_backward(
@@ -67,6 +68,22 @@ pub(crate) fn forward_backward(
                     dl[0],
                 )?;
                 acc[0][0] += grad_scale * losses.iter().sum::<f32>();
+                // Argmax hits among the counted targets (the first maximum
+                // wins a tie), for the accuracy metric.
+                let mut hits = 0u32;
+                for (row, &t) in i[0].chunks(vocab).zip(labels) {
+                    if t == IGNORE_INDEX {
+                        continue;
+                    }
+                    let mut best = 0;
+                    for (j, &z) in row.iter().enumerate() {
+                        if z > row[best] {
+                            best = j;
+                        }
+                    }
+                    hits += u32::from(best as i64 == i64::from(t));
+                }
+                acc[0][1] += hits as f32;
                 Ok(())
             },
         )?;
