@@ -27,9 +27,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::SplitMix64;
 use crate::error::{ModelError, Result};
 
-/// The label of a position that contributes nothing to the loss (as in
-/// PyTorch's `cross_entropy`).
-pub const IGNORE_INDEX: i32 = -100;
+/// The label of a position that contributes nothing to the loss: the
+/// model's own (one constant for data, tasks and the loss kernels).
+pub use crate::reference::IGNORE_INDEX;
 
 /// llm.c's token file magic (first i32 of its 256-i32 header).
 pub const LLMC_MAGIC: i32 = 20240520;

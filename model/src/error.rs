@@ -70,6 +70,9 @@ pub enum ModelError {
     /// Tokenizing text failed (the tokenizer itself, or an input file).
     #[error("{0}")]
     Tokenizer(String),
+    /// A training run that had to stop (diverged).
+    #[error("{0}")]
+    Training(String),
     /// A command-line flag has a bad value; names the flag and the rule.
     #[error("{flag}: {message}")]
     Usage {

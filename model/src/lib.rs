@@ -12,7 +12,10 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod passkey;
+pub mod planner;
+pub mod plot;
 pub mod tokenizer;
+pub mod train;
 
 pub use config::{
     Activation, Family, LayerParams, ModelConfig, Norm, ParamEntry, ParamLayout, Schedule,

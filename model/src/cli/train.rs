@@ -8,11 +8,19 @@ use clap::ValueEnum;
 
 use crate::checkpoint::{self, config_fields};
 use crate::config::{ModelConfig, Schedule};
-use crate::data::{TokenDataset, TokenWidth};
-use crate::error::{ModelError, Result};
-use crate::passkey::{PasskeyTask, DEFAULT_DIGITS};
+use std::io::IsTerminal;
 
-use super::{parse_bytes_arg, EXIT_NOT_BUILT};
+use fpdt_ptx::cpu::AdamW;
+use fpdt_runtime::{fmt_bytes, CpuConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::data::{DataSplit, PackedLoader, TokenDataset, TokenWidth};
+use crate::error::{ModelError, Result};
+use crate::passkey::PasskeyGen;
+use crate::passkey::{PasskeyTask, DEFAULT_DIGITS};
+use crate::train::{LrShape, Source, StepRecord, TrainOptions, Trainer};
+
+use super::parse_bytes_arg;
 
 /// Where to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -140,6 +148,20 @@ pub struct TrainArgs {
     /// Evaluate every N steps (0: only at the end).
     #[arg(long, default_value_t = 50, value_name = "N")]
     pub eval_every: u64,
+    /// Sequences per evaluation.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub eval_batches: usize,
+    /// Write the Chrome trace of this step (1-based) to OUT/trace.json
+    /// (0: none).
+    #[arg(long, default_value_t = 2, value_name = "STEP")]
+    pub trace_step: u64,
+    /// Without a progress bar (not a terminal, or --no-progress): print a
+    /// line every N steps.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub log_every: u64,
+    /// Standard deviation of the seeded initial weights.
+    #[arg(long, default_value_t = 0.02, value_name = "STD")]
+    pub init_std: f64,
     /// Stop after this many non-finite steps in a row.
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub max_bad_steps: u32,
@@ -199,6 +221,9 @@ pub struct TrainPlan {
     pub data: Option<Arc<TokenDataset>>,
     /// Validation data when given separately.
     pub val_data: Option<Arc<TokenDataset>>,
+    /// Training and validation ranges of `data` (validation: of `val_data`
+    /// when given, else the held-out tail of `data`).
+    pub split: Option<DataSplit>,
     /// The passkey task when there is no --data.
     pub task: Option<PasskeyTask>,
     /// The metrics file.
@@ -329,7 +354,7 @@ impl TrainArgs {
         };
         schedule.validate(&config)?;
 
-        let (data, val_data, task) = if self.data.is_empty() {
+        let (data, val_data, split, task) = if self.data.is_empty() {
             if !self.val_data.is_empty() {
                 return Err(usage(
                     "--val-data",
@@ -337,19 +362,24 @@ impl TrainArgs {
                 ));
             }
             let task = PasskeyTask::new(self.seq_len, self.passkey_digits, config.vocab_size)?;
-            (None, None, Some(task))
+            (None, None, None, Some(task))
         } else {
             let ds = TokenDataset::open(&self.data, self.token_width, config.vocab_size)?;
-            let val = if self.val_data.is_empty() {
-                ds.split(self.val_fraction, self.seq_len)?;
-                None
+            let (val, split) = if self.val_data.is_empty() {
+                (None, ds.split(self.val_fraction, self.seq_len)?)
             } else {
                 let v = TokenDataset::open(&self.val_data, self.token_width, config.vocab_size)?;
-                v.split(0.0, self.seq_len)?;
-                ds.split(0.0, self.seq_len)?;
-                Some(Arc::new(v))
+                let vs = v.split(0.0, self.seq_len)?;
+                let ts = ds.split(0.0, self.seq_len)?;
+                (
+                    Some(Arc::new(v)),
+                    DataSplit {
+                        train: ts.train,
+                        val: vs.train,
+                    },
+                )
             };
-            (Some(Arc::new(ds)), val, None)
+            (Some(Arc::new(ds)), val, Some(split), None)
         };
 
         checkpoint::check_writable(&self.out)?;
@@ -366,16 +396,112 @@ impl TrainArgs {
             schedule,
             data,
             val_data,
+            split,
             task,
             metrics,
         })
     }
 }
 
+/// The options of the loop from the checked flags.
+pub fn train_options(args: &TrainArgs, plan: &TrainPlan) -> TrainOptions {
+    TrainOptions {
+        steps: args.steps,
+        lr: args.lr,
+        min_lr: args.min_lr,
+        warmup: args.warmup,
+        shape: match args.lr_schedule {
+            LrSchedule::Cosine => LrShape::Cosine,
+            LrSchedule::Linear => LrShape::Linear,
+            LrSchedule::Constant => LrShape::Constant,
+        },
+        adamw: AdamW {
+            lr: args.lr as f32,
+            beta1: args.beta1 as f32,
+            beta2: args.beta2 as f32,
+            eps: 1e-8,
+            weight_decay: args.weight_decay as f32,
+        },
+        grad_accum: args.grad_accum,
+        clip: args.clip,
+        ckpt_every: args.ckpt_every,
+        keep: args.keep,
+        eval_every: args.eval_every,
+        eval_batches: args.eval_batches,
+        max_bad_steps: args.max_bad_steps,
+        seed: args.seed,
+        init_std: args.init_std,
+        out: args.out.clone(),
+        metrics: plan.metrics.clone(),
+        progress: !args.no_progress,
+        log_every: args.log_every,
+        trace_step: (args.trace_step > 0).then_some(args.trace_step),
+        poison_steps: Vec::new(),
+    }
+}
+
+/// The data source of a checked plan.
+pub fn source(args: &TrainArgs, plan: &TrainPlan) -> Result<Source> {
+    match (&plan.data, &plan.task, &plan.split) {
+        (Some(d), _, Some(split)) => {
+            let train = PackedLoader::new(
+                d.clone(),
+                split.train.clone(),
+                plan.schedule.seq_len,
+                args.seed,
+                true,
+            )?;
+            let val_set = plan.val_data.clone().unwrap_or_else(|| d.clone());
+            let val = (!split.val.is_empty()).then(|| (val_set, split.val.clone()));
+            Ok(Source::Tokens { train, val })
+        }
+        (None, Some(task), _) => Ok(Source::Passkey {
+            train: PasskeyGen::new(*task, args.seed),
+            task: *task,
+        }),
+        _ => Err(ModelError::Data("no training data and no task".into())),
+    }
+}
+
+fn fmt_rate(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn step_line(r: &StepRecord) -> String {
+    let mut s = format!(
+        "loss {:.4}  acc {:5.1}%  lr {:.2e}  |g| {:.3}  {} tok/s  MFU {:.1}%  device {}  host {}",
+        r.loss,
+        100.0 * r.accuracy,
+        r.lr,
+        r.grad_norm,
+        fmt_rate(r.tokens_per_s),
+        100.0 * r.mfu,
+        fmt_bytes(r.device_peak),
+        fmt_bytes(r.host_peak),
+    );
+    if r.skipped {
+        s.push_str("  SKIPPED (non-finite)");
+    }
+    if let Some(e) = r.eval {
+        s.push_str(&format!(
+            "  | val loss {:.4} acc {:.1}%",
+            e.loss,
+            100.0 * e.accuracy
+        ));
+    }
+    s
+}
+
 /// `fpdt train`.
 pub fn train(args: &TrainArgs) -> Result<ExitCode> {
     let plan = args.check()?;
-    let s = &plan.schedule;
+    let s = plan.schedule;
     let what = match (&plan.data, &plan.task) {
         (Some(d), _) => format!("token data {}", d.describe()),
         (None, Some(t)) => format!(
@@ -385,22 +511,117 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         (None, None) => "nothing".into(),
     };
     println!(
-        "checked: {} ({} parameters), S = {} over P = {} ranks in {} chunks of {} tokens, \
-         offload {}, checkpointing {}; {what}; output `{}`",
+        "fpdt train: {} ({} parameters) on the cpu device, S = {} tokens over P = {} ranks in {} \
+         chunks of {} tokens ({} per rank), offload {}, checkpointing {}; {what}",
         args.model,
         plan.config.param_count(),
         s.seq_len,
         s.ranks,
         s.chunks,
         s.chunk_tokens(),
+        s.local_chunk_tokens(),
         if s.offload { "on" } else { "off" },
         if s.checkpoint { "on" } else { "off" },
-        args.out.display()
     );
-    eprintln!(
-        "error: fpdt train: the training loop is not built yet (the flags, data, task, output \
-         directory and --resume checkpoint above are checked; the loop around the model's step \
-         — lr schedule, clipping, accumulation, optimizer-state checkpoints, metrics — comes next)"
+    let cpu = CpuConfig {
+        name: "cpu".into(),
+        device_memory: args.device_memory,
+        host_memory: args.host_memory,
+        ..CpuConfig::default()
+    };
+    let opts = train_options(args, &plan);
+    let mut trainer = Trainer::new(
+        &plan.config,
+        s,
+        &cpu,
+        source(args, &plan)?,
+        opts.clone(),
+        None,
+    )?;
+    if let Some(r) = &args.resume {
+        let ck = checkpoint::load(r, &config_fields(&plan.config))?;
+        trainer.resume(&ck)?;
+        println!(
+            "resumed from `{}` at step {}",
+            ck.dir.display(),
+            trainer.step_count()
+        );
+    }
+    if trainer.step_count() >= opts.steps {
+        println!(
+            "nothing to do: the run is at step {} and --steps is {}",
+            trainer.step_count(),
+            opts.steps
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bar = if opts.progress && std::io::stderr().is_terminal() {
+        let b = ProgressBar::new(opts.steps);
+        b.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed}<{eta} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b.set_position(trainer.step_count());
+        Some(b)
+    } else {
+        None
+    };
+    let log_every = opts.log_every;
+    let mut on_step = |r: &StepRecord| match &bar {
+        Some(b) => {
+            b.set_position(r.step);
+            b.set_message(step_line(r));
+            if r.eval.is_some() || r.skipped {
+                b.println(format!("step {:>5}  {}", r.step, step_line(r)));
+            }
+        }
+        None => {
+            if (log_every > 0 && r.step % log_every == 0) || r.eval.is_some() || r.skipped {
+                println!("step {:>5}  {}", r.step, step_line(r));
+            }
+        }
+    };
+    let result = trainer.run(&mut on_step);
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let sum = result?;
+    println!(
+        "done: {} steps in {:.1} s ({} tok/s); loss {:.4} -> {:.4}{}",
+        sum.steps,
+        sum.seconds,
+        fmt_rate(sum.tokens_per_s),
+        sum.first_loss,
+        sum.last_loss,
+        if sum.skipped > 0 {
+            format!(", {} steps skipped", sum.skipped)
+        } else {
+            String::new()
+        }
     );
-    Ok(ExitCode::from(EXIT_NOT_BUILT))
+    if let (Some(first), Some(last)) = (sum.evals.first(), sum.evals.last()) {
+        println!(
+            "validation: loss {:.4} -> {:.4}, accuracy {:.1}% -> {:.1}% (steps {} -> {})",
+            first.1.loss,
+            last.1.loss,
+            100.0 * first.1.accuracy,
+            100.0 * last.1.accuracy,
+            first.0,
+            last.0
+        );
+    }
+    println!("metrics: {}", opts.metrics.display());
+    if let Some(p) = &sum.checkpoint {
+        println!("checkpoint: {}", p.display());
+    }
+    if let Some(p) = &sum.plot {
+        println!("loss curve: {}", p.display());
+    }
+    if let Some(p) = &sum.trace {
+        println!(
+            "trace of one step: {} (open in https://ui.perfetto.dev)",
+            p.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
