@@ -548,10 +548,10 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec, kind: PlanKind) -> Result<PlanRe
 }
 
 /// Runs `plan`, counting a step the meta devices could not hold even in
-/// their oversized budgets as not fitting.
+/// their oversized budgets as not fitting (and as having no peaks).
 fn probe(cfg: &ModelConfig, spec: &PlanSpec, kind: PlanKind) -> Result<Option<PlanReport>> {
     match plan(cfg, spec, kind) {
-        Ok(r) => Ok(r.fits().then_some(r)),
+        Ok(r) => Ok(Some(r)),
         Err(e) if out_of_memory(&e) => Ok(None),
         Err(e) => Err(e),
     }
@@ -591,10 +591,67 @@ pub struct MaxLen {
     pub wall_time: f64,
 }
 
+/// Peaks measured at `k` granules: (k, device peak, host peak).
+type Measured = (usize, usize, usize);
+
+/// The largest number of granules whose step the straight line through
+/// two measured steps (`a.0 != b.0`) puts within both budgets, from `b`;
+/// None when neither peak grows with the length (no bound).
+fn extrapolate(spec: &PlanSpec, a: Measured, b: Measured) -> Option<usize> {
+    let dk = b.0 as f64 - a.0 as f64;
+    if dk == 0.0 {
+        return None;
+    }
+    let bound = |ma: usize, mb: usize, budget: usize| {
+        let slope = (mb as f64 - ma as f64) / dk;
+        (slope > 0.0).then(|| b.0 as f64 + ((budget as f64 - mb as f64) / slope).floor())
+    };
+    [
+        bound(a.1, b.1, spec.gpu_memory),
+        bound(a.2, b.2, spec.host_memory),
+    ]
+    .into_iter()
+    .flatten()
+    .reduce(f64::min)
+    .map(|k| k.max(0.0).min(usize::MAX as f64 / 2.0) as usize)
+}
+
+/// Whether `c`'s peaks lie on the line through `a` and `b` (within 1% of
+/// each peak): the peaks grow linearly with the length, so extrapolating
+/// from them is worth a probe.
+fn on_line(a: Measured, b: Measured, c: Measured) -> bool {
+    let dk = b.0 as f64 - a.0 as f64;
+    if dk == 0.0 {
+        return false;
+    }
+    let near = |ma: usize, mb: usize, mc: usize| {
+        let predicted = mb as f64 + (mb as f64 - ma as f64) / dk * (c.0 as f64 - b.0 as f64);
+        (predicted - mc as f64).abs() <= 0.01 * mc as f64
+    };
+    near(a.1, b.1, c.1) && near(a.2, b.2, c.2)
+}
+
+/// At most this many probes are placed by extrapolation; after them the
+/// search falls back to doubling and bisection, whose cost is bounded.
+const GUIDED_PROBES: usize = 4;
+
+/// A guided probe lands at most this many times the longest length known
+/// to fit, so a wrong extrapolation cannot ask for a step far costlier than
+/// the answer's.
+const GUIDED_REACH: usize = 32;
+
 /// The largest sequence (a multiple of [`granule`]) whose step fits
-/// `spec`'s device and host memory with the schedule `kind`: doubling the
-/// number of granules until a step does not fit, then bisection.
+/// `spec`'s device and host memory with the schedule `kind`.
 /// `spec.seq_len` is ignored; `limit` caps the search (in tokens).
+///
+/// The answer is the largest fitting multiple, as a plain doubling and
+/// bisection would find it (peaks grow with the length), found with fewer
+/// of the costly long probes (a step's planning time grows with u^2): small
+/// lengths are doubled until three measured steps lie on one line; then
+/// the line through the latest two says where the budgets are crossed, and
+/// that length and its neighbour are planned, which usually closes the
+/// search. When the peaks are not linear, or after [`GUIDED_PROBES`]
+/// guesses, it goes on by doubling and bisection.
 pub fn max_seq_len(
     cfg: &ModelConfig,
     spec: &PlanSpec,
@@ -606,44 +663,69 @@ pub fn max_seq_len(
     let g = granule(spec, kind);
     let max_k = (limit / g).max(1);
     let mut probes = 0;
-    let at = |k: usize, probes: &mut usize| {
-        *probes += 1;
-        probe(cfg, &spec.at(k * g), kind)
+    let found = search(spec, max_k, |k| {
+        probes += 1;
+        Ok(probe(cfg, &spec.at(k * g), kind)?.map(|r| ((k, r.device.peak, r.host.peak), r)))
+    })?;
+    let (k, report) = match found {
+        Some((k, r)) => (k, Some(r)),
+        None => (0, None),
     };
-    let done = |seq_len, report, probes| MaxLen {
+    Ok(MaxLen {
         kind,
-        seq_len,
+        seq_len: k * g,
         granule: g,
         report,
         probes,
         wall_time: wall.elapsed().as_secs_f64(),
+    })
+}
+
+/// The search of [`max_seq_len`] over `1..=max_k` granules: `step(k)`
+/// plans k granules and returns the measured peaks and the report (None
+/// when the step could not run at all: it does not fit). Returns the
+/// largest k that fits `spec`'s budgets and its report.
+fn search<R>(
+    spec: &PlanSpec,
+    max_k: usize,
+    mut step: impl FnMut(usize) -> Result<Option<(Measured, R)>>,
+) -> Result<Option<(usize, R)>> {
+    let fits = |m: &Measured| m.1 <= spec.gpu_memory && m.2 <= spec.host_memory;
+    let mut measured: Vec<Measured> = Vec::new();
+    let mut at = |k: usize, measured: &mut Vec<Measured>| -> Result<Option<R>> {
+        Ok(step(k)?.and_then(|(m, r)| {
+            measured.push(m);
+            fits(&m).then_some(r)
+        }))
     };
-    let Some(first) = at(1, &mut probes)? else {
-        return Ok(done(0, None, probes));
+    let Some(first) = at(1, &mut measured)? else {
+        return Ok(None);
     };
     // Invariant: `lo` granules fit, `hi` do not (or exceed the limit).
     let (mut lo, mut lo_report) = (1usize, first);
-    let mut hi = None;
-    while hi.is_none() {
-        let k = lo.saturating_mul(2);
-        if k > max_k {
-            hi = Some(max_k + 1);
-            break;
-        }
-        match at(k, &mut probes)? {
-            Some(r) => (lo, lo_report) = (k, r),
-            None => hi = Some(k),
-        }
-    }
-    let mut hi = hi.unwrap_or(lo + 1);
+    let mut hi = max_k + 1;
+    let mut guided = 0;
     while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        match at(mid, &mut probes)? {
-            Some(r) => (lo, lo_report) = (mid, r),
-            None => hi = mid,
+        let n = measured.len();
+        let line = (n >= 3 && guided < GUIDED_PROBES)
+            .then(|| (measured[n - 3], measured[n - 2], measured[n - 1]))
+            .filter(|&(a, b, c)| on_line(a, b, c))
+            .map(|(_, b, c)| extrapolate(spec, b, c).unwrap_or(max_k));
+        let k = match line {
+            Some(k) => {
+                guided += 1;
+                k.min(lo.saturating_mul(GUIDED_REACH))
+            }
+            None if hi > max_k => lo.saturating_mul(2),
+            None => lo + (hi - lo) / 2,
+        }
+        .clamp(lo + 1, hi - 1);
+        match at(k, &mut measured)? {
+            Some(r) => (lo, lo_report) = (k, r),
+            None => hi = k,
         }
     }
-    Ok(done(lo * g, Some(lo_report), probes))
+    Ok(Some((lo, lo_report)))
 }
 
 #[cfg(test)]
@@ -672,18 +754,137 @@ mod tests {
             alloc,
         };
         let start = BTreeMap::from([("params", 100)]);
-        // a: 50, b: 70 (peak 220 with a and b), free a, c: 60 (200 < 220).
+        // a: 50, b: 70 (peak 220 with a and b), free a, c: 40 (210 < 220).
         let events = [
             ev("a", 50, true),
             ev("b", 70, true),
             ev("a", 50, false),
-            ev("c", 60, true),
+            ev("c", 40, true),
         ];
         let at = composition_at_peak(&start, &events, Space::Device);
         assert_eq!(at.get("params"), Some(&100));
         assert_eq!(at.get("a"), Some(&50));
         assert_eq!(at.get("b"), Some(&70));
         assert_eq!(at.get("c"), None);
+    }
+
+    /// A spec whose budgets are `dev` and `host` bytes.
+    fn budgets(dev: usize, host: usize) -> PlanSpec {
+        PlanSpec {
+            gpu_memory: dev,
+            host_memory: host,
+            ..PlanSpec::h100(1024, 1, 1024)
+        }
+    }
+
+    /// The search over peaks given by `peaks(k)` (None: the step cannot
+    /// run), with the probes it made.
+    fn run_search(
+        spec: &PlanSpec,
+        max_k: usize,
+        peaks: impl Fn(usize) -> Option<(usize, usize)>,
+    ) -> (usize, Vec<usize>) {
+        let mut probed = Vec::new();
+        let found = search(spec, max_k, |k| {
+            probed.push(k);
+            Ok(peaks(k).map(|(d, h)| ((k, d, h), k)))
+        })
+        .unwrap_or_else(|e| panic!("search failed: {e}"));
+        if let Some((k, r)) = found {
+            assert_eq!(k, r, "the report is the one planned at the answer");
+        }
+        (found.map_or(0, |f| f.0), probed)
+    }
+
+    /// The answer a scan of every k finds: the largest k whose peaks fit,
+    /// when every shorter one fits too.
+    fn scan(
+        spec: &PlanSpec,
+        max_k: usize,
+        peaks: impl Fn(usize) -> Option<(usize, usize)>,
+    ) -> usize {
+        (1..=max_k)
+            .take_while(|&k| {
+                peaks(k).is_some_and(|(d, h)| d <= spec.gpu_memory && h <= spec.host_memory)
+            })
+            .last()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_search_finds_what_a_scan_finds_for_linear_and_other_peaks() {
+        type Peaks = Box<dyn Fn(usize) -> Option<(usize, usize)>>;
+        let shapes: Vec<(&str, Peaks)> = vec![
+            // FPDT-like: the device flat, the host linear.
+            ("host linear", Box::new(|k| Some((1000 + k, 500 + 37 * k)))),
+            // Baseline-like: the device linear, the host flat.
+            ("device linear", Box::new(|k| Some((300 + 91 * k, 50)))),
+            // A different first step (u = 1 schedules differ), then linear.
+            (
+                "kinked",
+                Box::new(|k| Some((if k == 1 { 90 } else { 400 + 13 * k }, 7 * k))),
+            ),
+            ("quadratic", Box::new(|k| Some((k * k * 3, k)))),
+            // Linear in steps of 4 (rounding to blocks).
+            ("stepped", Box::new(|k| Some((100 + 50 * (k / 4), 10)))),
+            // The meta devices give up past a length.
+            (
+                "cannot run past 60",
+                Box::new(|k| (k <= 60).then_some((k, 10 * k))),
+            ),
+            ("flat", Box::new(|_| Some((10, 10)))),
+            ("nothing fits", Box::new(|k| Some((100_000 + k, 0)))),
+        ];
+        for (dev, host) in [(10_000, 10_000), (4_000, 900), (2_500, 100_000), (600, 600)] {
+            let spec = budgets(dev, host);
+            for max_k in [1, 7, 100, 1000] {
+                for (name, peaks) in &shapes {
+                    let want = scan(&spec, max_k, peaks);
+                    let (got, probed) = run_search(&spec, max_k, peaks);
+                    assert_eq!(
+                        got, want,
+                        "{name}, budgets {dev}/{host}, max_k {max_k}: probes {probed:?}"
+                    );
+                    assert!(
+                        probed.iter().all(|&k| (1..=max_k).contains(&k)),
+                        "{name}: probed outside 1..={max_k}: {probed:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_peaks_close_the_search_in_few_probes_none_far_past_the_answer() {
+        // Host 2.8 per granule over a budget of 256: the answer is 89 (like
+        // llama-3-8b on 4 GPUs at 16K-token chunks), device peaks flat.
+        let spec = budgets(80, 256_000);
+        let peaks = |k: usize| Some((70, 5_000 + 2_800 * k));
+        let (got, probed) = run_search(&spec, 1024, peaks);
+        assert_eq!(got, 89);
+        // Doubling 1, 2, 4 to see the line, then 89 and 90.
+        assert_eq!(probed, vec![1, 2, 4, 89, 90]);
+        // The plain doubling and bisection probed 1, 2, 4, .., 128, then
+        // 96, 80, 88, 92, 90, 89: six probes at u >= 80 and one at 128.
+        assert!(
+            probed.iter().filter(|&&k| k >= 64).count() <= 2,
+            "{probed:?}"
+        );
+    }
+
+    #[test]
+    fn extrapolation_finds_where_the_line_crosses_the_budget() {
+        let spec = budgets(1000, 10_000);
+        // Device 100 + 10 k: 1000 reached at k = 90.
+        assert_eq!(extrapolate(&spec, (2, 120, 0), (4, 140, 0)), Some(90));
+        // Host 30 per granule from 400 at k = 3: (10000-400)/30 = 320 more.
+        assert_eq!(extrapolate(&spec, (1, 340, 340), (3, 340, 400)), Some(323));
+        // The smaller of both bounds.
+        assert_eq!(extrapolate(&spec, (2, 120, 60), (4, 140, 120)), Some(90));
+        // Nothing grows: no bound.
+        assert_eq!(extrapolate(&spec, (2, 120, 60), (4, 120, 60)), None);
+        assert!(on_line((1, 10, 5), (2, 20, 5), (8, 80, 5)));
+        assert!(!on_line((1, 10, 5), (2, 20, 5), (8, 160, 5)));
     }
 
     #[test]
