@@ -349,10 +349,11 @@ pub fn category(tag: &str) -> &'static str {
     }
 }
 
-/// Why a step could not run within the budgets: the allocator's
-/// out-of-memory error, seen directly or as the reason a rank aborted the
-/// group.
-fn out_of_memory(e: &ModelError) -> bool {
+/// Whether `e` says a step could not run within a device's budgets: the
+/// allocator's out-of-memory error, seen directly or as the reason a rank
+/// aborted the group (any device kind: the cpu device's budget fails the
+/// same way).
+pub fn is_out_of_memory(e: &ModelError) -> bool {
     fn alloc_oom(e: &RuntimeError) -> bool {
         matches!(e, RuntimeError::Alloc(AllocError::OutOfMemory { .. }))
     }
@@ -547,12 +548,30 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec, kind: PlanKind) -> Result<PlanRe
     })
 }
 
+/// Tokens as the paper writes them: 64K, 2M, 1.5M, 12345.
+pub fn fmt_tokens(n: usize) -> String {
+    const K: usize = 1 << 10;
+    const M: usize = 1 << 20;
+    if n >= M && n % (M / 4) == 0 {
+        let m = n as f64 / M as f64;
+        if n % M == 0 {
+            format!("{}M", n / M)
+        } else {
+            format!("{m:.2}M")
+        }
+    } else if n >= K && n % K == 0 {
+        format!("{}K", n / K)
+    } else {
+        n.to_string()
+    }
+}
+
 /// Runs `plan`, counting a step the meta devices could not hold even in
 /// their oversized budgets as not fitting (and as having no peaks).
 fn probe(cfg: &ModelConfig, spec: &PlanSpec, kind: PlanKind) -> Result<Option<PlanReport>> {
     match plan(cfg, spec, kind) {
         Ok(r) => Ok(Some(r)),
-        Err(e) if out_of_memory(&e) => Ok(None),
+        Err(e) if is_out_of_memory(&e) => Ok(None),
         Err(e) => Err(e),
     }
 }

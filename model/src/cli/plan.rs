@@ -10,7 +10,7 @@ use fpdt_runtime::fmt_bytes;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::planner::{self, MaxLen, MemoryReport, PlanKind, PlanReport, PlanSpec};
+use crate::planner::{self, fmt_tokens, MaxLen, MemoryReport, PlanKind, PlanReport, PlanSpec};
 
 use super::parse_bytes_arg;
 use super::train::{finite_in, load_model_config, usage, Switch};
@@ -106,24 +106,6 @@ fn paper(model: &str, gpus: usize, gpu_memory: usize) -> Option<PaperFigures> {
         ("gpt-6.7b", 4) => fig("FPDT paper (figures)", "128K", "-", "2M", "MFU ~57.7%"),
         ("llama-3-70b", 32) => fig("FPDT paper (figures)", "1M", "-", "4M", "MFU ~54%"),
         _ => None,
-    }
-}
-
-/// Tokens as the paper writes them: 64K, 2M, 1.5M, 12345.
-pub fn fmt_tokens(n: usize) -> String {
-    const K: usize = 1 << 10;
-    const M: usize = 1 << 20;
-    if n >= M && n % (M / 4) == 0 {
-        let m = n as f64 / M as f64;
-        if n % M == 0 {
-            format!("{}M", n / M)
-        } else {
-            format!("{m:.2}M")
-        }
-    } else if n >= K && n % K == 0 {
-        format!("{}K", n / K)
-    } else {
-        n.to_string()
     }
 }
 
