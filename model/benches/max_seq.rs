@@ -37,17 +37,18 @@ struct Row {
 /// What stops a schedule one granule past its longest sequence.
 fn bound(cfg: &ModelConfig, spec: &PlanSpec, m: &MaxLen) -> Result<String, ModelError> {
     let next = planner::plan(cfg, &spec.at(m.seq_len + m.granule), m.kind)?;
+    // Over by less than the printed precision: say by how much.
+    let over = |peak: usize, budget: usize| {
+        let (p, b) = (fmt_bytes(peak), fmt_bytes(budget));
+        if p == b {
+            format!("{} over {b}", fmt_bytes(peak.saturating_sub(budget)))
+        } else {
+            format!("{p} > {b}")
+        }
+    };
     Ok(match (next.fits_device(), next.fits_host()) {
-        (false, true) => format!(
-            "device ({} > {})",
-            fmt_bytes(next.device.peak),
-            fmt_bytes(spec.gpu_memory)
-        ),
-        (true, false) => format!(
-            "host ({} > {})",
-            fmt_bytes(next.host.peak),
-            fmt_bytes(spec.host_memory)
-        ),
+        (false, true) => format!("device ({})", over(next.device.peak, spec.gpu_memory)),
+        (true, false) => format!("host ({})", over(next.host.peak, spec.host_memory)),
         (false, false) => "device and host".into(),
         (true, true) => "the search limit".into(),
     })
