@@ -727,6 +727,48 @@ impl SplitMix64 {
     }
 }
 
+/// The storage precision of working weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Precision {
+    /// f32 everywhere (the exact path of the equality tests).
+    #[default]
+    F32,
+    /// Mixed precision: bf16 working weights and activations (what the
+    /// matmuls read, what is offloaded), f32 accumulation, statistics,
+    /// gradients and master weights.
+    Bf16,
+}
+
+impl Precision {
+    /// The storage dtype of working weights and activations.
+    pub fn storage(self) -> fpdt_ptx::cpu::DType {
+        match self {
+            Precision::F32 => fpdt_ptx::cpu::DType::F32,
+            Precision::Bf16 => fpdt_ptx::cpu::DType::BF16,
+        }
+    }
+
+    /// The name a flag takes (`f32`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(ModelError::config("precision", s, "must be f32 or bf16")),
+        }
+    }
+}
+
 /// The knobs of one FPDT training step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Schedule {
@@ -746,6 +788,8 @@ pub struct Schedule {
     pub mlp_chunk: usize,
     /// Tokens per loss sub-chunk (0: same as the MLP chunk).
     pub loss_chunk: usize,
+    /// Storage precision of working weights and activations.
+    pub precision: Precision,
 }
 
 impl Schedule {
@@ -759,6 +803,7 @@ impl Schedule {
             checkpoint: true,
             mlp_chunk: 0,
             loss_chunk: 0,
+            precision: Precision::F32,
         }
     }
 
@@ -772,6 +817,7 @@ impl Schedule {
             checkpoint: false,
             mlp_chunk: 0,
             loss_chunk: 0,
+            precision: Precision::F32,
         }
     }
 
