@@ -16,10 +16,11 @@ use fpdt_comm::{Communicator, DType, FpdtLayout, InProcessComm, InProcessGroup, 
 use fpdt_ptx::cpu::{adamw_step, AdamW};
 use fpdt_runtime::{ChunkMover, CpuConfig, Device, DeviceBuffer, HostBuffer, MetaConfig};
 
-use crate::config::{ModelConfig, ParamLayout, Schedule};
+use crate::config::{ModelConfig, ParamLayout, Precision, Schedule};
 use crate::error::{ModelError, Result};
-use crate::layers::{block, embedding, fill, loss, Ctx, Stash, F32};
+use crate::layers::{block, embedding, fill, loss, Ctx, Stash, Tv, F32};
 use crate::reference::check_batch;
+use fpdt_ptx::cpu::{narrow_bytes, widen_bytes, DType as Storage};
 
 /// Where the gradients of a rank stand between optimizer steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,9 @@ struct OptimizerShard {
     host_grad: HostBuffer,
     /// Reduce-scatter target, then all-gather source.
     dev_shard: DeviceBuffer,
+    /// The updated shard rounded to the working dtype (bf16 path only; on
+    /// the f32 path the master shard is the working shard).
+    host_working: Option<HostBuffer>,
     /// AdamW steps taken (the bias correction's t).
     steps: u32,
 }
@@ -116,7 +120,8 @@ pub struct RankModel<C: Communicator> {
     comm: C,
     dev: Device,
     mover: ChunkMover,
-    /// Working weights, the flat layout padded to a multiple of P (f32).
+    /// Working weights, the flat layout padded to a multiple of P (in the
+    /// schedule's storage dtype; the fp32 master is the optimizer's).
     params: DeviceBuffer,
     /// Gradients, same shape (f32), accumulated over micro-batches.
     grads: DeviceBuffer,
@@ -189,7 +194,8 @@ impl<C: Communicator> RankModel<C> {
         let k = n_pad / p;
         let r = comm.rank();
         let range = r * k..(r + 1) * k;
-        let weights = dev.alloc(n_pad * F32, "params")?;
+        let wdt = sched.precision.storage();
+        let weights = dev.alloc(n_pad * wdt.size(), "params")?;
         let grads = dev.alloc(n_pad * F32, "grads")?;
         let loss = dev.alloc(2 * F32, "loss")?;
         let readback = dev.alloc_host(3 * F32, "readback")?;
@@ -198,15 +204,19 @@ impl<C: Communicator> RankModel<C> {
         let mut v = dev.alloc_host(k * F32, "adam v")?;
         let host_grad = dev.alloc_host(k * F32, "grad shard")?;
         let dev_shard = dev.alloc(k * F32, "shard")?;
+        let host_working = match sched.precision {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(dev.alloc_host(k * wdt.size(), "working shard")?),
+        };
         if let Some(w) = params {
             let mut padded = w.to_vec();
             padded.resize(n_pad, 0.0);
-            dev.write(weights.view(), &padded)?;
+            dev.write(weights.view(), &stored(&padded, wdt)?)?;
             master.copy_from(&padded[range.clone()])?;
             m.write(|x: &mut [f32]| x.fill(0.0))?;
             v.write(|x: &mut [f32]| x.fill(0.0))?;
         }
-        fill(dev.compute(), grads.view(), 0.0)?;
+        fill(dev.compute(), Tv::f32(grads.view()), 0.0)?;
         Ok(RankModel {
             cfg: cfg.clone(),
             layout,
@@ -227,6 +237,7 @@ impl<C: Communicator> RankModel<C> {
                 v,
                 host_grad,
                 dev_shard,
+                host_working,
                 steps: 0,
             },
             batch: None,
@@ -323,7 +334,7 @@ impl<C: Communicator> RankModel<C> {
     /// Sets the gradients to zero (a new accumulation).
     pub fn zero_grads(&mut self) -> Result<()> {
         if self.grad_state != GradState::Zero {
-            fill(self.dev.compute(), self.grads.view(), 0.0)?;
+            fill(self.dev.compute(), Tv::f32(self.grads.view()), 0.0)?;
             self.grad_state = GradState::Zero;
         }
         Ok(())
@@ -351,26 +362,29 @@ impl<C: Communicator> RankModel<C> {
             mover: &self.mover,
             comm: &self.comm,
             params: &self.params,
+            wdt: self.sched.precision.storage(),
+            adt: self.sched.precision.storage(),
+            // Activation gradients in bf16 too: half the bytes of dO, dx and
+            // the all-to-alls of the backward (f32 ones measured only
+            // slightly closer to the reference, the forward's rounding
+            // dominating).
+            gdt: self.sched.precision.storage(),
             grads: &self.grads,
         };
         let s = ctx.s();
-        fill(s, self.loss.view(), 0.0)?;
+        fill(s, Tv::f32(self.loss.view()), 0.0)?;
         let (u, c, h) = (
             self.sched.chunks,
             self.sched.local_chunk_tokens(),
             self.cfg.hidden,
         );
-        fn rows(
-            b: &DeviceBuffer,
-            i: usize,
-            c: usize,
-        ) -> fpdt_runtime::Result<fpdt_runtime::View<'_>> {
-            b.elems::<f32>(i * c..(i + 1) * c)
+        fn rows(b: &DeviceBuffer, i: usize, c: usize) -> fpdt_runtime::Result<Tv<'_>> {
+            Ok(Tv::f32(b.elems::<f32>(i * c..(i + 1) * c)?))
         }
         // Embedding.
         let mut x = Vec::with_capacity(u);
         for i in 0..u {
-            let e = ctx.alloc(c * h, "x")?;
+            let e = ctx.alloc_act(c * h, "x")?;
             embedding::forward(&ctx, rows(ids, i, c)?, e.view())?;
             x.push(ctx.stash(e)?);
         }
@@ -387,13 +401,13 @@ impl<C: Communicator> RankModel<C> {
         let mut dys = Vec::with_capacity(u);
         for (i, xi) in x.iter().enumerate() {
             let xl = xi.fetch(&self.mover)?;
-            let dx = ctx.alloc(c * h, "dx")?;
+            let dx = ctx.alloc_grad(c * h, "dx")?;
             loss::forward_backward(
                 &ctx,
                 xl.view()?,
                 rows(labels, i, c)?,
                 dx.view(),
-                self.loss.view(),
+                Tv::f32(self.loss.view()),
                 c,
                 scale,
             )?;
@@ -469,9 +483,10 @@ impl<C: Communicator> RankModel<C> {
         Ok(g)
     }
 
-    /// The working weights (the flat layout).
+    /// The working weights (the flat layout; bf16 ones widened to f32).
     pub fn params(&self) -> Result<Vec<f32>> {
-        let mut p = self.dev.download::<f32>(self.params.view())?;
+        let raw = self.dev.download::<u8>(self.params.view())?;
+        let mut p = widen_bytes(&raw, self.sched.precision.storage())?;
         p.truncate(self.layout.len());
         Ok(p)
     }
@@ -515,7 +530,10 @@ impl<C: Communicator> RankModel<C> {
         let (w, m, v) = (pad(master), pad(m), pad(v));
         let r = self.opt.range.clone();
         self.dev.synchronize()?;
-        self.dev.write(self.params.view(), &w)?;
+        self.dev.write(
+            self.params.view(),
+            &stored(&w, self.sched.precision.storage())?,
+        )?;
         self.opt.master.copy_from(&w[r.clone()])?;
         self.opt.m.copy_from(&m[r.clone()])?;
         self.opt.v.copy_from(&v[r])?;
@@ -567,8 +585,8 @@ impl<C: Communicator> RankModel<C> {
             &s,
             "grad_sq_norm",
             2.0 * k as f64,
-            &[opt.dev_shard.view()],
-            &[sq.view()],
+            &[Tv::f32(opt.dev_shard.view())],
+            &[Tv::f32(sq.view())],
             |i, o| {
                 o[0][0] = fpdt_ptx::cpu::sq_norm(i[0]) as f32;
                 Ok(())
@@ -593,7 +611,7 @@ impl<C: Communicator> RankModel<C> {
         };
         if !norm.is_finite() {
             // Every rank saw the same all-reduced norm, so all skip.
-            fill(&s, self.grads.view(), 0.0)?;
+            fill(&s, Tv::f32(self.grads.view()), 0.0)?;
             self.grad_state = GradState::Zero;
             s.synchronize()?;
             return Ok(OptimReport {
@@ -607,24 +625,53 @@ impl<C: Communicator> RankModel<C> {
         let adamw = step.adamw;
         let gs = scale as f32;
         // AdamW on the host shard (the arena): 10 FLOPs per element.
+        let mut writes = vec![
+            Tv::f32(opt.master.view()),
+            Tv::f32(opt.m.view()),
+            Tv::f32(opt.v.view()),
+        ];
+        let wdt = self.sched.precision.storage();
+        if let Some(w) = &opt.host_working {
+            // Rounded to bf16 by the kernel helper as it is written.
+            writes.push(Tv {
+                v: w.view(),
+                dt: wdt,
+            });
+        }
         crate::layers::kernel(
             &s,
             "adamw_host",
             10.0 * k as f64,
-            &[opt.host_grad.view()],
-            &[opt.master.view(), opt.m.view(), opt.v.view()],
+            &[Tv::f32(opt.host_grad.view())],
+            &writes,
             move |i, o| {
                 let (p, rest) = o.split_at_mut(1);
-                let (m, v) = rest.split_at_mut(1);
-                let mut working = vec![0.0f32; p[0].len()];
-                adamw_step(&adamw, t, gs, p[0], i[0], m[0], v[0], &mut working)
+                let (m, rest) = rest.split_at_mut(1);
+                let (v, rest) = rest.split_at_mut(1);
+                match rest.first_mut() {
+                    Some(w) => adamw_step(&adamw, t, gs, p[0], i[0], m[0], v[0], w),
+                    None => {
+                        let mut working = vec![0.0f32; p[0].len()];
+                        adamw_step(&adamw, t, gs, p[0], i[0], m[0], v[0], &mut working)
+                    }
+                }
             },
         )?;
-        // f32 working weights are the master weights themselves.
-        s.copy(opt.master.view(), opt.dev_shard.view())?;
-        self.comm
-            .all_gather(&s, opt.dev_shard.view(), self.params.view())?;
-        fill(&s, self.grads.view(), 0.0)?;
+        match &opt.host_working {
+            // The all-gather moves the bf16 working shard (half the bytes).
+            Some(w) => {
+                let send = opt.dev_shard.bytes(0..k * wdt.size())?;
+                s.copy(w.view(), send)?;
+                self.comm.all_gather(&s, send, self.params.view())?;
+            }
+            // f32 working weights are the master weights themselves.
+            None => {
+                s.copy(opt.master.view(), opt.dev_shard.view())?;
+                self.comm
+                    .all_gather(&s, opt.dev_shard.view(), self.params.view())?;
+            }
+        }
+        fill(&s, Tv::f32(self.grads.view()), 0.0)?;
         self.comm.synchronize(&s)?;
         s.synchronize()?;
         self.grad_state = GradState::Zero;
@@ -824,6 +871,13 @@ impl FpdtGroup {
         self.on_all(|r| r.restore(state))?;
         Ok(())
     }
+}
+
+/// `values` as the bytes of `dtype` (rounded to nearest even for bf16).
+fn stored(values: &[f32], dtype: Storage) -> Result<Vec<u8>> {
+    let mut b = vec![0u8; values.len() * dtype.size()];
+    narrow_bytes(values, dtype, &mut b)?;
+    Ok(b)
 }
 
 /// Rank 0's result of a call on all ranks.

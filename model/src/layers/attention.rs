@@ -25,9 +25,9 @@ use fpdt_comm::{Communicator, UlyssesAllToAll, UlyssesConfig};
 use fpdt_ptx::cpu::{
     attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, rope_bwd, rope_fwd, AttnShape,
 };
-use fpdt_runtime::{DeviceBuffer, DoubleBuffer, View};
+use fpdt_runtime::DoubleBuffer;
 
-use super::{kernel, linear_bwd, linear_fwd, missing, norm, Ctx, Held, Incoming, Stash, F32};
+use super::{kernel, linear_bwd, linear_fwd, missing, norm, Buf, Ctx, Held, Incoming, Stash, Tv};
 use crate::config::LayerParams;
 use crate::error::Result;
 
@@ -37,9 +37,10 @@ pub(crate) struct Saved {
     pub q: Vec<Stash>,
     /// Roped keys then values `[2, C, KV/P, d]`.
     pub kv: Vec<Stash>,
-    /// Final attention output `[C, H/P, d]` (f32).
+    /// Final attention output `[C, H/P, d]` (the activation dtype; merged
+    /// in an f32 accumulator).
     pub o: Vec<Stash>,
-    /// Its log-sum-exp `[C, H/P]`.
+    /// Its log-sum-exp `[C, H/P]` (f32).
     pub lse: Vec<Stash>,
     /// The output gathered back to this rank's tokens `[c, H*d]`.
     pub o_local: Vec<Stash>,
@@ -110,7 +111,7 @@ fn bias<'a>(
     ctx: &'a Ctx<'_>,
     r: &Option<std::ops::Range<usize>>,
     grad: bool,
-) -> Result<Option<View<'a>>> {
+) -> Result<Option<Tv<'a>>> {
     Ok(match r {
         Some(r) if grad => Some(ctx.g(r)?),
         Some(r) => Some(ctx.p(r)?),
@@ -120,15 +121,15 @@ fn bias<'a>(
 
 fn rope(
     ctx: &Ctx<'_>,
-    x: View<'_>,
-    y: View<'_>,
+    x: Tv<'_>,
+    y: Tv<'_>,
     pos: Vec<u32>,
     heads: usize,
     dims: &Dims,
     inverse: bool,
 ) -> Result<()> {
     let (d, theta) = (dims.d, dims.theta);
-    let n = x.len_of::<f32>() as f64;
+    let n = x.len() as f64;
     let name = if inverse { "rope_bwd" } else { "rope_fwd" };
     kernel(ctx.s(), name, 6.0 * n, &[x], &[y], move |i, o| {
         if inverse {
@@ -142,15 +143,15 @@ fn rope(
 fn attn_pair(
     ctx: &Ctx<'_>,
     dims: &Dims,
-    q: View<'_>,
-    kv: View<'_>,
+    q: Tv<'_>,
+    kv: Tv<'_>,
     causal: bool,
-    o: View<'_>,
-    lse: View<'_>,
+    o: Tv<'_>,
+    lse: Tv<'_>,
 ) -> Result<()> {
     let shape = dims.shape();
-    let half = dims.kn() * F32;
-    let (k, v) = (kv.bytes(0..half)?, kv.bytes(half..2 * half)?);
+    let half = dims.kn();
+    let (k, v) = (kv.elems(0..half)?, kv.elems(half..2 * half)?);
     let flops = shape.fwd_flops() * if causal { 0.5 } else { 1.0 };
     let scale = dims.scale;
     kernel(
@@ -190,7 +191,8 @@ pub(crate) fn forward(
         x_mid: Vec::new(),
     };
     let mut outs = Vec::with_capacity(dm.u);
-    let kv_bytes = 2 * dm.kn() * F32;
+    let kv_bytes = 2 * dm.kn() * ctx.adt.size();
+    let ab = ctx.adt.size();
     let dbuf = if ctx.sched.offload && dm.u > 1 {
         Some(DoubleBuffer::new(ctx.mover, kv_bytes, "kv slot")?)
     } else {
@@ -200,11 +202,11 @@ pub(crate) fn forward(
         let x = xs.get(i).ok_or_else(|| missing("x", i))?.fetch(ctx.mover)?;
         let xv = x.view()?;
         // Projections of the local tokens.
-        let hn = ctx.alloc(dm.c * dm.h, "attn norm")?;
+        let hn = ctx.alloc_act(dm.c * dm.h, "attn norm")?;
         norm::forward(ctx, xv, &lp.norm1_w, &lp.norm1_b, hn.view(), dm.c)?;
-        let ql = ctx.alloc(dm.c * dm.qd, "q local")?;
-        let kl = ctx.alloc(dm.c * dm.kvd, "k local")?;
-        let vl = ctx.alloc(dm.c * dm.kvd, "v local")?;
+        let ql = ctx.alloc_act(dm.c * dm.qd, "q local")?;
+        let kl = ctx.alloc_act(dm.c * dm.kvd, "k local")?;
+        let vl = ctx.alloc_act(dm.c * dm.kvd, "v local")?;
         linear_fwd(
             s,
             hn.view(),
@@ -237,27 +239,27 @@ pub(crate) fn forward(
         )?;
         drop(hn);
         // Head-parallel all-to-all: this rank's heads of the whole chunk.
-        let qh = ctx.alloc(dm.qn(), "q heads")?;
-        ul.scatter_heads(s, Heads::Query, F32, ql.view(), qh.view())?;
-        let kh = ctx.alloc(dm.kn(), "k heads")?;
-        ul.scatter_heads(s, Heads::KeyValue, F32, kl.view(), kh.view())?;
-        let kv = ctx.alloc(2 * dm.kn(), "kv")?;
-        let half = dm.kn() * F32;
+        let qh = ctx.alloc_act(dm.qn(), "q heads")?;
+        ul.scatter_heads(s, Heads::Query, ab, ql.buf.view(), qh.buf.view())?;
+        let kh = ctx.alloc_act(dm.kn(), "k heads")?;
+        ul.scatter_heads(s, Heads::KeyValue, ab, kl.buf.view(), kh.buf.view())?;
+        let kv = ctx.alloc_act(2 * dm.kn(), "kv")?;
+        let half = dm.kn();
         ul.scatter_heads(
             s,
             Heads::KeyValue,
-            F32,
-            vl.view(),
-            kv.bytes(half..2 * half)?,
+            ab,
+            vl.buf.view(),
+            kv.elems(half..2 * half)?.v,
         )?;
         drop((ql, kl, vl));
         // RoPE at the chunk's global positions.
-        let q = ctx.alloc(dm.qn(), "q")?;
+        let q = ctx.alloc_act(dm.qn(), "q")?;
         rope(ctx, qh.view(), q.view(), dm.positions(i), dm.hl, &dm, false)?;
         rope(
             ctx,
             kh.view(),
-            kv.bytes(0..half)?,
+            kv.elems(0..half)?,
             dm.positions(i),
             dm.kvl,
             &dm,
@@ -289,9 +291,12 @@ pub(crate) fn forward(
             };
             match &dbuf {
                 Some(db) => {
-                    let host = |j: usize| match saved.kv.get(j) {
-                        Some(Stash::Host(hc)) => Ok(hc),
-                        _ => Err(missing("kv (host)", j)),
+                    let host = |j: usize| {
+                        saved
+                            .kv
+                            .get(j)
+                            .and_then(Stash::host)
+                            .ok_or_else(|| missing("kv (host)", j))
                     };
                     let mut next = Some(db.prefetch(host(0)?)?);
                     for j in 0..i {
@@ -304,7 +309,10 @@ pub(crate) fn forward(
                             ctx,
                             &dm,
                             q.view(),
-                            guard.view(),
+                            Tv {
+                                v: guard.view(),
+                                dt: ctx.adt,
+                            },
                             false,
                             oj.view(),
                             lj.view(),
@@ -328,10 +336,15 @@ pub(crate) fn forward(
             attn_pair(ctx, &dm, q.view(), kv.view(), true, oj.view(), lj.view())?;
             merge(ctx)?;
         }
+        // The merged output in the activation dtype (what moves and is kept).
+        let o = match ctx.narrowed(o.view(), "o")? {
+            Some(narrow) => narrow,
+            None => o,
+        };
         // Back to this rank's tokens; output projection and residual.
-        let ol = ctx.alloc(dm.c * dm.qd, "o local")?;
-        ul.gather_heads(s, Heads::Query, F32, o.view(), ol.view())?;
-        let a = ctx.alloc(dm.c * dm.h, "attn out")?;
+        let ol = ctx.alloc_act(dm.c * dm.qd, "o local")?;
+        ul.gather_heads(s, Heads::Query, ab, o.buf.view(), ol.buf.view())?;
+        let a = ctx.alloc_act(dm.c * dm.h, "attn out")?;
         linear_fwd(
             s,
             ol.view(),
@@ -342,7 +355,7 @@ pub(crate) fn forward(
             dm.qd,
             dm.h,
         )?;
-        let xm = ctx.alloc(dm.c * dm.h, "x mid")?;
+        let xm = ctx.alloc_act(dm.c * dm.h, "x mid")?;
         super::residual(s, xv, a.view(), xm.view())?;
         drop((a, x));
         saved.kv.push(ctx.stash(kv)?);
@@ -355,7 +368,7 @@ pub(crate) fn forward(
     Ok((outs, saved))
 }
 
-fn fill_neg_inf(ctx: &Ctx<'_>, v: View<'_>) -> Result<()> {
+fn fill_neg_inf(ctx: &Ctx<'_>, v: Tv<'_>) -> Result<()> {
     super::fill(ctx.s(), v, f32::NEG_INFINITY)
 }
 
@@ -386,6 +399,8 @@ pub(crate) fn backward(
 ) -> Result<Vec<Stash>> {
     let dm = Dims::new(ctx);
     let s = ctx.s();
+    // Gradients move between ranks in their own dtype.
+    let gb = ctx.gdt.size();
     let mv = ctx.mover;
     let comm: &dyn Communicator = ctx.comm;
     let ul = UlyssesAllToAll::new(
@@ -405,7 +420,7 @@ pub(crate) fn backward(
         get(&saved.o, "o", i)?;
         let g = dxm[i].fetch(mv)?;
         let ol = saved.o_local[i].fetch(mv)?;
-        let dol = ctx.alloc(dm.c * dm.qd, "do local")?;
+        let dol = ctx.alloc_grad(dm.c * dm.qd, "do local")?;
         linear_bwd(
             s,
             g.view()?,
@@ -419,8 +434,8 @@ pub(crate) fn backward(
             dm.h,
         )?;
         drop((g, ol));
-        let doh = ctx.alloc(dm.qn(), "do")?;
-        ul.scatter_heads(s, Heads::Query, F32, dol.view(), doh.view())?;
+        let doh = ctx.alloc_grad(dm.qn(), "do")?;
+        ul.scatter_heads(s, Heads::Query, gb, dol.buf.view(), doh.buf.view())?;
         drop(dol);
         let o = saved.o[i].fetch(mv)?;
         let delta = ctx.alloc(dm.big_c * dm.hl, "delta")?;
@@ -451,7 +466,7 @@ pub(crate) fn backward(
     let mut dq: Vec<Option<Stash>> = (0..dm.u).map(|_| None).collect();
     let mut dxs = Vec::with_capacity(dm.u);
     let shape = dm.shape();
-    let half = dm.kn() * F32;
+    let half = dm.kn();
     get(&saved.kv, "kv", 0)?;
     let mut kv_next = Some(saved.kv[0].start(mv)?);
     for i in 0..dm.u {
@@ -461,7 +476,7 @@ pub(crate) fn backward(
             kv_next = Some(saved.kv[i + 1].start(mv)?);
         }
         let dkv = ctx.zeros(2 * dm.kn(), "dkv")?;
-        let mut dq_final: Option<DeviceBuffer> = None;
+        let mut dq_final: Option<Buf> = None;
         let mut next = Some(start(i)?);
         for qq in i..dm.u {
             let b = next.take().ok_or_else(|| missing("query bundle", qq))?;
@@ -480,8 +495,8 @@ pub(crate) fn backward(
             };
             let causal = qq == i;
             let kvv = kv.view()?;
-            let (k, v) = (kvv.bytes(0..half)?, kvv.bytes(half..2 * half)?);
-            let (dk, dv) = (dkv.bytes(0..half)?, dkv.bytes(half..2 * half)?);
+            let (k, v) = (kvv.elems(0..half)?, kvv.elems(half..2 * half)?);
+            let (dk, dv) = (dkv.elems(0..half)?, dkv.elems(half..2 * half)?);
             let scale = dm.scale;
             let flops = 2.5 * shape.fwd_flops() * if causal { 0.5 } else { 1.0 };
             kernel(
@@ -516,7 +531,7 @@ pub(crate) fn backward(
         drop(kv);
         let dqb = dq_final.ok_or_else(|| missing("dq", i))?;
         // RoPE backward and back to this rank's tokens.
-        let dqr = ctx.alloc(dm.qn(), "dq roped")?;
+        let dqr = ctx.alloc_grad(dm.qn(), "dq roped")?;
         rope(
             ctx,
             dqb.view(),
@@ -527,35 +542,34 @@ pub(crate) fn backward(
             true,
         )?;
         drop(dqb);
-        let dkr = ctx.alloc(dm.kn(), "dk roped")?;
+        let dkr = ctx.alloc_grad(dm.kn(), "dk roped")?;
         rope(
             ctx,
-            dkv.bytes(0..half)?,
+            dkv.elems(0..half)?,
             dkr.view(),
             dm.positions(i),
             dm.kvl,
             &dm,
             true,
         )?;
-        let dql = ctx.alloc(dm.c * dm.qd, "dq local")?;
-        ul.gather_heads(s, Heads::Query, F32, dqr.view(), dql.view())?;
-        let dkl = ctx.alloc(dm.c * dm.kvd, "dk local")?;
-        ul.gather_heads(s, Heads::KeyValue, F32, dkr.view(), dkl.view())?;
-        let dvl = ctx.alloc(dm.c * dm.kvd, "dv local")?;
-        ul.gather_heads(
-            s,
-            Heads::KeyValue,
-            F32,
-            dkv.bytes(half..2 * half)?,
-            dvl.view(),
-        )?;
-        drop((dqr, dkr, dkv));
+        let dql = ctx.alloc_grad(dm.c * dm.qd, "dq local")?;
+        ul.gather_heads(s, Heads::Query, gb, dqr.buf.view(), dql.buf.view())?;
+        let dkl = ctx.alloc_grad(dm.c * dm.kvd, "dk local")?;
+        ul.gather_heads(s, Heads::KeyValue, gb, dkr.buf.view(), dkl.buf.view())?;
+        let dvl = ctx.alloc_grad(dm.c * dm.kvd, "dv local")?;
+        let dv_act = ctx.narrowed_to(dkv.elems(half..2 * half)?, ctx.gdt, "dv")?;
+        let dv = match &dv_act {
+            Some(b) => b.view(),
+            None => dkv.elems(half..2 * half)?,
+        };
+        ul.gather_heads(s, Heads::KeyValue, gb, dv.v, dvl.buf.view())?;
+        drop((dqr, dkr, dv_act, dkv));
         // QKV projection and norm backward, x_i fetched again.
         get(xs, "x", i)?;
         let x = xs[i].fetch(mv)?;
-        let hn = ctx.alloc(dm.c * dm.h, "attn norm")?;
+        let hn = ctx.alloc_act(dm.c * dm.h, "attn norm")?;
         norm::forward(ctx, x.view()?, &lp.norm1_w, &lp.norm1_b, hn.view(), dm.c)?;
-        let dhn = ctx.alloc(dm.c * dm.h, "attn norm grad")?;
+        let dhn = ctx.alloc_grad(dm.c * dm.h, "attn norm grad")?;
         let parts = [
             (&dql, &lp.wq, &lp.bq, dm.qd),
             (&dkl, &lp.wk, &lp.bk, dm.kvd),
@@ -577,11 +591,8 @@ pub(crate) fn backward(
         }
         drop((dql, dkl, dvl, hn));
         let g = dxm[i].fetch(mv)?;
-        let dx = ctx.alloc(dm.c * dm.h, "dx")?;
-        kernel(s, "copy", 0.0, &[g.view()?], &[dx.view()], |a, o| {
-            o[0].copy_from_slice(a[0]);
-            Ok(())
-        })?;
+        let dx = ctx.alloc_grad(dm.c * dm.h, "dx")?;
+        super::copy(s, g.view()?, dx.view())?;
         drop(g);
         norm::backward(
             ctx,

@@ -19,7 +19,7 @@ pub(crate) fn forward(ctx: &Ctx<'_>, l: usize, xs: &[Stash]) -> Result<(Vec<Stas
     let mut outs = Vec::with_capacity(x_mid.len());
     for xm in &x_mid {
         let x = xm.fetch(ctx.mover)?;
-        let y = ctx.alloc(c * h, "x")?;
+        let y = ctx.alloc_act(c * h, "x")?;
         mlp::forward(ctx, lp, x.view()?, y.view(), c)?;
         drop(x);
         outs.push(ctx.stash(y)?);
@@ -43,7 +43,7 @@ pub(crate) fn backward(
     for (xm, dy) in saved.x_mid.iter().zip(dys) {
         let x = xm.fetch(ctx.mover)?;
         let g = dy.fetch(ctx.mover)?;
-        let dx = ctx.alloc(c * h, "dx mid")?;
+        let dx = ctx.alloc_grad(c * h, "dx mid")?;
         mlp::backward(ctx, lp, x.view()?, g.view()?, dx.view(), c)?;
         drop((x, g));
         dxm.push(ctx.stash(dx)?);

@@ -2,13 +2,12 @@
 //! f32 gradient of the table).
 
 use fpdt_ptx::cpu::{embedding_bwd, embedding_fwd};
-use fpdt_runtime::View;
 
-use super::{kernel, Ctx};
+use super::{kernel, Ctx, Tv};
 use crate::error::Result;
 
 /// `x[t] = embed[ids[t]]`; `ids` are u32 stored in an f32-sized buffer.
-pub(crate) fn forward(ctx: &Ctx<'_>, ids: View<'_>, x: View<'_>) -> Result<()> {
+pub(crate) fn forward(ctx: &Ctx<'_>, ids: Tv<'_>, x: Tv<'_>) -> Result<()> {
     let dim = ctx.cfg.hidden;
     kernel(
         ctx.s(),
@@ -21,9 +20,9 @@ pub(crate) fn forward(ctx: &Ctx<'_>, ids: View<'_>, x: View<'_>) -> Result<()> {
 }
 
 /// `dembed[ids[t]] += dx[t]`.
-pub(crate) fn backward(ctx: &Ctx<'_>, ids: View<'_>, dx: View<'_>) -> Result<()> {
+pub(crate) fn backward(ctx: &Ctx<'_>, ids: Tv<'_>, dx: Tv<'_>) -> Result<()> {
     let dim = ctx.cfg.hidden;
-    let n = dx.len_of::<f32>() as f64;
+    let n = dx.len() as f64;
     kernel(
         ctx.s(),
         "embedding_bwd",

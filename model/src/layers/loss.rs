@@ -3,10 +3,9 @@
 //! one sub-chunk of `loss_tokens` rows at a time.
 
 use fpdt_ptx::cpu::softmax_cross_entropy;
-use fpdt_runtime::View;
 
 use super::mlp::rows;
-use super::{kernel, linear_bwd, linear_fwd, norm, Ctx};
+use super::{kernel, linear_bwd, linear_fwd, norm, Ctx, Tv};
 use crate::error::Result;
 use crate::reference::IGNORE_INDEX;
 
@@ -17,10 +16,10 @@ use crate::reference::IGNORE_INDEX;
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_backward(
     ctx: &Ctx<'_>,
-    x: View<'_>,
-    labels: View<'_>,
-    dx: View<'_>,
-    loss_acc: View<'_>,
+    x: Tv<'_>,
+    labels: Tv<'_>,
+    dx: Tv<'_>,
+    loss_acc: Tv<'_>,
     t: usize,
     grad_scale: f32,
 ) -> Result<()> {
@@ -34,7 +33,7 @@ pub(crate) fn forward_backward(
         let b = (a + step).min(t);
         let n = b - a;
         let xr = rows(&x, h, a, b)?;
-        let hn = ctx.alloc(n * h, "loss norm")?;
+        let hn = ctx.alloc_act(n * h, "loss norm")?;
         norm::forward(ctx, xr, &nw, &nb, hn.view(), n)?;
         let logits = ctx.alloc(n * vocab, "logits")?;
         linear_fwd(
@@ -52,7 +51,7 @@ pub(crate) fn forward_backward(
             s,
             "softmax_xent",
             6.0 * (n * vocab) as f64,
-            &[logits.view(), labels.elems::<f32>(a..b)?],
+            &[logits.view(), labels.elems(a..b)?],
             &[dlogits.view(), loss_acc],
             move |i, o| {
                 let labels = bytemuck::cast_slice::<f32, i32>(i[1]);
@@ -88,7 +87,7 @@ pub(crate) fn forward_backward(
             },
         )?;
         drop(logits);
-        let dhn = ctx.alloc(n * h, "loss norm grad")?;
+        let dhn = ctx.alloc_grad(n * h, "loss norm grad")?;
         linear_bwd(
             s,
             dlogits.view(),

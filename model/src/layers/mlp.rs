@@ -5,23 +5,22 @@
 //! sub-chunk; backward recomputes it from the block input.
 
 use fpdt_ptx::cpu::{gelu_tanh_bwd, gelu_tanh_fwd, swiglu_bwd, swiglu_fwd};
-use fpdt_runtime::View;
 
-use super::{kernel, linear_bwd, linear_fwd, norm, Ctx, F32};
+use super::{kernel, linear_bwd, linear_fwd, norm, Buf, Ctx, Tv};
 use crate::config::{Activation, LayerParams};
 use crate::error::Result;
 
-/// Rows `[a, b)` of a `[rows, width]` f32 view.
-pub(crate) fn rows<'a>(v: &View<'a>, width: usize, a: usize, b: usize) -> Result<View<'a>> {
-    Ok(v.bytes(a * width * F32..b * width * F32)?)
+/// Rows `[a, b)` of a `[rows, width]` view.
+pub(crate) fn rows<'a>(v: &Tv<'a>, width: usize, a: usize, b: usize) -> Result<Tv<'a>> {
+    v.rows(width, a, b)
 }
 
 /// `y = x + mlp(norm2(x))` for the `t` rows of `x`.
 pub(crate) fn forward(
     ctx: &Ctx<'_>,
     lp: &LayerParams,
-    x: View<'_>,
-    y: View<'_>,
+    x: Tv<'_>,
+    y: Tv<'_>,
     t: usize,
 ) -> Result<()> {
     let (h, inter) = (ctx.cfg.hidden, ctx.cfg.intermediate);
@@ -32,10 +31,10 @@ pub(crate) fn forward(
         let b = (a + step).min(t);
         let n = b - a;
         let xr = rows(&x, h, a, b)?;
-        let hn = ctx.alloc(n * h, "mlp norm")?;
+        let hn = ctx.alloc_act(n * h, "mlp norm")?;
         norm::forward(ctx, xr, &lp.norm2_w, &lp.norm2_b, hn.view(), n)?;
         let act = wide(ctx, lp, hn.view(), n)?;
-        let m = ctx.alloc(n * h, "mlp out")?;
+        let m = ctx.alloc_act(n * h, "mlp out")?;
         let bias = match &lp.b2 {
             Some(r) => Some(ctx.p(r)?),
             None => None,
@@ -48,24 +47,19 @@ pub(crate) fn forward(
 }
 
 /// The wide activation `act(h)` `[n, intermediate]`.
-fn wide(
-    ctx: &Ctx<'_>,
-    lp: &LayerParams,
-    hn: View<'_>,
-    n: usize,
-) -> Result<fpdt_runtime::DeviceBuffer> {
+fn wide(ctx: &Ctx<'_>, lp: &LayerParams, hn: Tv<'_>, n: usize) -> Result<Buf> {
     let (h, inter) = (ctx.cfg.hidden, ctx.cfg.intermediate);
     let s = ctx.s();
-    let z1 = ctx.alloc(n * inter, "mlp wide")?;
+    let z1 = ctx.alloc_act(n * inter, "mlp wide")?;
     let b1 = match &lp.b1 {
         Some(r) => Some(ctx.p(r)?),
         None => None,
     };
     linear_fwd(s, hn, ctx.p(&lp.w1)?, b1, z1.view(), n, h, inter)?;
-    let act = ctx.alloc(n * inter, "mlp wide")?;
+    let act = ctx.alloc_act(n * inter, "mlp wide")?;
     match (ctx.cfg.activation, &lp.w3) {
         (Activation::SwiGlu, Some(w3)) => {
-            let z3 = ctx.alloc(n * inter, "mlp wide")?;
+            let z3 = ctx.alloc_act(n * inter, "mlp wide")?;
             linear_fwd(s, hn, ctx.p(w3)?, None, z3.view(), n, h, inter)?;
             kernel(
                 s,
@@ -93,15 +87,15 @@ fn wide(
 pub(crate) fn backward(
     ctx: &Ctx<'_>,
     lp: &LayerParams,
-    x: View<'_>,
-    dy: View<'_>,
-    dx: View<'_>,
+    x: Tv<'_>,
+    dy: Tv<'_>,
+    dx: Tv<'_>,
     t: usize,
 ) -> Result<()> {
     let (h, inter) = (ctx.cfg.hidden, ctx.cfg.intermediate);
     let step = ctx.sched.mlp_tokens();
     let s = ctx.s();
-    let opt = |r: &Option<std::ops::Range<usize>>| -> Result<Option<View<'_>>> {
+    let opt = |r: &Option<std::ops::Range<usize>>| -> Result<Option<Tv<'_>>> {
         Ok(match r {
             Some(r) => Some(ctx.g(r)?),
             None => None,
@@ -113,22 +107,22 @@ pub(crate) fn backward(
         let n = b - a;
         let (xr, dyr, dxr) = (rows(&x, h, a, b)?, rows(&dy, h, a, b)?, rows(&dx, h, a, b)?);
         // Recompute the block's forward up to the wide activation.
-        let hn = ctx.alloc(n * h, "mlp norm")?;
+        let hn = ctx.alloc_act(n * h, "mlp norm")?;
         norm::forward(ctx, xr, &lp.norm2_w, &lp.norm2_b, hn.view(), n)?;
-        let z1 = ctx.alloc(n * inter, "mlp wide")?;
+        let z1 = ctx.alloc_act(n * inter, "mlp wide")?;
         let b1 = match &lp.b1 {
             Some(r) => Some(ctx.p(r)?),
             None => None,
         };
         linear_fwd(s, hn.view(), ctx.p(&lp.w1)?, b1, z1.view(), n, h, inter)?;
-        let dact = ctx.alloc(n * inter, "mlp wide grad")?;
-        let dz1 = ctx.alloc(n * inter, "mlp wide grad")?;
-        let dhn = ctx.alloc(n * h, "mlp norm grad")?;
+        let dact = ctx.alloc_grad(n * inter, "mlp wide grad")?;
+        let dz1 = ctx.alloc_grad(n * inter, "mlp wide grad")?;
+        let dhn = ctx.alloc_grad(n * h, "mlp norm grad")?;
         match (ctx.cfg.activation, &lp.w3) {
             (Activation::SwiGlu, Some(w3)) => {
-                let z3 = ctx.alloc(n * inter, "mlp wide")?;
+                let z3 = ctx.alloc_act(n * inter, "mlp wide")?;
                 linear_fwd(s, hn.view(), ctx.p(w3)?, None, z3.view(), n, h, inter)?;
-                let act = ctx.alloc(n * inter, "mlp wide")?;
+                let act = ctx.alloc_act(n * inter, "mlp wide")?;
                 kernel(
                     s,
                     "swiglu_fwd",
@@ -151,7 +145,7 @@ pub(crate) fn backward(
                     h,
                 )?;
                 drop(act);
-                let dz3 = ctx.alloc(n * inter, "mlp wide grad")?;
+                let dz3 = ctx.alloc_grad(n * inter, "mlp wide grad")?;
                 kernel(
                     s,
                     "swiglu_bwd",
@@ -189,7 +183,7 @@ pub(crate) fn backward(
                 )?;
             }
             _ => {
-                let act = ctx.alloc(n * inter, "mlp wide")?;
+                let act = ctx.alloc_act(n * inter, "mlp wide")?;
                 kernel(
                     s,
                     "gelu_fwd",
@@ -234,10 +228,7 @@ pub(crate) fn backward(
             }
         }
         // dx = dy + norm2 backward.
-        kernel(s, "copy", 0.0, &[dyr], &[dxr], |i, o| {
-            o[0].copy_from_slice(i[0]);
-            Ok(())
-        })?;
+        super::copy(s, dyr, dxr)?;
         norm::backward(ctx, xr, dhn.view(), &lp.norm2_w, &lp.norm2_b, dxr, true, n)?;
         a = b;
     }

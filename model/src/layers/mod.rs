@@ -3,8 +3,12 @@
 //! same schedule runs on the cpu device (host kernels over the CPU twins)
 //! and on the meta device (sizes and costs only).
 //!
-//! Storage is f32 here (the exact path of the equality tests); accumulation
-//! is f32 everywhere.
+//! Storage is f32 on the exact path and bf16 on the mixed-precision one
+//! (`Schedule.precision`): working weights and activations in the storage
+//! dtype; attention's output and LSE accumulators, dq/dk/dv, norm
+//! statistics, logits, the loss and every parameter gradient in f32.
+//! Accumulation is f32 everywhere: the host kernels widen their inputs to
+//! f32 and round their outputs to each output's dtype.
 
 pub mod attention;
 pub mod block;
@@ -14,7 +18,7 @@ pub mod mlp;
 pub mod norm;
 
 use fpdt_comm::Communicator;
-use fpdt_ptx::cpu::{matmul, MatmulSpec, Transpose};
+use fpdt_ptx::cpu::{matmul, narrow_bytes, widen_bytes, DType, MatmulSpec, Transpose};
 use fpdt_ptx::PtxError;
 use fpdt_runtime::{
     ChunkMover, Device, DeviceBuffer, HostChunk, Pending, Resident, Stream, View, Work,
@@ -26,6 +30,60 @@ use crate::error::{ModelError, Result};
 /// Bytes of one f32.
 pub(crate) const F32: usize = 4;
 
+/// A device view with the dtype of its elements.
+#[derive(Clone, Copy)]
+pub(crate) struct Tv<'a> {
+    pub v: View<'a>,
+    pub dt: DType,
+}
+
+impl<'a> Tv<'a> {
+    /// An f32 view.
+    pub fn f32(v: View<'a>) -> Tv<'a> {
+        Tv { v, dt: DType::F32 }
+    }
+
+    /// Elements in the view.
+    pub fn len(&self) -> usize {
+        self.v.len() / self.dt.size()
+    }
+
+    /// Elements `r` of the view.
+    pub fn elems(&self, r: std::ops::Range<usize>) -> Result<Tv<'a>> {
+        let s = self.dt.size();
+        Ok(Tv {
+            v: self.v.bytes(r.start * s..r.end * s)?,
+            dt: self.dt,
+        })
+    }
+
+    /// Rows `[a, b)` of a `[rows, width]` view.
+    pub fn rows(&self, width: usize, a: usize, b: usize) -> Result<Tv<'a>> {
+        self.elems(a * width..b * width)
+    }
+}
+
+/// A device buffer with the dtype of its elements.
+pub(crate) struct Buf {
+    pub buf: DeviceBuffer,
+    pub dt: DType,
+}
+
+impl Buf {
+    /// The whole buffer.
+    pub fn view(&self) -> Tv<'_> {
+        Tv {
+            v: self.buf.view(),
+            dt: self.dt,
+        }
+    }
+
+    /// Elements `r` of the buffer.
+    pub fn elems(&self, r: std::ops::Range<usize>) -> Result<Tv<'_>> {
+        self.view().elems(r)
+    }
+}
+
 /// What every layer of one rank works with.
 pub(crate) struct Ctx<'a> {
     pub cfg: &'a ModelConfig,
@@ -34,8 +92,15 @@ pub(crate) struct Ctx<'a> {
     pub dev: &'a Device,
     pub mover: &'a ChunkMover,
     pub comm: &'a dyn Communicator,
-    /// Working weights, the flat layout (f32).
+    /// Working weights, the flat layout (in `wdt`).
     pub params: &'a DeviceBuffer,
+    /// Storage dtype of the working weights.
+    pub wdt: DType,
+    /// Storage dtype of activations.
+    pub adt: DType,
+    /// Storage dtype of the gradients of activations (what backward
+    /// stashes and moves between layers and ranks).
+    pub gdt: DType,
     /// Gradients, the flat layout (f32, accumulated).
     pub grads: &'a DeviceBuffer,
 }
@@ -47,72 +112,160 @@ impl Ctx<'_> {
     }
 
     /// Parameters in `r` (elements of the flat layout).
-    pub fn p(&self, r: &std::ops::Range<usize>) -> Result<View<'_>> {
-        Ok(self.params.elems::<f32>(r.clone())?)
+    pub fn p(&self, r: &std::ops::Range<usize>) -> Result<Tv<'_>> {
+        let s = self.wdt.size();
+        Ok(Tv {
+            v: self.params.bytes(r.start * s..r.end * s)?,
+            dt: self.wdt,
+        })
     }
 
-    /// Gradients in `r`.
-    pub fn g(&self, r: &std::ops::Range<usize>) -> Result<View<'_>> {
-        Ok(self.grads.elems::<f32>(r.clone())?)
+    /// Gradients in `r` (f32).
+    pub fn g(&self, r: &std::ops::Range<usize>) -> Result<Tv<'_>> {
+        Ok(Tv::f32(self.grads.elems::<f32>(r.clone())?))
     }
 
     /// A device buffer of `n` f32.
-    pub fn alloc(&self, n: usize, tag: &'static str) -> Result<DeviceBuffer> {
-        Ok(self.dev.alloc(n * F32, tag)?)
+    pub fn alloc(&self, n: usize, tag: &'static str) -> Result<Buf> {
+        self.alloc_as(n, DType::F32, tag)
+    }
+
+    /// A device buffer of `n` activations (the storage dtype).
+    pub fn alloc_act(&self, n: usize, tag: &'static str) -> Result<Buf> {
+        self.alloc_as(n, self.adt, tag)
+    }
+
+    /// A device buffer of `n` activation gradients.
+    pub fn alloc_grad(&self, n: usize, tag: &'static str) -> Result<Buf> {
+        self.alloc_as(n, self.gdt, tag)
+    }
+
+    /// A device buffer of `n` elements of `dt`.
+    pub fn alloc_as(&self, n: usize, dt: DType, tag: &'static str) -> Result<Buf> {
+        Ok(Buf {
+            buf: self.dev.alloc(n * dt.size(), tag)?,
+            dt,
+        })
     }
 
     /// A device buffer of `n` f32 set to zero.
-    pub fn zeros(&self, n: usize, tag: &'static str) -> Result<DeviceBuffer> {
+    pub fn zeros(&self, n: usize, tag: &'static str) -> Result<Buf> {
         let b = self.alloc(n, tag)?;
         fill(self.s(), b.view(), 0.0)?;
         Ok(b)
     }
 
+    /// `src` in the activation dtype: `None` when it already is (use `src`
+    /// itself), else a new buffer tagged `tag` holding its rounded copy.
+    pub fn narrowed(&self, src: Tv<'_>, tag: &'static str) -> Result<Option<Buf>> {
+        self.narrowed_to(src, self.adt, tag)
+    }
+
+    /// `src` in `dt`: `None` when it already is, else a rounded copy.
+    pub fn narrowed_to(&self, src: Tv<'_>, dt: DType, tag: &'static str) -> Result<Option<Buf>> {
+        if src.dt == dt {
+            return Ok(None);
+        }
+        let b = self.alloc_as(src.len(), dt, tag)?;
+        copy(self.s(), src, b.view())?;
+        Ok(Some(b))
+    }
+
     /// Keeps `buf` for later: offloaded to the host arena when the schedule
     /// offloads, else resident.
-    pub fn stash(&self, buf: DeviceBuffer) -> Result<Stash> {
+    pub fn stash(&self, buf: Buf) -> Result<Stash> {
         Stash::keep(buf, self.sched.offload, self.mover)
     }
 }
 
-/// Runs `f` as a kernel on `s` over f32 views (ids and labels travel as
-/// bit-cast u32/i32 in f32 slices). On meta only its cost is recorded.
+/// A kernel output: the f32 bytes themselves, or an f32 copy rounded back
+/// to the output's dtype after the kernel ran.
+enum OutSlot<'b> {
+    Direct(&'b mut [f32]),
+    Widened(Vec<f32>, &'b mut [u8], DType),
+}
+
+/// Runs `f` as a kernel on `s` over f32 slices: f32 views are passed as
+/// they are, bf16 inputs widened, bf16 outputs widened and rounded back
+/// afterwards (ids and labels travel as bit-cast u32/i32 in f32 views). On
+/// meta only its cost is recorded.
 pub(crate) fn kernel<F>(
     s: &Stream,
     name: &'static str,
     flops: f64,
-    reads: &[View<'_>],
-    writes: &[View<'_>],
+    reads: &[Tv<'_>],
+    writes: &[Tv<'_>],
     f: F,
 ) -> Result<()>
 where
     F: FnOnce(&[&[f32]], &mut [&mut [f32]]) -> std::result::Result<(), PtxError> + Send + 'static,
 {
-    let bytes = reads.iter().chain(writes).map(|v| v.len() as u64).sum();
+    let bytes = reads.iter().chain(writes).map(|t| t.v.len() as u64).sum();
+    let rdt: Vec<DType> = reads.iter().map(|t| t.dt).collect();
+    let wdt: Vec<DType> = writes.iter().map(|t| t.dt).collect();
+    let rv: Vec<View<'_>> = reads.iter().map(|t| t.v).collect();
+    let wv: Vec<View<'_>> = writes.iter().map(|t| t.v).collect();
     s.launch_host(
         name,
         Work::kernel(flops, bytes),
-        reads,
-        writes,
+        &rv,
+        &wv,
         Box::new(move |ins, outs| {
-            let ins = ins
+            let widened = ins
                 .iter()
-                .map(|b| bytemuck::try_cast_slice::<u8, f32>(b))
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| format!("{name}: input is not f32-aligned: {e:?}"))?;
-            let mut outs = outs
+                .zip(&rdt)
+                .map(|(b, &dt)| match dt {
+                    DType::F32 => bytemuck::try_cast_slice::<u8, f32>(b)
+                        .map(std::borrow::Cow::Borrowed)
+                        .map_err(|e| format!("{name}: input is not f32-aligned: {e:?}")),
+                    _ => widen_bytes(b, dt)
+                        .map(std::borrow::Cow::Owned)
+                        .map_err(|e| e.to_string()),
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let ins: Vec<&[f32]> = widened.iter().map(|c| &c[..]).collect();
+            let mut slots = outs
                 .iter_mut()
-                .map(|b| bytemuck::try_cast_slice_mut::<u8, f32>(b))
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| format!("{name}: output is not f32-aligned: {e:?}"))?;
-            f(&ins, &mut outs).map_err(|e| e.to_string())
+                .zip(&wdt)
+                .map(|(b, &dt)| match dt {
+                    DType::F32 => bytemuck::try_cast_slice_mut::<u8, f32>(b)
+                        .map(OutSlot::Direct)
+                        .map_err(|e| format!("{name}: output is not f32-aligned: {e:?}")),
+                    _ => widen_bytes(b, dt)
+                        .map(|w| OutSlot::Widened(w, b, dt))
+                        .map_err(|e| e.to_string()),
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            {
+                let mut outs: Vec<&mut [f32]> = slots
+                    .iter_mut()
+                    .map(|o| match o {
+                        OutSlot::Direct(d) => &mut **d,
+                        OutSlot::Widened(w, _, _) => &mut w[..],
+                    })
+                    .collect();
+                f(&ins, &mut outs).map_err(|e| e.to_string())?;
+            }
+            for o in slots {
+                if let OutSlot::Widened(w, b, dt) = o {
+                    narrow_bytes(&w, dt, b).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
         }),
     )?;
     Ok(())
 }
 
+/// `dst = src` element-wise, rounded to `dst`'s dtype.
+pub(crate) fn copy(s: &Stream, src: Tv<'_>, dst: Tv<'_>) -> Result<()> {
+    kernel(s, "copy", 0.0, &[src], &[dst], |i, o| {
+        fpdt_ptx::cpu::cast(i[0], o[0])
+    })
+}
+
 /// Sets every element of `v` to `x`.
-pub(crate) fn fill(s: &Stream, v: View<'_>, x: f32) -> Result<()> {
+pub(crate) fn fill(s: &Stream, v: Tv<'_>, x: f32) -> Result<()> {
     kernel(s, "fill", 0.0, &[], &[v], move |_, o| {
         o[0].iter_mut().for_each(|y| *y = x);
         Ok(())
@@ -120,8 +273,8 @@ pub(crate) fn fill(s: &Stream, v: View<'_>, x: f32) -> Result<()> {
 }
 
 /// `y = x + r` element-wise (the residual add).
-pub(crate) fn residual(s: &Stream, x: View<'_>, r: View<'_>, y: View<'_>) -> Result<()> {
-    let n = x.len_of::<f32>() as f64;
+pub(crate) fn residual(s: &Stream, x: Tv<'_>, r: Tv<'_>, y: Tv<'_>) -> Result<()> {
+    let n = x.len() as f64;
     kernel(s, "residual", n, &[x, r], &[y], |i, o| {
         fpdt_ptx::cpu::residual_add(i[0], i[1], o[0])
     })
@@ -131,10 +284,10 @@ pub(crate) fn residual(s: &Stream, x: View<'_>, r: View<'_>, y: View<'_>) -> Res
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_fwd(
     s: &Stream,
-    x: View<'_>,
-    w: View<'_>,
-    b: Option<View<'_>>,
-    y: View<'_>,
+    x: Tv<'_>,
+    w: Tv<'_>,
+    b: Option<Tv<'_>>,
+    y: Tv<'_>,
     t: usize,
     inp: usize,
     out: usize,
@@ -160,12 +313,12 @@ pub(crate) fn linear_fwd(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_bwd(
     s: &Stream,
-    dy: View<'_>,
-    x: View<'_>,
-    w: View<'_>,
-    dx: Option<(View<'_>, bool)>,
-    dw: View<'_>,
-    db: Option<View<'_>>,
+    dy: Tv<'_>,
+    x: Tv<'_>,
+    w: Tv<'_>,
+    dx: Option<(Tv<'_>, bool)>,
+    dw: Tv<'_>,
+    db: Option<Tv<'_>>,
     t: usize,
     inp: usize,
     out: usize,
@@ -223,8 +376,14 @@ pub(crate) fn linear_bwd(
     })
 }
 
-/// A chunk tensor kept for later: resident, or offloaded to the host arena.
-pub(crate) enum Stash {
+/// A chunk tensor kept for later: resident, or offloaded to the host
+/// arena; with the dtype of its elements.
+pub(crate) struct Stash {
+    place: Place,
+    dt: DType,
+}
+
+enum Place {
     /// On the device.
     Dev(DeviceBuffer),
     /// In the host arena.
@@ -232,51 +391,73 @@ pub(crate) enum Stash {
 }
 
 /// A stash on its way back: already there, or being prefetched.
-pub(crate) enum Incoming<'a> {
+pub(crate) struct Incoming<'a> {
+    place: Coming<'a>,
+    dt: DType,
+}
+
+enum Coming<'a> {
     Here(&'a DeviceBuffer),
-    Coming(Pending),
+    Prefetch(Pending),
 }
 
 /// A stash on the device, ready for the compute stream.
-pub(crate) enum Held<'a> {
-    Here(&'a DeviceBuffer),
+pub(crate) struct Held<'a> {
+    place: Here<'a>,
+    dt: DType,
+}
+
+enum Here<'a> {
+    Borrowed(&'a DeviceBuffer),
     Own(Resident),
 }
 
 impl Held<'_> {
-    pub fn view(&self) -> Result<View<'_>> {
-        match self {
-            Held::Here(b) => Ok(b.view()),
-            Held::Own(r) => Ok(r.view()?),
-        }
+    pub fn view(&self) -> Result<Tv<'_>> {
+        let v = match &self.place {
+            Here::Borrowed(b) => b.view(),
+            Here::Own(r) => r.view()?,
+        };
+        Ok(Tv { v, dt: self.dt })
     }
 }
 
 impl<'a> Incoming<'a> {
     pub fn ready(self, mover: &ChunkMover) -> Result<Held<'a>> {
-        Ok(match self {
-            Incoming::Here(b) => Held::Here(b),
-            Incoming::Coming(p) => Held::Own(p.ready(mover.compute())?),
-        })
+        let place = match self.place {
+            Coming::Here(b) => Here::Borrowed(b),
+            Coming::Prefetch(p) => Here::Own(p.ready(mover.compute())?),
+        };
+        Ok(Held { place, dt: self.dt })
     }
 }
 
 impl Stash {
-    pub fn keep(buf: DeviceBuffer, offload: bool, mover: &ChunkMover) -> Result<Stash> {
-        Ok(if offload {
-            Stash::Host(mover.offload(Resident::new(buf))?)
+    pub fn keep(buf: Buf, offload: bool, mover: &ChunkMover) -> Result<Stash> {
+        let place = if offload {
+            Place::Host(mover.offload(Resident::new(buf.buf))?)
         } else {
-            Stash::Dev(buf)
-        })
+            Place::Dev(buf.buf)
+        };
+        Ok(Stash { place, dt: buf.dt })
+    }
+
+    /// The chunk in the host arena, when it was offloaded.
+    pub fn host(&self) -> Option<&HostChunk> {
+        match &self.place {
+            Place::Host(h) => Some(h),
+            Place::Dev(_) => None,
+        }
     }
 
     /// Starts bringing the chunk to the device (a prefetch on the h2d stream
     /// when it is on the host).
     pub fn start<'a>(&'a self, mover: &ChunkMover) -> Result<Incoming<'a>> {
-        Ok(match self {
-            Stash::Dev(b) => Incoming::Here(b),
-            Stash::Host(h) => Incoming::Coming(mover.prefetch(h)?),
-        })
+        let place = match &self.place {
+            Place::Dev(b) => Coming::Here(b),
+            Place::Host(h) => Coming::Prefetch(mover.prefetch(h)?),
+        };
+        Ok(Incoming { place, dt: self.dt })
     }
 
     /// Brings the chunk to the device now.
@@ -285,11 +466,12 @@ impl Stash {
     }
 
     /// Moves the chunk to the device and out of the stash (to be updated).
-    pub fn take(self, mover: &ChunkMover) -> Result<DeviceBuffer> {
-        match self {
-            Stash::Dev(b) => Ok(b),
-            Stash::Host(h) => Ok(mover.prefetch(&h)?.ready(mover.compute())?.into_buffer()?),
-        }
+    pub fn take(self, mover: &ChunkMover) -> Result<Buf> {
+        let buf = match self.place {
+            Place::Dev(b) => b,
+            Place::Host(h) => mover.prefetch(&h)?.ready(mover.compute())?.into_buffer()?,
+        };
+        Ok(Buf { buf, dt: self.dt })
     }
 }
 

@@ -5,19 +5,18 @@
 use std::ops::Range;
 
 use fpdt_ptx::cpu::{layer_norm_bwd, layer_norm_fwd, rms_norm_bwd, rms_norm_fwd};
-use fpdt_runtime::View;
 
-use super::{kernel, Ctx};
+use super::{kernel, Ctx, Tv};
 use crate::config::Norm;
 use crate::error::Result;
 
 /// `y = norm(x)` over `t` rows of `hidden`, with gain `w` and bias `b`.
 pub(crate) fn forward(
     ctx: &Ctx<'_>,
-    x: View<'_>,
+    x: Tv<'_>,
     w: &Range<usize>,
     b: &Option<Range<usize>>,
-    y: View<'_>,
+    y: Tv<'_>,
     t: usize,
 ) -> Result<()> {
     let (dim, eps) = (ctx.cfg.hidden, ctx.cfg.norm_eps as f32);
@@ -53,11 +52,11 @@ pub(crate) fn forward(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     ctx: &Ctx<'_>,
-    x: View<'_>,
-    dy: View<'_>,
+    x: Tv<'_>,
+    dy: Tv<'_>,
     w: &Range<usize>,
     b: &Option<Range<usize>>,
-    dx: View<'_>,
+    dx: Tv<'_>,
     accumulate: bool,
     t: usize,
 ) -> Result<()> {

@@ -19,7 +19,7 @@ pub use element::{widen, DType, Element};
 pub use loss::{ce_chunk_grad, ce_chunk_stats, ce_finish, softmax_cross_entropy, CeStats};
 pub use matmul::{gemm_f32, matmul, MatmulSpec, Transpose};
 pub use optim::{adamw_step, sq_norm, AdamW};
-pub use permute::{cast, ulysses_pack, ulysses_unpack};
+pub use permute::{cast, narrow_bytes, ulysses_pack, ulysses_unpack, widen_bytes};
 pub use rowwise::{
     embedding_bwd, embedding_fwd, gelu_tanh_bwd, gelu_tanh_fwd, layer_norm_bwd, layer_norm_fwd,
     residual_add, rms_norm_bwd, rms_norm_fwd, rope_bwd, rope_fwd, swiglu_bwd, swiglu_fwd,

@@ -97,3 +97,71 @@ pub fn ulysses_unpack<E: Element>(
     }
     Ok(())
 }
+
+/// Widens raw storage bytes of `dtype` to f32, for callers that hold
+/// untyped buffers (the model's host kernels over runtime views).
+pub fn widen_bytes(src: &[u8], dtype: super::DType) -> Result<Vec<f32>> {
+    const K: &str = "widen_bytes";
+    if src.len() % dtype.size() != 0 {
+        return Err(bad(
+            K,
+            "src",
+            format!(
+                "{} bytes is not a whole number of {}",
+                src.len(),
+                dtype.suffix()
+            ),
+        ));
+    }
+    Ok(match dtype {
+        super::DType::F32 => src
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        super::DType::BF16 => src
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    })
+}
+
+/// Narrows f32 values into raw storage bytes of `dtype` (round to nearest
+/// even for bf16).
+pub fn narrow_bytes(src: &[f32], dtype: super::DType, dst: &mut [u8]) -> Result<()> {
+    const K: &str = "narrow_bytes";
+    check_len(K, "dst", dst.len(), mul(K, "src", src.len(), dtype.size())?)?;
+    match dtype {
+        super::DType::F32 => {
+            for (d, x) in dst.chunks_exact_mut(4).zip(src) {
+                d.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        super::DType::BF16 => {
+            for (d, x) in dst.chunks_exact_mut(2).zip(src) {
+                d.copy_from_slice(&half::bf16::from_f32(*x).to_le_bytes());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod byte_cast_tests {
+    use super::*;
+    use crate::cpu::DType;
+
+    #[test]
+    fn bf16_bytes_round_trip_to_nearest_even() {
+        // 1 + 2^-8 is halfway between bf16 1.0 and 1 + 2^-7: ties to even (1.0).
+        let x = [1.0f32, 1.0 + 1.0 / 256.0, -3.5, 1.0 + 3.0 / 256.0];
+        let mut b = vec![0u8; 8];
+        narrow_bytes(&x, DType::BF16, &mut b).unwrap();
+        let y = widen_bytes(&b, DType::BF16).unwrap();
+        assert_eq!(y, vec![1.0, 1.0, -3.5, 1.0 + 4.0 / 256.0]);
+        assert!(narrow_bytes(&x, DType::BF16, &mut b[..6]).is_err());
+        assert!(widen_bytes(&b[..3], DType::BF16).is_err());
+        let mut f = vec![0u8; 16];
+        narrow_bytes(&x, DType::F32, &mut f).unwrap();
+        assert_eq!(widen_bytes(&f, DType::F32).unwrap(), x.to_vec());
+    }
+}
