@@ -11,6 +11,7 @@ pub mod reference;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod hf;
 pub mod passkey;
 pub mod planner;
 pub mod plot;
