@@ -927,3 +927,53 @@ fn save_refuses_what_hf_cannot_hold_and_writes_nothing() {
     assert!(left.is_empty());
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn a_tied_head_in_the_file_is_dropped_and_a_differing_one_is_noted() {
+    for same in [true, false] {
+        let dir = tmpdir(&format!("tied-head-{same}"));
+        std::fs::write(dir.join("config.json"), gpt2_config(G_LAYERS)).expect("config");
+        let mut ts = gpt2_tensors("transformer.");
+        let mut head = by_name(&ts, "transformer.wte.weight").clone();
+        head.name = "lm_head.weight".into();
+        if !same {
+            head.values[0] += 1.0;
+        }
+        ts.push(head);
+        write_f32(&dir.join("model.safetensors"), &ts);
+        let got = hf::load(&dir).expect("load");
+        let r = &got.report;
+        assert!(r.unexpected.is_empty(), "{:?}", r.unexpected);
+        let d = r
+            .dropped
+            .iter()
+            .find(|d| d.starts_with("lm_head.weight"))
+            .expect("head dropped");
+        assert_eq!(d.contains("equal"), same, "{d}");
+        assert_eq!(
+            r.notes.iter().any(|n| n.contains("lm_head")),
+            !same,
+            "{:?}",
+            r.notes
+        );
+        // The embedding (the head, tied) is wte, not the file's lm_head.
+        assert_copy(
+            &got.config,
+            &got.params,
+            "embed.weight",
+            &by_name(&ts, "transformer.wte.weight").values,
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn a_missing_export_points_at_the_copy_an_interrupted_save_left() {
+    let root = tmpdir("interrupted");
+    std::fs::create_dir_all(root.join(".old-hf-export-4242")).expect("old copy");
+    let e = hf::load(&root.join("export"))
+        .expect_err("absent")
+        .to_string();
+    assert!(e.contains(".old-hf-export-4242"), "{e}");
+    let _ = std::fs::remove_dir_all(&root);
+}
