@@ -968,6 +968,34 @@ pub fn save(dir: &Path, cfg: &ModelConfig, params: &[f32]) -> Result<()> {
 /// the two renames `dir` is absent and the old copy lies at
 /// `.old-hf-NAME-PID` beside it.
 pub fn save_as(dir: &Path, cfg: &ModelConfig, params: &[f32], dtype: Dtype) -> Result<()> {
+    save_with_hook(dir, cfg, params, dtype, &mut |_| Ok(()))
+}
+
+/// The points of a save, for tests of crashes (see [`save_with_hook`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveStage {
+    /// Every file is written and fsynced in the temporary directory; the
+    /// export directory is untouched.
+    Written,
+    /// The previous export directory was renamed aside; the new one is not
+    /// yet in place (the export directory is absent).
+    OldMovedAside,
+    /// The new directory is in place; the previous copy is not yet removed.
+    Renamed,
+}
+
+/// [`save_as`], calling `hook` at each [`SaveStage`]; an error from the
+/// hook stops the save there and leaves the files as they are, as a crash
+/// would. The next save removes what such a stop left: temporary
+/// directories at its start, previous copies after its success (their
+/// other files carried over when the export directory itself is absent).
+pub fn save_with_hook(
+    dir: &Path,
+    cfg: &ModelConfig,
+    params: &[f32],
+    dtype: Dtype,
+    hook: &mut dyn FnMut(SaveStage) -> Result<()>,
+) -> Result<()> {
     if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
         return Err(ModelError::config(
             "dtype",
@@ -1018,29 +1046,65 @@ pub fn save_as(dir: &Path, cfg: &ModelConfig, params: &[f32], dtype: Dtype) -> R
     }
     std::fs::create_dir_all(&parent)
         .map_err(|e| ck(format!("creating `{}`: {e}", parent.display())))?;
-    let pid = std::process::id();
-    let tmp = parent.join(format!(".tmp-hf-{name}-{pid}"));
-    let old = parent.join(format!(".old-hf-{name}-{pid}"));
-    for p in [&tmp, &old] {
-        if p.exists() {
-            std::fs::remove_dir_all(p)
+    let tmp_prefix = format!(".tmp-hf-{name}-");
+    let old_prefix = format!(".old-hf-{name}-");
+    for p in siblings(&parent, &tmp_prefix)? {
+        std::fs::remove_dir_all(&p)
+            .map_err(|e| ck(format!("removing the leftover `{}`: {e}", p.display())))?;
+    }
+    if dir.is_dir() {
+        // The export is whole, so previous copies an earlier stopped save
+        // left are stale (and one could block this save's move aside).
+        for p in siblings(&parent, &old_prefix)? {
+            std::fs::remove_dir_all(&p)
                 .map_err(|e| ck(format!("removing the leftover `{}`: {e}", p.display())))?;
         }
     }
-    let result = write_into(&tmp, dir, &config, &table, params, dtype)
-        .and_then(|()| swap_into_place(&tmp, dir, &old, &parent));
-    if result.is_err() && tmp.exists() {
-        // Best effort: the error being returned matters more.
-        let _ = std::fs::remove_dir_all(&tmp);
+    let pid = std::process::id();
+    let tmp = parent.join(format!("{tmp_prefix}{pid}"));
+    let old = parent.join(format!("{old_prefix}{pid}"));
+    // The files to carry over: the export's own, or, when an earlier save
+    // stopped with the export moved aside, that previous copy's.
+    let carry_from = if dir.is_dir() {
+        Some(dir.to_path_buf())
+    } else {
+        siblings(&parent, &old_prefix)?.into_iter().next()
+    };
+    if let Err(e) = write_into(&tmp, carry_from.as_deref(), &config, &table, params, dtype) {
+        if tmp.exists() {
+            // Best effort: the error being returned matters more.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        return Err(e);
     }
-    result
+    hook(SaveStage::Written)?;
+    swap_into_place(&tmp, dir, &old, &parent, hook)?;
+    hook(SaveStage::Renamed)?;
+    for p in siblings(&parent, &old_prefix)? {
+        std::fs::remove_dir_all(&p)
+            .map_err(|e| ck(format!("removing the previous copy `{}`: {e}", p.display())))?;
+    }
+    Ok(())
 }
 
-/// Writes the new directory's files into `tmp` (carrying `dir`'s other
-/// files over) and fsyncs them.
+/// The entries of `parent` whose names start with `prefix`, sorted.
+fn siblings(parent: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(parent)
+        .map_err(|e| ck(format!("listing `{}`: {e}", parent.display())))?;
+    let mut out: Vec<PathBuf> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Writes the new directory's files into `tmp` (carrying the other files
+/// of `carry_from` over) and fsyncs them.
 fn write_into(
     tmp: &Path,
-    dir: &Path,
+    carry_from: Option<&Path>,
     config: &Value,
     table: &[Slot],
     params: &[f32],
@@ -1078,8 +1142,8 @@ fn write_into(
     )
     .map_err(|e| ck(format!("writing `{}`: {e}", weights_path.display())))?;
 
-    if dir.is_dir() {
-        carry_over(dir, tmp)?;
+    if let Some(from) = carry_from {
+        carry_over(from, tmp)?;
     }
     let rd = std::fs::read_dir(tmp).map_err(|e| ck(format!("listing `{}`: {e}", tmp.display())))?;
     for entry in rd {
@@ -1136,8 +1200,14 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Renames the finished `tmp` to `dir` (an existing `dir` moved to `old`
-/// first, removed after).
-fn swap_into_place(tmp: &Path, dir: &Path, old: &Path, parent: &Path) -> Result<()> {
+/// first; the caller removes it).
+fn swap_into_place(
+    tmp: &Path,
+    dir: &Path,
+    old: &Path,
+    parent: &Path,
+    hook: &mut dyn FnMut(SaveStage) -> Result<()>,
+) -> Result<()> {
     let had_old = dir.exists();
     if had_old {
         std::fs::rename(dir, old).map_err(|e| {
@@ -1147,6 +1217,7 @@ fn swap_into_place(tmp: &Path, dir: &Path, old: &Path, parent: &Path) -> Result<
                 old.display()
             ))
         })?;
+        hook(SaveStage::OldMovedAside)?;
     }
     if let Err(e) = std::fs::rename(tmp, dir) {
         if had_old {
@@ -1160,16 +1231,7 @@ fn swap_into_place(tmp: &Path, dir: &Path, old: &Path, parent: &Path) -> Result<
             dir.display()
         )));
     }
-    sync_dir(parent)?;
-    if had_old {
-        std::fs::remove_dir_all(old).map_err(|e| {
-            ck(format!(
-                "removing the previous copy `{}`: {e}",
-                old.display()
-            ))
-        })?;
-    }
-    Ok(())
+    sync_dir(parent)
 }
 
 /// When `dir` is missing because a save was interrupted between its two

@@ -977,3 +977,84 @@ fn a_missing_export_points_at_the_copy_an_interrupted_save_left() {
     assert!(e.contains(".old-hf-export-4242"), "{e}");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+fn entries(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root)
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_save_stopped_at_any_stage_leaves_one_whole_export_and_the_next_save_cleans_up() {
+    use hf::SaveStage;
+    let cfg = ModelConfig::preset("tiny-gpt").expect("preset");
+    let v1 = distinct_params(&cfg, 3);
+    let v2: Vec<f32> = v1.iter().map(|x| x * 2.0).collect();
+    let v3: Vec<f32> = v1.iter().map(|x| x * 3.0).collect();
+    for stage in [
+        SaveStage::Written,
+        SaveStage::OldMovedAside,
+        SaveStage::Renamed,
+    ] {
+        let root = tmpdir(&format!("crash-{stage:?}"));
+        let dir = root.join("export");
+        hf::save(&dir, &cfg, &v1).expect("first save");
+        std::fs::write(dir.join("tokenizer.json"), "tok").expect("tokenizer");
+        let e = hf::save_with_hook(&dir, &cfg, &v2, Dtype::F32, &mut |s| {
+            if s == stage {
+                Err(fpdt_model::ModelError::Checkpoint(format!(
+                    "crash at {s:?}"
+                )))
+            } else {
+                Ok(())
+            }
+        })
+        .expect_err("stopped");
+        assert!(e.to_string().contains("crash"), "{e}");
+        let left = entries(&root);
+        match stage {
+            // The export is the old one, whole; the new one waits in a
+            // temporary directory.
+            SaveStage::Written => {
+                assert_bits_eq(&hf::load(&dir).expect("old export").params, &v1);
+                assert!(
+                    left.iter().any(|n| n.starts_with(".tmp-hf-export-")),
+                    "{left:?}"
+                );
+            }
+            // The export is absent; the old one is whole beside it, and a
+            // load says where.
+            SaveStage::OldMovedAside => {
+                assert!(!dir.exists());
+                let old = left
+                    .iter()
+                    .find(|n| n.starts_with(".old-hf-export-"))
+                    .expect("old copy");
+                let msg = hf::load(&dir).expect_err("absent").to_string();
+                assert!(msg.contains(old.as_str()), "{msg}");
+                assert_bits_eq(&hf::load(&root.join(old)).expect("old copy").params, &v1);
+            }
+            // The new export is in place, the old copy not yet removed.
+            SaveStage::Renamed => {
+                assert_bits_eq(&hf::load(&dir).expect("new export").params, &v2);
+                assert!(
+                    left.iter().any(|n| n.starts_with(".old-hf-export-")),
+                    "{left:?}"
+                );
+            }
+        }
+        hf::save(&dir, &cfg, &v3).expect("next save");
+        assert_eq!(entries(&root), ["export"], "leftovers removed");
+        assert_bits_eq(&hf::load(&dir).expect("latest").params, &v3);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("tokenizer.json")).expect("kept"),
+            "tok",
+            "the tokenizer survives a stopped save at {stage:?}"
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
