@@ -7,7 +7,8 @@ use std::sync::Arc;
 use clap::ValueEnum;
 
 use crate::checkpoint::{self, config_fields};
-use crate::config::{ModelConfig, Schedule};
+use crate::config::{ModelConfig, Precision, Schedule};
+use crate::hf;
 use std::io::IsTerminal;
 
 use fpdt_ptx::cpu::AdamW;
@@ -180,6 +181,24 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Working precision: f32, or bf16 (bf16 weights, activations and
+    /// offloaded chunks; fp32 master weights, accumulators and loss).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    pub precision: String,
+    /// Start from Hugging Face weights (a directory with config.json and
+    /// model.safetensors, GPT-2 or Llama); the model comes from its
+    /// config.json, so --model is not used.
+    #[arg(long, value_name = "HF_DIR")]
+    pub init_from: Option<PathBuf>,
+    /// At the end, save the weights in Hugging Face layout (config.json +
+    /// model.safetensors) to this directory.
+    #[arg(long, value_name = "DIR")]
+    pub export_hf: Option<PathBuf>,
+    /// Fault injection for tests: make these steps' loss NaN (comma
+    /// separated), to exercise the skip and the stop after
+    /// --max-bad-steps.
+    #[arg(long, hide = true, value_delimiter = ',', value_name = "STEPS")]
+    pub inject_nan_steps: Vec<u64>,
 }
 
 fn parse_width(s: &str) -> std::result::Result<TokenWidth, String> {
@@ -228,6 +247,8 @@ pub struct TrainPlan {
     pub task: Option<PasskeyTask>,
     /// The metrics file.
     pub metrics: PathBuf,
+    /// Hugging Face weights to start from (--init-from).
+    pub init: Option<hf::HfCheckpoint>,
 }
 
 pub(super) fn finite_in(flag: &str, v: f64, lo: f64, hi: f64, rule: &str) -> Result<()> {
@@ -336,7 +357,24 @@ impl TrainArgs {
             return Err(usage("--host-memory", "0 must be positive"));
         }
 
-        let config = load_model_config(&self.model)?;
+        let precision: Precision = self
+            .precision
+            .parse()
+            .map_err(|e: ModelError| usage("--precision", e.to_string()))?;
+        let (config, init) = match &self.init_from {
+            Some(_) if self.resume.is_some() => {
+                return Err(usage(
+                    "--init-from",
+                    "cannot be combined with --resume (a checkpoint has its own weights): \
+                     give one of them",
+                ))
+            }
+            Some(dir) => {
+                let hf = hf::load(dir).map_err(|e| usage("--init-from", e.to_string()))?;
+                (hf.config.clone(), Some(hf))
+            }
+            None => (load_model_config(&self.model)?, None),
+        };
         if config.heads % self.ranks != 0 || config.kv_heads % self.ranks != 0 {
             return Err(usage(
                 "--ranks",
@@ -350,6 +388,7 @@ impl TrainArgs {
         let schedule = Schedule {
             offload: self.offload.on(),
             checkpoint: self.checkpointing.on(),
+            precision,
             ..Schedule::fpdt(self.seq_len, self.ranks, self.seq_len / chunk)
         };
         schedule.validate(&config)?;
@@ -387,6 +426,9 @@ impl TrainArgs {
             // Checks the config now; the state is restored when training runs.
             checkpoint::load(r, &config_fields(&config))?;
         }
+        if let Some(dir) = &self.export_hf {
+            checkpoint::check_writable(dir).map_err(|e| usage("--export-hf", e.to_string()))?;
+        }
         let metrics = self
             .metrics
             .clone()
@@ -399,6 +441,7 @@ impl TrainArgs {
             split,
             task,
             metrics,
+            init,
         })
     }
 }
@@ -436,7 +479,7 @@ pub fn train_options(args: &TrainArgs, plan: &TrainPlan) -> TrainOptions {
         progress: !args.no_progress,
         log_every: args.log_every,
         trace_step: (args.trace_step > 0).then_some(args.trace_step),
-        poison_steps: Vec::new(),
+        poison_steps: args.inject_nan_steps.clone(),
     }
 }
 
@@ -536,8 +579,26 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         &cpu,
         source(args, &plan)?,
         opts.clone(),
-        None,
+        plan.init.as_ref().map(|h| h.params.clone()),
     )?;
+    if let (Some(dir), Some(h)) = (&args.init_from, &plan.init) {
+        println!(
+            "weights from `{}` ({})",
+            dir.display(),
+            h.report
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for n in h.report.notes.iter().chain(&h.report.dropped) {
+            println!("  note: {n}");
+        }
+        for u in &h.report.unexpected {
+            println!("  not used: {u}");
+        }
+    }
     if let Some(r) = &args.resume {
         let ck = checkpoint::load(r, &config_fields(&plan.config))?;
         trainer.resume(&ck)?;
@@ -622,6 +683,17 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
             "trace of one step: {} (open in https://ui.perfetto.dev)",
             p.display()
         );
+    }
+    if let Some(dir) = &args.export_hf {
+        let cfg = ModelConfig {
+            max_seq_len: plan.config.max_seq_len.max(s.seq_len),
+            ..plan.config.clone()
+        };
+        // The fp32 master weights (the working copy may be bf16).
+        let master = trainer.group().optimizer_state()?.master;
+        let n = cfg.layout().len();
+        hf::save(dir, &cfg, master.get(..n).unwrap_or(&master))?;
+        println!("Hugging Face weights: {}", dir.display());
     }
     Ok(ExitCode::SUCCESS)
 }
