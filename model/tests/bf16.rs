@@ -11,7 +11,7 @@ use common::*;
 use fpdt_model::config::Precision;
 use fpdt_model::{reference, FpdtGroup, ModelConfig, Schedule};
 use fpdt_ptx::cpu::{narrow_bytes, widen_bytes, AdamW, DType};
-use fpdt_runtime::{CpuConfig, MetaConfig, Space};
+use fpdt_runtime::{MetaConfig, Space};
 
 /// The bf16 tolerance: relative error of the loss, and of the whole
 /// gradient `||g - ref||_2 / ||ref||_2`.
@@ -23,17 +23,6 @@ const TOL: f64 = 2e-2;
 /// gradients by 2-4%), so per tensor the bound is 4e-2 while the whole
 /// gradient keeps 2e-2.
 const TENSOR_TOL: f64 = 4e-2;
-
-fn cpu() -> CpuConfig {
-    CpuConfig {
-        name: "t".into(),
-        device_memory: 64 << 20,
-        host_memory: 64 << 20,
-        pin_host_memory: false,
-        poison_freed: true,
-        ..CpuConfig::default()
-    }
-}
 
 fn bf16(sched: Schedule) -> Schedule {
     Schedule {
@@ -275,24 +264,6 @@ fn bf16_three_adamw_steps_follow_the_reference_losses() {
             cfg.family
         );
     }
-}
-
-fn traces(cfg: &ModelConfig, sched: Schedule, meta: bool) -> Vec<Vec<fpdt_runtime::AllocEvent>> {
-    let params = random_params(cfg, 1);
-    let p32: Vec<f32> = params.iter().map(|&x| x as f32).collect();
-    let (tokens, targets) = random_batch(cfg, sched.seq_len, 2);
-    let mut g = if meta {
-        FpdtGroup::meta(cfg, sched, &MetaConfig::default()).unwrap()
-    } else {
-        FpdtGroup::cpu(cfg, sched, &p32, &cpu()).unwrap()
-    };
-    g.on_all(|r| r.load_batch(&tokens, &targets)).unwrap();
-    g.on_all(|r| {
-        r.device().ledger().start_recording();
-        r.forward_backward()?;
-        Ok(r.device().ledger().take_recording())
-    })
-    .unwrap()
 }
 
 #[test]

@@ -14,22 +14,8 @@ use fpdt_model::checkpoint::{
 use fpdt_model::data::DataPosition;
 use fpdt_model::{ModelConfig, ModelError};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("fpdt-ckpt-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::TempDir;
 
 fn cfg() -> ModelConfig {
     ModelConfig::preset("tiny-llama").expect("preset")

@@ -1,27 +1,12 @@
 //! `fpdt prepare` and `fpdt info`, run as the binary.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use fpdt_model::data::{TokenDataset, TokenWidth};
 use fpdt_model::tokenizer::{Gpt2Tokenizer, GPT2_EOT, GPT2_VOCAB};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("fpdt-cli-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::TempDir;
 
 fn fpdt(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fpdt"))

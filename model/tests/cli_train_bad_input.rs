@@ -2,31 +2,14 @@
 //! thing and what to do, with a non-zero exit, and good input gets past
 //! the checks into training.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use fpdt_model::checkpoint::{self, config_fields, tensors_from_flat, TrainState};
 use fpdt_model::ModelConfig;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("fpdt-train-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-    fn s(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::TempDir;
 
 fn fpdt(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fpdt"))

@@ -1,31 +1,14 @@
 //! Token files, the validation split and packing with a saved position.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use fpdt_model::data::{
     DataPosition, PackedLoader, TokenDataset, TokenFile, TokenWidth, LLMC_MAGIC,
 };
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("fpdt-data-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::TempDir;
 
 fn write_u16(path: &Path, toks: impl IntoIterator<Item = u32>) {
     let b: Vec<u8> = toks

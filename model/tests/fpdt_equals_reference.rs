@@ -6,18 +6,6 @@ mod common;
 
 use common::*;
 use fpdt_model::{reference, FpdtGroup, ModelConfig, Schedule};
-use fpdt_runtime::CpuConfig;
-
-fn cpu() -> CpuConfig {
-    CpuConfig {
-        name: "t".into(),
-        device_memory: 64 << 20,
-        host_memory: 64 << 20,
-        pin_host_memory: false,
-        poison_freed: true,
-        ..CpuConfig::default()
-    }
-}
 
 /// Compares per tensor: `max |g - ref| <= tol * max |ref|` of the tensor,
 /// and the loss to `tol` relative.

@@ -7,18 +7,7 @@ mod common;
 use common::*;
 use fpdt_model::{reference, FpdtGroup, ModelConfig, OptimStep, Schedule};
 use fpdt_ptx::cpu::AdamW;
-use fpdt_runtime::{CpuConfig, MetaConfig, Space};
-
-fn cpu() -> CpuConfig {
-    CpuConfig {
-        name: "t".into(),
-        device_memory: 64 << 20,
-        host_memory: 64 << 20,
-        pin_host_memory: false,
-        poison_freed: true,
-        ..CpuConfig::default()
-    }
-}
+use fpdt_runtime::{MetaConfig, Space};
 
 const OPT: AdamW = AdamW {
     lr: 1e-2,

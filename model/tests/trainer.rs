@@ -4,32 +4,15 @@
 //! stop the run with the last good checkpoint intact, token files train,
 //! and Hugging Face weights go out and come back in.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use fpdt_model::checkpoint::{self, config_fields, flat_from_tensors};
 use fpdt_model::{hf, ModelConfig};
 use serde_json::Value;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("fpdt-trainer-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        TempDir(p)
-    }
-    fn s(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::TempDir;
 
 /// A short run of tiny-llama on the passkey task: S = 64 over P = 2 ranks
 /// in 4 chunks, offload and checkpointing on (the default schedule).

@@ -6,18 +6,7 @@ mod common;
 use common::*;
 use fpdt_model::{reference, FpdtGroup, ModelConfig, Schedule};
 use fpdt_ptx::cpu::AdamW;
-use fpdt_runtime::{CpuConfig, MetaConfig};
-
-fn cpu() -> CpuConfig {
-    CpuConfig {
-        name: "t".into(),
-        device_memory: 64 << 20,
-        host_memory: 64 << 20,
-        pin_host_memory: false,
-        poison_freed: true,
-        ..CpuConfig::default()
-    }
-}
+use fpdt_runtime::MetaConfig;
 
 #[test]
 fn three_adamw_steps_follow_the_reference_losses() {
@@ -61,24 +50,6 @@ fn three_adamw_steps_follow_the_reference_losses() {
         assert!(err < 1e-3, "{:?}: weight {i} off by {err:e}", cfg.family);
         assert!(losses.iter().all(|l| l.is_finite()));
     }
-}
-
-fn traces(cfg: &ModelConfig, sched: Schedule, meta: bool) -> Vec<Vec<fpdt_runtime::AllocEvent>> {
-    let params = random_params(cfg, 1);
-    let p32: Vec<f32> = params.iter().map(|&x| x as f32).collect();
-    let (tokens, targets) = random_batch(cfg, sched.seq_len, 2);
-    let mut g = if meta {
-        FpdtGroup::meta(cfg, sched, &MetaConfig::default()).unwrap()
-    } else {
-        FpdtGroup::cpu(cfg, sched, &p32, &cpu()).unwrap()
-    };
-    g.on_all(|r| r.load_batch(&tokens, &targets)).unwrap();
-    g.on_all(|r| {
-        r.device().ledger().start_recording();
-        r.forward_backward()?;
-        Ok(r.device().ledger().take_recording())
-    })
-    .unwrap()
 }
 
 #[test]

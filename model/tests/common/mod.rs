@@ -2,7 +2,72 @@
 //! batches, comparisons.
 #![allow(dead_code)]
 
-use fpdt_model::{ModelConfig, SplitMix64};
+use std::path::PathBuf;
+
+use fpdt_model::{FpdtGroup, ModelConfig, Schedule, SplitMix64};
+use fpdt_runtime::{AllocEvent, CpuConfig, MetaConfig};
+
+/// A small cpu device for tests: 64 MiB of device and host memory, the
+/// arena pageable (no memlock needed), freed blocks poisoned.
+pub fn cpu() -> CpuConfig {
+    CpuConfig {
+        name: "t".into(),
+        device_memory: 64 << 20,
+        host_memory: 64 << 20,
+        pin_host_memory: false,
+        poison_freed: true,
+        ..CpuConfig::default()
+    }
+}
+
+/// The allocation events of one forward and backward on each rank, on the
+/// cpu device (random weights and batch) or on the meta device.
+pub fn traces(cfg: &ModelConfig, sched: Schedule, meta: bool) -> Vec<Vec<AllocEvent>> {
+    let params = random_params(cfg, 1);
+    let p32: Vec<f32> = params.iter().map(|&x| x as f32).collect();
+    let (tokens, targets) = random_batch(cfg, sched.seq_len, 2);
+    let mut g = if meta {
+        FpdtGroup::meta(cfg, sched, &MetaConfig::default()).unwrap()
+    } else {
+        FpdtGroup::cpu(cfg, sched, &p32, &cpu()).unwrap()
+    };
+    g.on_all(|r| r.load_batch(&tokens, &targets)).unwrap();
+    g.on_all(|r| {
+        r.device().ledger().start_recording();
+        r.forward_backward()?;
+        Ok(r.device().ledger().take_recording())
+    })
+    .unwrap()
+}
+
+/// A fresh directory under the system's temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `fpdt-<tag>-<pid>`, emptied first.
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("fpdt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+
+    /// The path of `name` inside.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The path of `name` inside, as a string (for command lines).
+    pub fn s(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// A tiny GPT (LayerNorm, GeLU, biases, tied head).
 pub fn tiny_gpt() -> ModelConfig {
