@@ -555,8 +555,11 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
     };
     println!(
         "fpdt train: {} ({} parameters) on the cpu device, S = {} tokens over P = {} ranks in {} \
-         chunks of {} tokens ({} per rank), offload {}, checkpointing {}; {what}",
-        args.model,
+         chunks of {} tokens ({} per rank), offload {}, checkpointing {}, {}; {what}",
+        match &args.init_from {
+            Some(d) => d.display().to_string(),
+            None => args.model.clone(),
+        },
         plan.config.param_count(),
         s.seq_len,
         s.ranks,
@@ -565,6 +568,10 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         s.local_chunk_tokens(),
         if s.offload { "on" } else { "off" },
         if s.checkpoint { "on" } else { "off" },
+        match s.precision {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16 (fp32 master)",
+        },
     );
     let cpu = CpuConfig {
         name: "cpu".into(),
