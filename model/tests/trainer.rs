@@ -5,7 +5,7 @@
 //! and Hugging Face weights go out and come back in.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use fpdt_model::checkpoint::{self, config_fields, flat_from_tensors};
 use fpdt_model::{hf, ModelConfig};
@@ -280,4 +280,23 @@ fn hugging_face_weights_go_out_and_come_back() {
         err.contains("--init-from") && err.contains("--resume"),
         "{err}"
     );
+}
+
+#[test]
+fn a_closed_stdout_ends_the_run_quietly() {
+    let d = TempDir::new("pipe");
+    let out = d.s("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fpdt"))
+        .args(SMALL)
+        .args(["--steps", "4", "--out", &out])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fpdt");
+    // Like `fpdt train | head -0`: the reader goes away at once.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "no panic report: {err}");
 }

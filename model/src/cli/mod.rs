@@ -132,7 +132,28 @@ where
 
 /// The process's own command line.
 pub fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     run(std::env::args_os())
+}
+
+/// `fpdt train | head` closes stdout early; `println!` then panics with
+/// "failed printing to stdout: Broken pipe". Exit quietly instead, with the
+/// status a shell gives a process killed by SIGPIPE (128 + 13), as C tools
+/// do; every other panic keeps the default report.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 /// An error as one line (its sources joined with `: `).
