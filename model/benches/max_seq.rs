@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use fpdt_model::planner::{self, fmt_tokens, MaxLen, PlanKind, PlanSpec};
 use fpdt_model::{FpdtGroup, ModelConfig, ModelError, OptimStep, SplitMix64};
-use fpdt_ptx::cpu::AdamW;
 use fpdt_runtime::{fmt_bytes, CpuConfig};
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -105,16 +104,7 @@ fn cpu_step(
                 stats.loss
             )));
         }
-        g.optimizer_step(&OptimStep {
-            adamw: AdamW {
-                lr: 1e-3,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-            },
-            clip: 1.0,
-        })?;
+        g.optimizer_step(&OptimStep::typical(1e-3))?;
         Ok(())
     };
     match run() {

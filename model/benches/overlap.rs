@@ -18,7 +18,6 @@ mod support;
 use std::time::{Duration, Instant};
 
 use fpdt_model::{FpdtGroup, ModelConfig, ModelError, OptimStep, Schedule, SplitMix64};
-use fpdt_ptx::cpu::AdamW;
 use fpdt_runtime::trace::overlap_ns;
 use fpdt_runtime::{fmt_bytes, CpuConfig, OpKind, Space, TraceEvent};
 
@@ -65,16 +64,7 @@ fn step(g: &mut FpdtGroup, tokens: &[u32], targets: &[i32]) -> Result<Step, Mode
     dev.trace().clear();
     let t = Instant::now();
     let stats = g.accumulate(tokens, targets, 1.0)?;
-    g.optimizer_step(&OptimStep {
-        adamw: AdamW {
-            lr: 1e-4,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-        clip: 1.0,
-    })?;
+    g.optimizer_step(&OptimStep::typical(1e-4))?;
     dev.synchronize()?;
     let wall = t.elapsed();
     if !stats.loss.is_finite() {

@@ -111,6 +111,23 @@ pub struct OptimStep {
     pub clip: f64,
 }
 
+impl OptimStep {
+    /// The usual LLM settings at learning rate `lr`: betas 0.9/0.95,
+    /// eps 1e-8, weight decay 0.1, clipping at norm 1.
+    pub fn typical(lr: f32) -> OptimStep {
+        OptimStep {
+            adamw: AdamW {
+                lr,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            clip: 1.0,
+        }
+    }
+}
+
 /// One rank of the FPDT model: its device, its communicator, the working
 /// weights, the gradients and its shard of the optimizer state.
 pub struct RankModel<C: Communicator> {

@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use fpdt_alloc::AllocError;
 use fpdt_comm::CommError;
-use fpdt_ptx::cpu::AdamW;
 use fpdt_runtime::{CostModel, Device, MetaConfig, OpKind, RuntimeError, Space};
 
 use crate::config::{ModelConfig, Schedule};
@@ -444,16 +443,7 @@ fn meta_config(spec: &PlanSpec) -> MetaConfig {
 /// The optimizer step the plan takes (the values do not matter on meta;
 /// clipping on, as training runs it).
 fn optim_step() -> OptimStep {
-    OptimStep {
-        adamw: AdamW {
-            lr: 3e-4,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-        clip: 1.0,
-    }
+    OptimStep::typical(3e-4)
 }
 
 /// Plans one training step of `cfg` under `spec` with the schedule `kind`:

@@ -280,20 +280,7 @@ fn bf16_meta_device_gives_the_cpu_allocation_trace() {
         (tiny_gpt(), Schedule::ulysses(12, 2)),
     ] {
         let sched = bf16(sched);
-        let c = traces(&cfg, sched, false);
-        let m = traces(&cfg, sched, true);
-        assert_eq!(c.len(), m.len());
-        for (r, (a, b)) in c.iter().zip(&m).enumerate() {
-            assert!(
-                a.len() > 100,
-                "rank {r}: only {} allocation events",
-                a.len()
-            );
-            assert_eq!(
-                a, b,
-                "rank {r} of {sched:?}: cpu and meta allocation traces differ"
-            );
-        }
+        assert_cpu_and_meta_traces_equal(&cfg, sched);
     }
 }
 

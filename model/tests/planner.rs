@@ -11,7 +11,6 @@ use std::process::Command;
 
 use fpdt_model::planner::{self, PlanKind, PlanReport, PlanSpec};
 use fpdt_model::{FpdtGroup, ModelConfig, ModelError, OptimStep, Schedule, SplitMix64};
-use fpdt_ptx::cpu::AdamW;
 use fpdt_runtime::{CpuConfig, Space, SpaceUsage};
 
 type TestResult = std::result::Result<(), Box<dyn Error>>;
@@ -68,16 +67,7 @@ fn cpu_step(
         r.device().ledger().reset_peaks();
     }
     g.on_all(|r| r.accumulate(1.0).map(|_| ()))?;
-    g.optimizer_step(&OptimStep {
-        adamw: AdamW {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-        clip: 1.0,
-    })?;
+    g.optimizer_step(&OptimStep::typical(1e-3))?;
     let mut out = Vec::new();
     for (r, (dev_before, host_before)) in g.ranks().iter().zip(before) {
         let d = r.device();

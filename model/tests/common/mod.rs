@@ -40,6 +40,25 @@ pub fn traces(cfg: &ModelConfig, sched: Schedule, meta: bool) -> Vec<Vec<AllocEv
     .unwrap()
 }
 
+/// Asserts that the cpu and meta devices record the same allocation
+/// events for one step of `cfg` under `sched`, on every rank.
+pub fn assert_cpu_and_meta_traces_equal(cfg: &ModelConfig, sched: Schedule) {
+    let c = traces(cfg, sched, false);
+    let m = traces(cfg, sched, true);
+    assert_eq!(c.len(), m.len());
+    for (r, (a, b)) in c.iter().zip(&m).enumerate() {
+        assert!(
+            a.len() > 100,
+            "rank {r}: only {} allocation events",
+            a.len()
+        );
+        assert_eq!(
+            a, b,
+            "rank {r} of {sched:?}: cpu and meta allocation traces differ"
+        );
+    }
+}
+
 /// A fresh directory under the system's temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 
