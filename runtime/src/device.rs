@@ -8,11 +8,12 @@
 //!   recorded with their sizes, and a cost model advances each stream's
 //!   clock. Running the real schedule on it gives the exact peak memory of a
 //!   configuration far beyond this machine and a predicted step time.
-//! - **cuda**: the real target (see the cuda issue); `Device::cuda` reports
-//!   why it is unavailable instead of panicking.
+//! - **cuda**: an NVIDIA GPU through the driver API (see [`crate::cuda`]);
+//!   `Device::cuda` probes first and says why there is no GPU instead of
+//!   panicking.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fpdt_alloc::{
@@ -22,9 +23,11 @@ use serde::Serialize;
 
 use crate::cost::CostModel;
 use crate::cpu::MappedRegion;
+use crate::cuda::queue::Gpu;
+use crate::cuda::{CudaConfig, CudaHostPinner, CudaRegion};
 use crate::error::{Result, RuntimeError};
 use crate::memory::{rounded, DeviceBuffer, HostBuffer, MemInner, MemoryLedger, Space, View};
-use crate::stream::{Event, Stream};
+use crate::stream::{retire_cuda_streams, Event, Stream, StreamInner};
 use crate::trace::Trace;
 
 /// Which backend a device uses.
@@ -91,6 +94,11 @@ pub(crate) struct Core {
     pub(crate) wait_timeout: Duration,
     /// The host's position on the meta device's virtual clock.
     meta_host_ns: AtomicU64,
+    /// On cuda: the context and the GPU clock's origin.
+    pub(crate) gpu: Option<Arc<Gpu>>,
+    /// On cuda: the device's streams, whose completed work a host wait
+    /// retires.
+    pub(crate) cuda_streams: Mutex<Vec<Weak<StreamInner>>>,
 }
 
 impl Core {
@@ -229,6 +237,8 @@ impl Device {
         }
         Self::build(
             DeviceKind::Cpu,
+            None,
+            Instant::now(),
             cfg.name,
             CostModel::cpu_estimate(),
             cfg.wait_timeout,
@@ -249,6 +259,8 @@ impl Device {
         let host_mem = SlabAllocator::virtual_region(cfg.host_memory, "host")?;
         Self::build(
             DeviceKind::Meta,
+            None,
+            Instant::now(),
             cfg.name,
             cfg.cost,
             Duration::from_secs(600),
@@ -258,16 +270,77 @@ impl Device {
         )
     }
 
-    /// A CUDA device. Returns an error (never panics) where the driver or the
-    /// GPU is missing.
+    /// A CUDA device with the default configuration (90% of the free
+    /// memory, a 4 GiB pinned arena on the GPU's NUMA node). Returns an
+    /// error (never panics) where the driver or the GPU is missing.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        Err(RuntimeError::Cuda(format!(
-            "device {ordinal}: the cuda backend is not built into this version of fpdt-runtime"
-        )))
+        Self::cuda_with(CudaConfig {
+            ordinal,
+            ..CudaConfig::default()
+        })
     }
 
+    /// A CUDA device.
+    pub fn cuda_with(cfg: CudaConfig) -> Result<Device> {
+        cfg.validate()?;
+        crate::cuda::init()?;
+        let name = cfg
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("cuda{}", cfg.ordinal));
+        let ctx = Arc::new(crate::cuda::Context::new(cfg.ordinal)?);
+        let (free, _) = ctx.mem_info()?;
+        let bytes = cfg.region_bytes(free)?;
+        let region = CudaRegion::new(ctx.clone(), bytes)?;
+        let device_mem = SlabAllocator::new(region, bytes, "device")?;
+        let numa_node = match cfg.numa_node {
+            Some(n) => Some(n),
+            // The node of the GPU's PCI slot, where copies cross one link;
+            // unknown topology: let the kernel place the pages.
+            None => fpdt_alloc::Topology::detect()
+                .ok()
+                .and_then(|t| t.pci_node(&ctx.info.pci_bus_id).ok().flatten()),
+        };
+        let arena = HostArena::new(ArenaConfig {
+            bytes: cfg.host_memory,
+            numa_node,
+            pinner: if cfg.pin_host_memory {
+                Arc::new(CudaHostPinner { ctx: ctx.clone() })
+            } else {
+                Arc::new(NoPinner)
+            },
+            poison_freed: false,
+        })?;
+        if cfg.pin_host_memory {
+            if let PinState::Unpinned { .. } = arena.pin_state() {
+                warn_once_unpinned(&arena);
+            }
+        }
+        let epoch = Instant::now();
+        let gpu = Arc::new(Gpu::new(ctx, || epoch.elapsed().as_nanos() as u64)?);
+        Self::build(
+            DeviceKind::Cuda,
+            Some(gpu),
+            epoch,
+            name,
+            CostModel::h100_sxm(),
+            cfg.wait_timeout,
+            device_mem,
+            arena.allocator().clone(),
+            Some(arena),
+        )
+    }
+
+    /// What the driver says about this device's GPU (None off cuda).
+    pub fn gpu_info(&self) -> Option<&crate::cuda::GpuInfo> {
+        self.inner.core.gpu.as_ref().map(|g| &g.ctx.info)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn build(
         kind: DeviceKind,
+        gpu: Option<Arc<Gpu>>,
+        epoch: Instant,
         name: String,
         cost: CostModel,
         wait_timeout: Duration,
@@ -280,11 +353,13 @@ impl Device {
             kind,
             trace: Trace::new(name.clone()),
             name,
-            epoch: Instant::now(),
+            epoch,
             ledger: Arc::new(MemoryLedger::default()),
             cost,
             wait_timeout,
             meta_host_ns: AtomicU64::new(0),
+            gpu,
+            cuda_streams: Mutex::new(Vec::new()),
         });
         let compute = Stream::new(core.clone(), 0, "compute")?;
         let h2d = Stream::new(core.clone(), 1, "h2d")?;
@@ -403,6 +478,9 @@ impl Device {
                     if !fits || now >= deadline {
                         return Err(e.into());
                     }
+                    // On cuda, completed work gives its blocks back only
+                    // when retired.
+                    retire_cuda_streams(&self.inner.core);
                     slab.wait_for_free((deadline - now).min(Duration::from_millis(50)));
                 }
                 Err(e) => return Err(e.into()),
@@ -565,6 +643,20 @@ impl Device {
                     .fold(self.inner.core.meta_host_time(), u64::max)
             }
             _ => self.inner.core.now_ns(),
+        }
+    }
+}
+
+impl Drop for DeviceInner {
+    fn drop(&mut self) {
+        if self.core.kind == DeviceKind::Cuda {
+            // Finish the GPU's work before the slab and the arena (fields
+            // dropped before the streams) give their memory back.
+            let streams =
+                std::mem::take(&mut *self.streams.lock().unwrap_or_else(|e| e.into_inner()));
+            for s in &streams {
+                let _ = s.synchronize();
+            }
         }
     }
 }

@@ -24,6 +24,7 @@
 pub mod chunk;
 mod cost;
 mod cpu;
+pub mod cuda;
 mod device;
 mod error;
 mod memory;
@@ -34,6 +35,7 @@ pub use chunk::{
     ChunkMover, DoubleBuffer, HostChunk, HostSlot, Pending, PendingSlot, Resident, SlotGuard,
 };
 pub use cost::CostModel;
+pub use cuda::{CudaConfig, GpuInfo, KernelArg, PtxKernel};
 pub use device::{CpuConfig, Device, DeviceKind, MetaConfig};
 pub use error::{Result, RuntimeError};
 pub use memory::{

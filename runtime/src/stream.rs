@@ -2,19 +2,23 @@
 //!
 //! A [`Stream`] runs the operations enqueued on it in order. On the cpu
 //! device each stream is a worker thread; on the meta device a stream is a
-//! virtual clock that advances by the cost model's time for each operation.
+//! virtual clock that advances by the cost model's time for each operation;
+//! on the cuda device a stream is a `CUstream` (see [`crate::cuda`]).
 //! An [`Event`] marks a point in a stream; another stream can wait for it,
 //! and the host can wait for it. A failed operation makes its stream refuse
 //! later work, and every event recorded after it carries the failure, so an
 //! error reaches whoever waits, on any stream, instead of being lost.
 
 use std::borrow::Cow;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Receiver, Sender};
 
+use crate::cuda::queue::{CudaQueue, OwnedKernel};
+use crate::cuda::PtxKernel;
 use crate::device::{Core, DeviceKind};
 use crate::error::{Result, RuntimeError};
 use crate::memory::{MemRef, Space, View};
@@ -84,8 +88,28 @@ struct EventState {
     stream: Arc<str>,
     /// On the meta device: the device, whose host clock a host wait advances.
     meta: Option<Arc<Core>>,
+    /// On the cuda device: the `CUevent`, polled for completion.
+    gpu: Option<GpuEvent>,
     done: Mutex<Option<Completion>>,
     cv: Condvar,
+}
+
+/// The GPU side of an event.
+struct GpuEvent {
+    core: Arc<Core>,
+    raw: usize,
+    /// The stream's failure when the event was recorded.
+    failure: Option<Failure>,
+}
+
+impl Drop for EventState {
+    fn drop(&mut self) {
+        if let Some(g) = &self.gpu {
+            if let Some(gpu) = &g.core.gpu {
+                gpu.ctx.recycle(g.raw as cudarc::driver::sys::CUevent);
+            }
+        }
+    }
 }
 
 /// A point in a stream: complete when everything enqueued before it on that
@@ -112,10 +136,75 @@ impl Event {
             inner: Arc::new(EventState {
                 stream,
                 meta,
+                gpu: None,
                 done: Mutex::new(None),
                 cv: Condvar::new(),
             }),
         }
+    }
+
+    fn new_gpu(stream: Arc<str>, core: Arc<Core>, raw: usize, failure: Option<Failure>) -> Event {
+        Event {
+            inner: Arc::new(EventState {
+                stream,
+                meta: None,
+                gpu: Some(GpuEvent { core, raw, failure }),
+                done: Mutex::new(None),
+                cv: Condvar::new(),
+            }),
+        }
+    }
+
+    /// The raw `CUevent` of an event recorded on a cuda stream.
+    fn gpu_raw(&self) -> Option<cudarc::driver::sys::CUevent> {
+        self.inner
+            .gpu
+            .as_ref()
+            .map(|g| g.raw as cudarc::driver::sys::CUevent)
+    }
+
+    /// On cuda: asks the driver whether the event completed and, if so,
+    /// fills in its completion. True when complete (or not a GPU event).
+    fn poll_gpu(&self) -> bool {
+        let Some(g) = &self.inner.gpu else {
+            return true;
+        };
+        let Some(gpu) = &g.core.gpu else {
+            return true;
+        };
+        let mut done = self.lock();
+        if done.is_some() {
+            return true;
+        }
+        let raw = g.raw as cudarc::driver::sys::CUevent;
+        let what = format!("an event of stream `{}`", self.inner.stream);
+        let completion = match gpu.query(raw, &what) {
+            Ok(false) => return false,
+            Ok(true) => match gpu.time_ns(raw) {
+                Ok(t) => Completion {
+                    time_ns: t,
+                    failure: g.failure.clone(),
+                },
+                Err(e) => Completion {
+                    time_ns: 0,
+                    failure: Some(Failure {
+                        stream: self.inner.stream.to_string(),
+                        op: "event time".into(),
+                        message: e.to_string(),
+                    }),
+                },
+            },
+            Err(e) => Completion {
+                time_ns: 0,
+                failure: Some(Failure {
+                    stream: self.inner.stream.to_string(),
+                    op: "work before an event (asynchronous GPU error)".into(),
+                    message: e.to_string(),
+                }),
+            },
+        };
+        *done = Some(completion);
+        true
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Completion>> {
@@ -129,12 +218,36 @@ impl Event {
 
     /// Whether the event has completed (successfully or not).
     pub fn is_complete(&self) -> bool {
+        if self.inner.gpu.is_some() {
+            return self.poll_gpu();
+        }
         self.lock().is_some()
     }
 
     /// Blocks the host until the event completes, then reports the failure
     /// of its stream, if any. Gives up after `timeout`.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<u64> {
+        if let Some(g) = &self.inner.gpu {
+            // The driver cannot wait with a deadline: poll, spinning
+            // briefly, then sleeping longer and longer (at most 1 ms).
+            let start = Instant::now();
+            let mut nap = Duration::from_micros(2);
+            while !self.poll_gpu() {
+                if start.elapsed() >= timeout {
+                    return Err(RuntimeError::Timeout {
+                        what: format!("an event of stream `{}`", self.inner.stream),
+                        secs: timeout.as_secs_f64(),
+                    });
+                }
+                if nap < Duration::from_micros(50) {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(nap);
+                }
+                nap = (nap * 2).min(Duration::from_millis(1));
+            }
+            retire_cuda_streams(&g.core);
+        }
         let g = self.lock();
         let (g, _) = self
             .inner
@@ -161,10 +274,12 @@ impl Event {
     /// Time at which the event completed, in nanoseconds on its device's
     /// clock (measured on cpu, predicted on meta); None while pending.
     pub fn time_ns(&self) -> Option<u64> {
+        self.poll_gpu();
         self.lock().as_ref().map(|c| c.time_ns)
     }
 
     fn failure(&self) -> Option<Failure> {
+        self.poll_gpu();
         self.lock().as_ref().and_then(|c| c.failure.clone())
     }
 }
@@ -172,6 +287,8 @@ impl Event {
 enum Body {
     Host(HostFn),
     Copy,
+    /// A PTX kernel: costed on meta, never sent to a cpu worker.
+    Kernel,
     Record(Event),
     Wait(Event),
 }
@@ -198,6 +315,8 @@ struct MetaClock {
 enum Exec {
     Worker(Worker),
     Meta(Mutex<MetaClock>),
+    /// A `CUstream`; the flag says the stream was closed.
+    Cuda(CudaQueue, AtomicBool),
 }
 
 pub(crate) struct StreamInner {
@@ -255,21 +374,96 @@ impl Stream {
                 })
             }
             DeviceKind::Cuda => {
-                return Err(RuntimeError::Unsupported {
-                    device: "cuda",
-                    what: "streams (the cuda backend is not built in yet)".into(),
-                })
+                let gpu = core.gpu.clone().ok_or_else(|| {
+                    RuntimeError::Cuda(format!("device `{}` has no GPU context", core.name))
+                })?;
+                Exec::Cuda(CudaQueue::new(gpu, &name)?, AtomicBool::new(false))
             }
         };
-        Ok(Stream {
-            inner: Arc::new(StreamInner {
-                id,
-                name,
-                core,
-                failure,
-                exec,
-            }),
-        })
+        let inner = Arc::new(StreamInner {
+            id,
+            name,
+            core,
+            failure,
+            exec,
+        });
+        if let Exec::Cuda(..) = inner.exec {
+            lock(&inner.core.cuda_streams).push(Arc::downgrade(&inner));
+        }
+        Ok(Stream { inner })
+    }
+
+    /// The cuda stream's queue, or None on other devices; an error when
+    /// the stream was closed.
+    fn cuda(&self) -> Result<Option<&CudaQueue>> {
+        match &self.inner.exec {
+            Exec::Cuda(q, closed) => {
+                if closed.load(Ordering::Acquire) {
+                    return Err(RuntimeError::StreamClosed {
+                        stream: self.inner.name.to_string(),
+                    });
+                }
+                Ok(Some(q))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn set_failure(&self, op: &str, e: &RuntimeError) {
+        lock(&self.inner.failure).get_or_insert(Failure {
+            stream: self.inner.name.to_string(),
+            op: op.to_string(),
+            message: e.to_string(),
+        });
+    }
+
+    fn has_failed(&self) -> bool {
+        lock(&self.inner.failure).is_some()
+    }
+
+    /// Retires the completed work of a cuda stream: records its trace
+    /// events and drops the memory it held. No-op on other devices.
+    pub(crate) fn retire(&self) {
+        let Exec::Cuda(q, _) = &self.inner.exec else {
+            return;
+        };
+        match q.retire() {
+            Ok(done) => {
+                for r in done {
+                    self.inner.core.trace.record(TraceEvent {
+                        stream: self.inner.name.clone(),
+                        stream_id: self.inner.id,
+                        name: r.name,
+                        kind: r.work.kind,
+                        bytes: r.work.bytes,
+                        flops: r.work.flops,
+                        start_ns: r.start_ns,
+                        end_ns: r.end_ns,
+                    });
+                }
+            }
+            Err(e) => self.set_failure("asynchronous GPU work", &e),
+        }
+    }
+
+    /// Operations enqueued on a cuda stream and not yet retired (0 elsewhere).
+    pub fn in_flight(&self) -> usize {
+        match &self.inner.exec {
+            Exec::Cuda(q, _) => q.in_flight(),
+            _ => 0,
+        }
+    }
+
+    /// The raw `CUstream` of a cuda stream, for libraries that enqueue on
+    /// it (cuBLASLt, NCCL); None on other devices. Work enqueued through
+    /// it is ordered with this stream's but not tracked by it: the caller
+    /// keeps its memory alive (for example by recording an event and
+    /// holding the buffers until it completes).
+    pub fn cuda_stream_raw(&self) -> Option<*mut std::ffi::c_void> {
+        match &self.inner.exec {
+            Exec::Cuda(q, _) => Some(q.raw().cast()),
+            _ => None,
+        }
     }
 
     /// The stream's name.
@@ -311,6 +505,23 @@ impl Stream {
 
     /// Records an event after everything enqueued so far.
     pub fn record(&self) -> Result<Event> {
+        if let Some(q) = self.cuda()? {
+            self.retire();
+            let gpu = &q.gpu;
+            let raw = gpu.ctx.event()?;
+            if let Err(e) = q.record(raw) {
+                gpu.ctx.recycle(raw);
+                self.set_failure("record", &e);
+                return Err(e);
+            }
+            let failure = lock(&self.inner.failure).clone();
+            return Ok(Event::new_gpu(
+                self.inner.name.clone(),
+                self.inner.core.clone(),
+                raw as usize,
+                failure,
+            ));
+        }
         let meta = (self.inner.core.kind == DeviceKind::Meta).then(|| self.inner.core.clone());
         let ev = Event::new(self.inner.name.clone(), meta);
         self.submit(Job {
@@ -326,6 +537,29 @@ impl Stream {
     /// Makes later work on this stream wait until `event` completed. If the
     /// event's stream failed, this stream fails too.
     pub fn wait(&self, event: &Event) -> Result<()> {
+        if let Some(q) = self.cuda()? {
+            match event.gpu_raw() {
+                Some(raw) => {
+                    if let Err(e) = q.wait(raw) {
+                        self.set_failure("wait", &e);
+                        return Err(e);
+                    }
+                }
+                // An event of a cpu stream: the host waits for it, then
+                // enqueues what follows (the ordering holds; the GPU idles).
+                None => match event.wait_timeout(self.inner.core.wait_timeout) {
+                    Ok(_) | Err(RuntimeError::StreamFailed { .. }) => {}
+                    Err(e) => {
+                        self.set_failure("wait", &e);
+                        return Err(e);
+                    }
+                },
+            }
+            if let Some(f) = event.failure() {
+                lock(&self.inner.failure).get_or_insert(f);
+            }
+            return Ok(());
+        }
         self.submit(Job {
             name: Cow::Borrowed("wait"),
             work: Work::kernel(0.0, 0),
@@ -368,13 +602,27 @@ impl Stream {
             (Space::Host, Space::Host) => OpKind::CopyH2H,
         };
         let name = format!("{} {}", kind.as_str(), dst.tag());
+        let work = Work {
+            kind,
+            flops: 0.0,
+            bytes: src.len() as u64,
+        };
+        if let Some(q) = self.cuda()? {
+            self.retire();
+            if self.has_failed() {
+                return Ok(());
+            }
+            let refs = vec![src.to_ref(false), dst.to_ref(true)];
+            let (s, d, n) = (src.addr() as u64, dst.addr() as u64, src.len());
+            let r = q.copy(Cow::Owned(name.clone()), work, s, d, n, refs);
+            if let Err(e) = &r {
+                self.set_failure(&name, e);
+            }
+            return r;
+        }
         self.submit(Job {
             name: Cow::Owned(name),
-            work: Work {
-                kind,
-                flops: 0.0,
-                bytes: src.len() as u64,
-            },
+            work,
             reads: vec![src.to_ref(false)],
             writes: vec![dst.to_ref(true)],
             body: Body::Copy,
@@ -397,7 +645,10 @@ impl Stream {
         if self.inner.core.kind == DeviceKind::Cuda {
             return Err(RuntimeError::Unsupported {
                 device: "cuda",
-                what: format!("host kernel `{name}`"),
+                what: format!(
+                    "host kernel `{name}` (a host function cannot read GPU memory; launch the \
+                     kernel's PTX with Stream::launch_ptx)"
+                ),
             });
         }
         for v in reads.iter().chain(writes) {
@@ -430,8 +681,88 @@ impl Stream {
         })
     }
 
+    /// Launches a PTX kernel on a cuda stream. `reads` and `writes` are the
+    /// views the kernel touches: every pointer argument must lie in one of
+    /// them, and they stay allocated until the kernel completed. The
+    /// arguments are checked against the `.entry`'s parameter list and the
+    /// shapes against the device's limits before anything is launched. On
+    /// meta only `work` is costed; the cpu device runs the kernel's CPU
+    /// twin instead (through [`Stream::launch_host`]).
+    pub fn launch_ptx(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        work: Work,
+        kernel: &PtxKernel<'_>,
+        reads: &[View<'_>],
+        writes: &[View<'_>],
+    ) -> Result<()> {
+        let name = name.into();
+        for v in reads.iter().chain(writes) {
+            self.check_device(v, &name)?;
+        }
+        match self.inner.core.kind {
+            DeviceKind::Cpu => Err(RuntimeError::Unsupported {
+                device: "cpu",
+                what: format!(
+                    "PTX kernel `{}` (run its CPU twin with launch_host, or the PTX interpreter)",
+                    kernel.entry
+                ),
+            }),
+            DeviceKind::Meta => self.submit(Job {
+                name,
+                work,
+                reads: reads.iter().map(|v| v.to_ref(false)).collect(),
+                writes: writes.iter().map(|v| v.to_ref(true)).collect(),
+                body: Body::Kernel,
+            }),
+            DeviceKind::Cuda => {
+                let Some(q) = self.cuda()? else {
+                    return Err(RuntimeError::Cuda(format!(
+                        "stream `{}` has no CUstream",
+                        self.inner.name
+                    )));
+                };
+                self.retire();
+                if self.has_failed() {
+                    return Ok(());
+                }
+                let ranges: Vec<(u64, u64)> = reads
+                    .iter()
+                    .chain(writes)
+                    .map(|v| (v.addr() as u64, v.len() as u64))
+                    .collect();
+                let refs: Vec<MemRef> = reads
+                    .iter()
+                    .map(|v| v.to_ref(false))
+                    .chain(writes.iter().map(|v| v.to_ref(true)))
+                    .collect();
+                let owned = OwnedKernel {
+                    ptx: kernel.ptx,
+                    entry: kernel.entry.to_string(),
+                    grid: kernel.grid,
+                    block: kernel.block,
+                    shared_bytes: kernel.shared_bytes,
+                    args: kernel.args.to_vec(),
+                };
+                let r = q.launch(name.clone(), work, &owned, &ranges, refs);
+                if let Err(e) = &r {
+                    // Bad arguments launch nothing and leave the stream
+                    // usable; a driver failure stops it.
+                    if !matches!(e, RuntimeError::Invalid(_)) {
+                        self.set_failure(&name, e);
+                    }
+                }
+                r
+            }
+        }
+    }
+
     fn submit(&self, job: Job) -> Result<()> {
         match &self.inner.exec {
+            Exec::Cuda(..) => Err(RuntimeError::Cuda(format!(
+                "stream `{}`: internal: `{}` was queued as cpu work",
+                self.inner.name, job.name
+            ))),
             Exec::Worker(w) => {
                 let tx = lock(&w.tx);
                 match tx.as_ref() {
@@ -467,7 +798,7 @@ impl Stream {
                     lock(&self.inner.failure).get_or_insert(f);
                 }
             }
-            Body::Host(_) | Body::Copy => {
+            Body::Host(_) | Body::Copy | Body::Kernel => {
                 let dur = core.cost.duration_ns(&job.work);
                 clock.now_ns = start + dur;
                 core.trace.record(TraceEvent {
@@ -489,15 +820,19 @@ impl Stream {
     pub fn meta_time_ns(&self) -> Option<u64> {
         match &self.inner.exec {
             Exec::Meta(c) => Some(lock(c).now_ns),
-            Exec::Worker(_) => None,
+            Exec::Worker(_) | Exec::Cuda(..) => None,
         }
     }
 
     /// Stops accepting work; what is queued still runs. Later enqueues fail
     /// with [`RuntimeError::StreamClosed`].
     pub(crate) fn close(&self) {
-        if let Exec::Worker(w) = &self.inner.exec {
-            lock(&w.tx).take();
+        match &self.inner.exec {
+            Exec::Worker(w) => {
+                lock(&w.tx).take();
+            }
+            Exec::Cuda(_, closed) => closed.store(true, Ordering::Release),
+            Exec::Meta(_) => {}
         }
     }
 
@@ -505,6 +840,7 @@ impl Stream {
     pub fn is_open(&self) -> bool {
         match &self.inner.exec {
             Exec::Worker(w) => lock(&w.tx).is_some(),
+            Exec::Cuda(_, closed) => !closed.load(Ordering::Acquire),
             Exec::Meta(_) => true,
         }
     }
@@ -581,9 +917,10 @@ impl WorkerCtx {
                 }
                 Err(e) => self.fail("wait", e.to_string()),
             },
-            Body::Host(_) | Body::Copy if lock(&self.failure).is_some() => {
+            Body::Host(_) | Body::Copy | Body::Kernel if lock(&self.failure).is_some() => {
                 // The stream has failed: later work is skipped.
             }
+            Body::Kernel => self.fail(&name, "a PTX kernel reached a cpu worker".into()),
             Body::Host(f) => {
                 let start = self.core.now_ns();
                 let r = run_with_borrows(&name, &reads, &writes, |ins, outs| f(ins, outs));
@@ -643,4 +980,13 @@ fn run_with_borrows(
     let ins: Vec<&[u8]> = rb.iter().map(|b| b.bytes()).collect();
     let mut outs: Vec<&mut [u8]> = wb.iter().map(|b| b.bytes_mut()).collect();
     f(&ins, &mut outs)
+}
+
+/// Retires the completed work of every cuda stream of a device (after a
+/// host wait: what completed may be holding memory the host wants).
+pub(crate) fn retire_cuda_streams(core: &Core) {
+    let streams: Vec<Weak<StreamInner>> = lock(&core.cuda_streams).clone();
+    for s in streams.iter().filter_map(Weak::upgrade) {
+        Stream { inner: s }.retire();
+    }
 }

@@ -1,0 +1,450 @@
+//! The cuda backend. Without a driver or a GPU, `Device::cuda` must fail
+//! with a clear error (that is tested everywhere); the rest runs where a GPU
+//! is present and otherwise prints why it skipped.
+
+use std::time::Duration;
+
+use fpdt_runtime::{
+    CpuConfig, CudaConfig, Device, DeviceKind, KernelArg, MetaConfig, OpKind, PtxKernel,
+    RuntimeError, Work,
+};
+
+/// out[i] = in[i] + 1 for i < n (one thread an element).
+const ADD_ONE: &str = r#"
+.version 7.0
+.target sm_80
+.address_size 64
+.visible .entry add_one_f32(.param .u64 p_out, .param .u64 p_in, .param .u32 p_n)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<6>;
+    .reg .b64 %rd<8>;
+    .reg .f32 %f<3>;
+    ld.param.u64 %rd1, [p_out];
+    ld.param.u64 %rd2, [p_in];
+    ld.param.u32 %r1, [p_n];
+    mov.u32 %r2, %ctaid.x;
+    mov.u32 %r3, %ntid.x;
+    mov.u32 %r4, %tid.x;
+    mad.lo.u32 %r5, %r2, %r3, %r4;
+    setp.ge.u32 %p1, %r5, %r1;
+    @%p1 bra DONE;
+    cvta.to.global.u64 %rd1, %rd1;
+    cvta.to.global.u64 %rd2, %rd2;
+    mul.wide.u32 %rd3, %r5, 4;
+    add.s64 %rd4, %rd2, %rd3;
+    add.s64 %rd5, %rd1, %rd3;
+    ld.global.f32 %f1, [%rd4];
+    add.f32 %f2, %f1, 0f3F800000;
+    st.global.f32 [%rd5], %f2;
+DONE:
+    ret;
+}
+
+// One block reverses n <= shared/4 floats through dynamic shared memory.
+.extern .shared .align 16 .b8 smem[];
+.visible .entry reverse_shared(.param .u64 p_out, .param .u64 p_in, .param .u32 p_n)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<10>;
+    .reg .b64 %rd<10>;
+    .reg .f32 %f<2>;
+    ld.param.u64 %rd1, [p_out];
+    ld.param.u64 %rd2, [p_in];
+    ld.param.u32 %r1, [p_n];
+    cvta.to.global.u64 %rd1, %rd1;
+    cvta.to.global.u64 %rd2, %rd2;
+    mov.u32 %r2, %tid.x;
+    mov.u32 %r3, %ntid.x;
+    mov.u32 %r9, smem;
+    mov.u32 %r4, %r2;
+LOAD:
+    setp.ge.u32 %p1, %r4, %r1;
+    @%p1 bra LOADED;
+    mul.wide.u32 %rd3, %r4, 4;
+    add.s64 %rd4, %rd2, %rd3;
+    ld.global.f32 %f1, [%rd4];
+    shl.b32 %r5, %r4, 2;
+    add.u32 %r5, %r5, %r9;
+    st.shared.f32 [%r5], %f1;
+    add.u32 %r4, %r4, %r3;
+    bra LOAD;
+LOADED:
+    bar.sync 0;
+    mov.u32 %r4, %r2;
+STORE:
+    setp.ge.u32 %p1, %r4, %r1;
+    @%p1 bra DONE;
+    sub.u32 %r6, %r1, %r4;
+    sub.u32 %r6, %r6, 1;
+    shl.b32 %r5, %r6, 2;
+    add.u32 %r5, %r5, %r9;
+    ld.shared.f32 %f1, [%r5];
+    mul.wide.u32 %rd3, %r4, 4;
+    add.s64 %rd4, %rd1, %rd3;
+    st.global.f32 [%rd4], %f1;
+    add.u32 %r4, %r4, %r3;
+    bra STORE;
+DONE:
+    ret;
+}
+
+// Spins for about p_cycles clock cycles, then writes 1 to out[0].
+.visible .entry spin(.param .u64 p_out, .param .u64 p_cycles)
+{
+    .reg .pred %p<2>;
+    .reg .b64 %rd<6>;
+    .reg .f32 %f<2>;
+    ld.param.u64 %rd1, [p_out];
+    ld.param.u64 %rd2, [p_cycles];
+    cvta.to.global.u64 %rd1, %rd1;
+    mov.u64 %rd3, %clock64;
+WAIT:
+    mov.u64 %rd4, %clock64;
+    sub.s64 %rd5, %rd4, %rd3;
+    setp.lt.s64 %p1, %rd5, %rd2;
+    @%p1 bra WAIT;
+    mov.f32 %f1, 0f3F800000;
+    st.global.f32 [%rd1], %f1;
+    ret;
+}
+"#;
+
+/// The GPU, or None after saying why the GPU tests skip.
+fn gpu(test: &str) -> Option<Device> {
+    match Device::cuda_with(CudaConfig {
+        device_memory: Some(256 << 20),
+        host_memory: 256 << 20,
+        wait_timeout: Duration::from_secs(60),
+        ..CudaConfig::default()
+    }) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("{test}: skipped, no GPU: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn without_a_gpu_the_cuda_device_is_a_clear_error() {
+    match Device::cuda(0) {
+        Ok(d) => {
+            // A GPU is here: the probe must agree.
+            let gpus = fpdt_runtime::cuda::probe().unwrap();
+            assert!(!gpus.is_empty());
+            assert_eq!(d.kind(), DeviceKind::Cuda);
+            eprintln!("GPU present: {:?}", d.gpu_info());
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(matches!(e, RuntimeError::Cuda(_)), "{e:?}");
+            assert!(
+                msg.contains("libcuda") || msg.contains("cuInit") || msg.contains("GPU"),
+                "the error should say what is missing: {msg}"
+            );
+            let p = fpdt_runtime::cuda::probe().unwrap_err().to_string();
+            assert_eq!(p, msg, "the probe and the device disagree");
+        }
+    }
+}
+
+#[test]
+fn a_missing_ordinal_is_named() {
+    if let Err(e) = fpdt_runtime::cuda::probe() {
+        eprintln!("a_missing_ordinal_is_named: skipped, no GPU: {e}");
+        return;
+    }
+    let e = Device::cuda(4096).unwrap_err().to_string();
+    assert!(e.contains("device 4096 does not exist"), "{e}");
+}
+
+#[test]
+fn bad_configs_are_rejected_before_touching_the_driver() {
+    let e = Device::cuda_with(CudaConfig {
+        memory_fraction: 0.0,
+        ..CudaConfig::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("memory_fraction = 0"), "{e}");
+}
+
+#[test]
+fn ptx_launches_are_costed_on_meta_and_refused_on_cpu() {
+    let meta = Device::meta(MetaConfig::default()).unwrap();
+    let x = meta.alloc(1024, "x").unwrap();
+    let y = meta.alloc(1024, "y").unwrap();
+    let args = [
+        KernelArg::Ptr(y.view().addr() as u64),
+        KernelArg::Ptr(x.view().addr() as u64),
+        KernelArg::U32(256),
+    ];
+    let k = PtxKernel {
+        ptx: ADD_ONE,
+        entry: "add_one_f32",
+        grid: [1, 1, 1],
+        block: [256, 1, 1],
+        shared_bytes: 0,
+        args: &args,
+    };
+    meta.compute()
+        .launch_ptx(
+            "add one",
+            Work::kernel(256.0, 2048),
+            &k,
+            &[x.view()],
+            &[y.view()],
+        )
+        .unwrap();
+    meta.synchronize().unwrap();
+    let ev = meta.trace().events();
+    let e = ev.iter().find(|e| e.name == "add one").unwrap();
+    assert_eq!(e.kind, OpKind::Kernel);
+    assert!(e.end_ns > e.start_ns, "the cost model gave no time");
+
+    let cpu = Device::cpu(CpuConfig {
+        device_memory: 1 << 20,
+        host_memory: 1 << 20,
+        ..CpuConfig::default()
+    })
+    .unwrap();
+    let x = cpu.alloc(1024, "x").unwrap();
+    let e = cpu
+        .compute()
+        .launch_ptx("add one", Work::kernel(0.0, 0), &k, &[x.view()], &[])
+        .unwrap_err();
+    assert!(matches!(e, RuntimeError::Unsupported { .. }), "{e}");
+    assert!(e.to_string().contains("add_one_f32"), "{e}");
+}
+
+#[test]
+fn gpu_memory_round_trips_through_every_stream() {
+    let Some(dev) = gpu("gpu_memory_round_trips_through_every_stream") else {
+        return;
+    };
+    let data: Vec<f32> = (0..100_003).map(|i| i as f32 * 0.5).collect();
+    let d = dev.upload(&data, "d").unwrap();
+    assert_eq!(dev.download::<f32>(d.view()).unwrap(), data);
+
+    // Host arena -> device on h2d, device -> device on compute after an
+    // event, device -> host on d2h after another.
+    let bytes = data.len() * 4;
+    let mut h = dev.alloc_host(bytes, "h").unwrap();
+    h.copy_from(&data).unwrap();
+    let a = dev.alloc(bytes, "a").unwrap();
+    let b = dev.alloc(bytes, "b").unwrap();
+    let back = dev.alloc_host(bytes, "back").unwrap();
+    dev.h2d().copy(h.view(), a.view()).unwrap();
+    let e1 = dev.h2d().record().unwrap();
+    dev.compute().wait(&e1).unwrap();
+    dev.compute().copy(a.view(), b.view()).unwrap();
+    let e2 = dev.compute().record().unwrap();
+    dev.d2h().wait(&e2).unwrap();
+    dev.d2h().copy(b.view(), back.view()).unwrap();
+    dev.d2h().synchronize().unwrap();
+    assert_eq!(back.to_vec::<f32>(data.len()).unwrap(), data);
+    assert!(e1.is_complete() && e2.is_complete());
+    assert!(e2.time_ns().unwrap() >= e1.time_ns().unwrap());
+    // Every copy is in the trace with its GPU times.
+    dev.synchronize().unwrap();
+    let copies = dev
+        .trace()
+        .events()
+        .iter()
+        .filter(|e| matches!(e.kind, OpKind::CopyH2D | OpKind::CopyD2H | OpKind::CopyD2D))
+        .count();
+    assert!(copies >= 5, "{copies} copies traced");
+    for s in [dev.compute(), dev.h2d(), dev.d2h()] {
+        assert_eq!(
+            s.in_flight(),
+            0,
+            "stream {} kept work after a sync",
+            s.name()
+        );
+    }
+}
+
+#[test]
+fn ptx_kernels_run_and_bad_launches_are_refused() {
+    let Some(dev) = gpu("ptx_kernels_run_and_bad_launches_are_refused") else {
+        return;
+    };
+    let n = 1000u32;
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let xd = dev.upload(&x, "x").unwrap();
+    let yd = dev.alloc(n as usize * 4, "y").unwrap();
+    let args = [
+        KernelArg::Ptr(yd.view().addr() as u64),
+        KernelArg::Ptr(xd.view().addr() as u64),
+        KernelArg::U32(n),
+    ];
+    let k = PtxKernel {
+        ptx: ADD_ONE,
+        entry: "add_one_f32",
+        grid: [n.div_ceil(128), 1, 1],
+        block: [128, 1, 1],
+        shared_bytes: 0,
+        args: &args,
+    };
+    let s = dev.compute();
+    s.launch_ptx(
+        "add one",
+        Work::kernel(n as f64, 8000),
+        &k,
+        &[xd.view()],
+        &[yd.view()],
+    )
+    .unwrap();
+    let y = dev.download::<f32>(yd.view()).unwrap();
+    assert!(y.iter().zip(&x).all(|(y, x)| *y == x + 1.0));
+
+    // A pointer outside the declared views, a wrong argument, too many
+    // threads: refused before launch, and the stream stays usable.
+    let e = s
+        .launch_ptx("add one", Work::kernel(0.0, 0), &k, &[xd.view()], &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pointer argument 0"), "{e}");
+    let wrong = [args[0], args[1], KernelArg::F32(1.0)];
+    let e = s
+        .launch_ptx(
+            "add one",
+            Work::kernel(0.0, 0),
+            &PtxKernel {
+                args: &wrong,
+                ..k.clone()
+            },
+            &[xd.view()],
+            &[yd.view()],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("argument 2 (`p_n`"), "{e}");
+    let e = s
+        .launch_ptx(
+            "add one",
+            Work::kernel(0.0, 0),
+            &PtxKernel {
+                block: [4096, 1, 1],
+                ..k.clone()
+            },
+            &[xd.view()],
+            &[yd.view()],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("4096 threads"), "{e}");
+    s.launch_ptx(
+        "add one",
+        Work::kernel(0.0, 0),
+        &k,
+        &[xd.view()],
+        &[yd.view()],
+    )
+    .unwrap();
+    s.synchronize().unwrap();
+
+    // More than 48 KiB of dynamic shared memory: the attribute is raised.
+    let m = 24 * 1024u32; // 96 KiB of floats
+    let v: Vec<f32> = (0..m).map(|i| (i * 3) as f32).collect();
+    let vd = dev.upload(&v, "v").unwrap();
+    let rd = dev.alloc(m as usize * 4, "r").unwrap();
+    let rargs = [
+        KernelArg::Ptr(rd.view().addr() as u64),
+        KernelArg::Ptr(vd.view().addr() as u64),
+        KernelArg::U32(m),
+    ];
+    s.launch_ptx(
+        "reverse",
+        Work::kernel(0.0, 0),
+        &PtxKernel {
+            ptx: ADD_ONE,
+            entry: "reverse_shared",
+            grid: [1, 1, 1],
+            block: [256, 1, 1],
+            shared_bytes: m * 4,
+            args: &rargs,
+        },
+        &[vd.view()],
+        &[rd.view()],
+    )
+    .unwrap();
+    let r = dev.download::<f32>(rd.view()).unwrap();
+    assert!(r.iter().rev().zip(&v).all(|(a, b)| a == b));
+}
+
+#[test]
+fn out_of_device_memory_is_an_error_and_the_device_stays_usable() {
+    let Some(dev) = gpu("out_of_device_memory_is_an_error_and_the_device_stays_usable") else {
+        return;
+    };
+    let e = dev.alloc(dev.device_budget() + 1, "too big").unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("too big"), "{msg}");
+    let x = dev.upload(&[1.0f32, 2.0], "x").unwrap();
+    assert_eq!(dev.download::<f32>(x.view()).unwrap(), [1.0, 2.0]);
+}
+
+#[test]
+fn copies_overlap_a_kernel_in_the_trace() {
+    let Some(dev) = gpu("copies_overlap_a_kernel_in_the_trace") else {
+        return;
+    };
+    let flag = dev.alloc(4, "flag").unwrap();
+    let bytes = 64 << 20;
+    let h = dev.alloc_host(bytes, "h").unwrap();
+    let d = dev.alloc(bytes, "d").unwrap();
+    let args = [
+        KernelArg::Ptr(flag.view().addr() as u64),
+        KernelArg::U64(200_000_000),
+    ];
+    dev.compute()
+        .launch_ptx(
+            "spin",
+            Work::kernel(0.0, 0),
+            &PtxKernel {
+                ptx: ADD_ONE,
+                entry: "spin",
+                grid: [1, 1, 1],
+                block: [1, 1, 1],
+                shared_bytes: 0,
+                args: &args,
+            },
+            &[],
+            &[flag.view()],
+        )
+        .unwrap();
+    dev.h2d().copy(h.view(), d.view()).unwrap();
+    dev.synchronize().unwrap();
+    let ev = dev.trace().events();
+    let k = ev.iter().find(|e| e.name == "spin").unwrap();
+    let c = ev.iter().find(|e| e.kind == OpKind::CopyH2D).unwrap();
+    eprintln!(
+        "spin {}..{} ns, copy {}..{} ns",
+        k.start_ns, k.end_ns, c.start_ns, c.end_ns
+    );
+    assert!(
+        c.start_ns < k.end_ns && k.start_ns < c.end_ns,
+        "the h2d copy did not run beside the kernel"
+    );
+}
+
+#[test]
+fn host_kernels_are_refused_on_cuda() {
+    let Some(dev) = gpu("host_kernels_are_refused_on_cuda") else {
+        return;
+    };
+    let x = dev.alloc(16, "x").unwrap();
+    let e = dev
+        .compute()
+        .launch_host(
+            "double",
+            Work::kernel(0.0, 0),
+            &[],
+            &[x.view()],
+            Box::new(|_, _| Ok(())),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("launch_ptx"), "{e}");
+}
