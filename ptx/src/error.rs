@@ -51,4 +51,9 @@ pub enum PtxError {
     /// entry, wrong arguments, bad shapes, out-of-bounds `read`/`write`).
     #[error("interpreter: {0}")]
     Interp(String),
+
+    /// The device a kernel ran on refused or failed (no GPU, a driver
+    /// error, a launch the runtime's checks refused).
+    #[error("device: {0}")]
+    Device(String),
 }

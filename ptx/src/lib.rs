@@ -11,12 +11,14 @@
 
 pub mod cpu;
 mod error;
+pub mod gpu;
 pub mod interp;
 pub mod kernels;
 pub mod launch;
 pub mod reference;
 
 pub use error::PtxError;
+pub use gpu::{GpuRunner, Runner};
 pub use launch::{Arg, Dim3, KernelLaunch};
 
 /// The crate's result type.
