@@ -145,7 +145,6 @@ fn info_reports_devices_numa_arena_and_nccl() {
     for want in [
         "cpu:",
         "logical cpus",
-        "cuda: no CUDA driver",
         "numa:",
         "node 0",
         "the host arena would use node",
@@ -156,4 +155,10 @@ fn info_reports_devices_numa_arena_and_nccl() {
         assert!(s.contains(want), "`{want}` missing from:\n{s}");
     }
     assert!(s.contains("pinned") || s.contains("NOT pinned"), "{s}");
+    // The GPU line says what the driver sees, or why there is none.
+    match fpdt_runtime::cuda::probe() {
+        Ok(g) if !g.is_empty() => assert!(s.contains(&format!("cuda0: {}", g[0].name)), "{s}"),
+        Ok(_) => assert!(s.contains("sees no GPU"), "{s}"),
+        Err(e) => assert!(s.contains(&format!("cuda: unavailable: {e}")), "{s}"),
+    }
 }

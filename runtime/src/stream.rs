@@ -757,6 +757,47 @@ impl Stream {
         }
     }
 
+    /// Enqueues work that a CUDA library issues on this stream's raw
+    /// `CUstream` (a cuBLASLt matmul, an NCCL collective): `issue` is
+    /// called once with the stream, between the two timing events of the
+    /// trace, and `reads`/`writes` stay allocated until the work completed.
+    /// Only on cuda (elsewhere: [`RuntimeError::Unsupported`]).
+    pub fn enqueue_cuda(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        work: Work,
+        reads: &[View<'_>],
+        writes: &[View<'_>],
+        issue: impl FnOnce(*mut std::ffi::c_void) -> Result<()>,
+    ) -> Result<()> {
+        let name = name.into();
+        for v in reads.iter().chain(writes) {
+            self.check_device(v, &name)?;
+        }
+        let Some(q) = self.cuda()? else {
+            return Err(RuntimeError::Unsupported {
+                device: self.inner.core.kind.as_str(),
+                what: format!("`{name}` on a raw CUDA stream"),
+            });
+        };
+        self.retire();
+        if self.has_failed() {
+            return Ok(());
+        }
+        let refs: Vec<MemRef> = reads
+            .iter()
+            .map(|v| v.to_ref(false))
+            .chain(writes.iter().map(|v| v.to_ref(true)))
+            .collect();
+        let r = q.foreign(name.clone(), work, refs, |raw| issue(raw.cast()));
+        if let Err(e) = &r {
+            if !matches!(e, RuntimeError::Invalid(_)) {
+                self.set_failure(&name, e);
+            }
+        }
+        r
+    }
+
     fn submit(&self, job: Job) -> Result<()> {
         match &self.inner.exec {
             Exec::Cuda(..) => Err(RuntimeError::Cuda(format!(

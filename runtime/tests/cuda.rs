@@ -448,3 +448,26 @@ fn host_kernels_are_refused_on_cuda() {
         .unwrap_err();
     assert!(e.to_string().contains("launch_ptx"), "{e}");
 }
+
+#[test]
+fn raw_cuda_work_is_refused_off_cuda() {
+    let cpu = Device::cpu(CpuConfig {
+        device_memory: 1 << 20,
+        host_memory: 1 << 20,
+        ..CpuConfig::default()
+    })
+    .unwrap();
+    let x = cpu.alloc(64, "x").unwrap();
+    let mut called = false;
+    let e = cpu
+        .compute()
+        .enqueue_cuda("gemm", Work::kernel(0.0, 0), &[x.view()], &[], |_| {
+            called = true;
+            Ok(())
+        })
+        .unwrap_err();
+    assert!(!called, "the library call ran on a cpu device");
+    assert!(e.to_string().contains("`gemm` on a raw CUDA stream"), "{e}");
+    assert!(cpu.compute().cuda_stream_raw().is_none());
+    assert_eq!(cpu.compute().in_flight(), 0);
+}

@@ -44,11 +44,30 @@ pub fn report(arena_bytes: usize) -> String {
         format!("{} memory", fmt_bytes(m as usize))
     });
     let _ = writeln!(s, "  cpu: {cpus} logical cpus, {mem}");
-    let _ = writeln!(
-        s,
-        "  cuda: no CUDA driver: this build has no cuda backend, so no GPU is used \
-         (train and plan run on cpu and meta)"
-    );
+    match fpdt_runtime::cuda::probe() {
+        Ok(gpus) if gpus.is_empty() => {
+            let _ = writeln!(s, "  cuda: the driver is loaded but sees no GPU");
+        }
+        Ok(gpus) => {
+            for g in gpus {
+                let _ = writeln!(
+                    s,
+                    "  cuda{}: {}, sm_{}{}, {} SMs, {} copy engines, {}, PCI {}",
+                    g.ordinal,
+                    g.name,
+                    g.compute_capability.0,
+                    g.compute_capability.1,
+                    g.multiprocessors,
+                    g.async_engines,
+                    fmt_bytes(g.total_memory),
+                    g.pci_bus_id
+                );
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(s, "  cuda: unavailable: {e}");
+        }
+    }
 
     let _ = writeln!(s, "numa:");
     let mut arena_node = None;

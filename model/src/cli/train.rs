@@ -265,8 +265,9 @@ impl TrainArgs {
             DeviceChoice::Cuda => {
                 return Err(usage(
                     "--device",
-                    "cuda: this build has no cuda backend (no CUDA driver is used); run with \
-                     --device cpu",
+                    "cuda: the runtime's cuda device (memory, streams, copies, PTX kernels) is \
+                     built, but the trainer's layers still run as host kernels, which a GPU \
+                     cannot run (their cuda dispatch is not built yet); run with --device cpu",
                 ))
             }
             DeviceChoice::Auto | DeviceChoice::Cpu => {}

@@ -221,6 +221,18 @@ impl CudaQueue {
         })
     }
 
+    /// Enqueues work a library issues on the raw stream (cuBLASLt, NCCL),
+    /// tracked like a kernel.
+    pub(crate) fn foreign(
+        &self,
+        name: Cow<'static, str>,
+        work: Work,
+        refs: Vec<MemRef>,
+        op: impl FnOnce(sys::CUstream) -> Result<()>,
+    ) -> Result<()> {
+        self.bracketed(name, work, refs, || op(self.raw))
+    }
+
     /// Checks and enqueues a PTX kernel.
     pub(crate) fn launch(
         &self,

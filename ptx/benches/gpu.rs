@@ -1,0 +1,251 @@
+//! GPU benchmarks (issue #8, #4): copy bandwidth, pinned against pageable
+//! and against the link's limit; device-to-device copies; the attention
+//! kernels' TFLOP/s at the shape `scripts/sdpa_bench.py` times PyTorch at.
+//! Without a GPU it says why and exits 0. Timed with CUDA events on the
+//! streams (the trace's clock); medians of several repetitions.
+//!
+//! Lines starting `RESULT` are read by `scripts/gpu-check.sh`.
+
+use std::time::Duration;
+
+use fpdt_ptx::cpu::{AttnShape, DType};
+use fpdt_ptx::kernels::{self, AttnBwdPtrs, AttnPtrs};
+use fpdt_runtime::{CudaConfig, Device, Stream, View, Work};
+
+/// PCIe Gen5 x16, each way (REFERENCE-NUMBERS.md).
+const PCIE5_GBPS: f64 = 64.0;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of one `op`, timed by events around `reps` runs.
+fn time_on(s: &Stream, reps: usize, rounds: usize, mut op: impl FnMut() -> bool) -> Option<f64> {
+    let mut out = Vec::new();
+    for _ in 0..rounds {
+        let a = s.record().ok()?;
+        for _ in 0..reps {
+            if !op() {
+                return None;
+            }
+        }
+        let b = s.record().ok()?;
+        b.wait_timeout(Duration::from_secs(120)).ok()?;
+        a.wait_timeout(Duration::from_secs(1)).ok()?;
+        let dt = (b.time_ns()? - a.time_ns()?) as f64 * 1e-9;
+        out.push(dt / reps as f64);
+    }
+    Some(median(out))
+}
+
+fn device(pinned: bool, dev_bytes: usize, host_bytes: usize) -> Result<Device, String> {
+    Device::cuda_with(CudaConfig {
+        device_memory: Some(dev_bytes),
+        host_memory: host_bytes,
+        pin_host_memory: pinned,
+        ..CudaConfig::default()
+    })
+    .map_err(|e| e.to_string())
+}
+
+fn copy_rows() -> Result<(), String> {
+    let bytes = 256 << 20;
+    println!("\n## Copies, {} MiB, median of 5 x 4", bytes >> 20);
+    println!("| copy | GB/s | of PCIe Gen5 x16 ({PCIE5_GBPS} GB/s) |");
+    println!("|---|---|---|");
+    for pinned in [true, false] {
+        let dev = device(pinned, 2 * bytes + (64 << 20), bytes + (64 << 20))?;
+        let h = dev.alloc_host(bytes, "host").map_err(|e| e.to_string())?;
+        let d = dev.alloc(bytes, "dev").map_err(|e| e.to_string())?;
+        let d2 = dev.alloc(bytes, "dev2").map_err(|e| e.to_string())?;
+        let label = if pinned { "pinned" } else { "pageable" };
+        let run = |s: &Stream, src: View<'_>, dst: View<'_>, what: &str, link: bool| {
+            let t = time_on(s, 4, 5, || s.copy(src, dst).is_ok());
+            match t {
+                Some(t) => {
+                    let gbps = bytes as f64 / t / 1e9;
+                    let of = if link {
+                        format!("{:.0}%", 100.0 * gbps / PCIE5_GBPS)
+                    } else {
+                        "-".into()
+                    };
+                    println!("| {what} | {gbps:.1} | {of} |");
+                    println!(
+                        "RESULT copy_{} gbps={gbps:.2}",
+                        what.replace([' ', ','], "_")
+                    );
+                }
+                None => println!("| {what} | failed: {:?} |  |", s.failure()),
+            }
+        };
+        run(dev.h2d(), h.view(), d.view(), &format!("h2d {label}"), true);
+        run(dev.d2h(), d.view(), h.view(), &format!("d2h {label}"), true);
+        if pinned {
+            // Device to device: read and write, so twice the bytes move.
+            run(
+                dev.compute(),
+                d.view(),
+                d2.view(),
+                "d2d (bytes copied)",
+                false,
+            );
+        }
+        dev.synchronize().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn fill_bf16(n: usize, seed: u32) -> Vec<half::bf16> {
+    (0..n)
+        .map(|i| {
+            let x = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(97));
+            half::bf16::from_f32((x >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
+        })
+        .collect()
+}
+
+fn attention_rows() -> Result<(), String> {
+    let (tokens, heads, d) = (16 * 1024, 16, 128);
+    let s = AttnShape {
+        q_tokens: tokens,
+        kv_tokens: tokens,
+        heads,
+        kv_heads: heads,
+        head_dim: d,
+    };
+    let n = tokens * heads * d;
+    let dev = device(true, 2 << 30, 64 << 20)?;
+    let err = |e: fpdt_runtime::RuntimeError| e.to_string();
+    let q = dev.upload(&fill_bf16(n, 1), "q").map_err(err)?;
+    let k = dev.upload(&fill_bf16(n, 2), "k").map_err(err)?;
+    let v = dev.upload(&fill_bf16(n, 3), "v").map_err(err)?;
+    let dout = dev.upload(&fill_bf16(n, 4), "do").map_err(err)?;
+    let o = dev.alloc(n * 4, "o").map_err(err)?;
+    let lse = dev.alloc(tokens * heads * 4, "lse").map_err(err)?;
+    let delta = dev.alloc(tokens * heads * 4, "delta").map_err(err)?;
+    let dq = dev.alloc(n * 4, "dq").map_err(err)?;
+    let dk = dev.alloc(n * 4, "dk").map_err(err)?;
+    let dv = dev.alloc(n * 4, "dv").map_err(err)?;
+    let a = |b: &fpdt_runtime::DeviceBuffer| b.view().addr() as u64;
+    let scale = s.default_scale();
+    let fwd = kernels::attn_fwd_chunk(
+        &s,
+        true,
+        scale,
+        DType::BF16,
+        &AttnPtrs {
+            q: a(&q),
+            k: a(&k),
+            v: a(&v),
+            o: a(&o),
+            lse: a(&lse),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let bwd = kernels::attn_bwd_chunk(
+        &s,
+        true,
+        scale,
+        DType::BF16,
+        &AttnBwdPtrs {
+            q: a(&q),
+            k: a(&k),
+            v: a(&v),
+            do_: a(&dout),
+            lse: a(&lse),
+            delta: a(&delta),
+            dq: a(&dq),
+            dk: a(&dk),
+            dv: a(&dv),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    // The bf16 o the delta reads is not at hand (o is f32): the f32 delta
+    // variant over the f32 o costs the same order and is what the model
+    // runs with f32 accumulators.
+    let del = kernels::attn_delta(tokens * heads, d, DType::F32, a(&dout), a(&o), a(&delta))
+        .map_err(|e| e.to_string())?;
+    let c = dev.compute();
+    let (reads, writes) = (
+        [q.view(), k.view(), v.view(), dout.view()],
+        [
+            o.view(),
+            lse.view(),
+            delta.view(),
+            dq.view(),
+            dk.view(),
+            dv.view(),
+        ],
+    );
+    // Causal: half the score matrix. Forward 2 matmuls, backward 5 (the
+    // FlashAttention papers' count: backward = 2.5 x forward).
+    let fwd_flops = 4.0 * (tokens as f64).powi(2) * heads as f64 * d as f64 / 2.0;
+    let bwd_flops = 2.5 * fwd_flops;
+    let tf = time_on(c, 3, 5, || {
+        fwd.enqueue(c, Work::kernel(fwd_flops, 0), &reads, &writes)
+            .is_ok()
+    });
+    let tb = time_on(c, 3, 5, || {
+        del.enqueue(c, Work::kernel(0.0, 0), &reads, &writes)
+            .is_ok()
+            && bwd
+                .enqueue(c, Work::kernel(bwd_flops, 0), &reads, &writes)
+                .is_ok()
+    });
+    println!(
+        "\n## Attention, bf16, causal, {tokens} tokens, {heads} heads, head dim {d} (median of 5 x 3)"
+    );
+    println!("| pass | ms | TFLOP/s |");
+    println!("|---|---|---|");
+    for (name, t, f) in [
+        ("forward", tf, fwd_flops),
+        ("backward (delta + bwd)", tb, bwd_flops),
+    ] {
+        match t {
+            Some(t) => {
+                println!("| {name} | {:.2} | {:.1} |", t * 1e3, f / t / 1e12);
+                let key = if name == "forward" { "fwd" } else { "bwd" };
+                println!("RESULT attn_{key} tflops={:.2}", f / t / 1e12);
+            }
+            None => println!("| {name} | failed: {:?} | |", c.failure()),
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let gpus = match fpdt_runtime::cuda::probe() {
+        Ok(g) if !g.is_empty() => g,
+        Ok(_) => {
+            println!("gpu bench: skipped: the driver sees no GPU");
+            return;
+        }
+        Err(e) => {
+            println!("gpu bench: skipped: {e}");
+            return;
+        }
+    };
+    let g = &gpus[0];
+    println!(
+        "# GPU benchmarks on {} (sm_{}{}, {} SMs, {} copy engines, {} GiB, PCI {})",
+        g.name,
+        g.compute_capability.0,
+        g.compute_capability.1,
+        g.multiprocessors,
+        g.async_engines,
+        g.total_memory >> 30,
+        g.pci_bus_id
+    );
+    if let Err(e) = copy_rows() {
+        println!("copies: failed: {e}");
+    }
+    if let Err(e) = attention_rows() {
+        println!("attention: failed: {e}");
+    }
+}
