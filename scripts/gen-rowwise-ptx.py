@@ -259,7 +259,28 @@ for dt in DTS:
                    + ld(dt, "%f5", "%rd3") + addr("%rd4", 5, "%r7", s) + ld(dt, "%f6", "%rd4")
                    + "    sub.f32 %f2, %f2, %f1;\n    mul.f32 %f2, %f2, %f4;\n    fma.rn.f32 %f2, %f2, %f5, %f6;\n"
                    + addr("%rd5", 0, "%r8", s) + st(dt, "%rd5", "%f2"))))
-write("layer_norm.ptx", "LayerNorm forward (y, mean, rstd). One warp per row.", lnk)
+    # Backward from the saved mean and rstd: xhat = (x - mean) rstd, g = dy gamma,
+    # dx = rstd (g - mean(g) - xhat mean(g xhat)); dgamma += dy xhat, dbeta += dy
+    # (f32, red.add). Pointers: dx 0, dgamma 1, dbeta 2, x 3, gamma 4, dy 5, mean 6, rstd 7.
+    xhat_g = (addr("%rd1", 3, "%r8", s) + ld(dt, "%f2", "%rd1") + addr("%rd3", 4, "%r7", s)
+              + ld(dt, "%f3", "%rd3") + addr("%rd4", 5, "%r8", s) + ld(dt, "%f4", "%rd4")
+              + "    sub.f32 %f2, %f2, %f1;\n    mul.f32 %f2, %f2, %f9;               // xhat\n"
+              "    mul.f32 %f6, %f4, %f3;               // g = dy*gamma\n")
+    lnk.append(warp_rows(f"layer_norm_bwd_{dt}", ["dx", "dgamma", "dbeta", "x", "gamma", "dy", "mean", "rstd"],
+                         ["rows", "dim"], [],
+        addr("%rd2", 6, "%r1", 4) + "    ld.global.f32 %f1, [%rd2];           // mean\n"
+        + addr("%rd2", 7, "%r1", 4) + "    ld.global.f32 %f9, [%rd2];           // rstd\n"
+        "    mov.f32 %f5, 0f00000000;             // sum g\n    mov.f32 %f11, 0f00000000;            // sum g*xhat\n"
+        + col_loop("DOT", "%r31", xhat_g + "    add.f32 %f5, %f5, %f6;\n    fma.rn.f32 %f11, %f6, %f2, %f11;\n"
+                   "    mul.f32 %f7, %f4, %f2;\n" + addr("%rd5", 1, "%r7", 4) + "    red.global.add.f32 [%rd5], %f7;\n"
+                   + addr("%rd6", 2, "%r7", 4) + "    red.global.add.f32 [%rd6], %f4;\n")
+        + warp_sum("%f5") + warp_sum("%f11")
+        + "    cvt.rn.f32.u32 %f8, %r31;\n    div.rn.f32 %f5, %f5, %f8;\n    div.rn.f32 %f11, %f11, %f8;\n"
+        + col_loop("DX", "%r31", xhat_g + "    sub.f32 %f6, %f6, %f5;\n    mul.f32 %f2, %f2, %f11;\n"
+                   "    sub.f32 %f6, %f6, %f2;\n    mul.f32 %f6, %f6, %f9;\n"
+                   + addr("%rd7", 0, "%r8", s) + st(dt, "%rd7", "%f6"))))
+write("layer_norm.ptx", "LayerNorm forward (y, mean, rstd) and backward (dx from the saved mean and rstd;\n"
+      "dgamma and dbeta accumulated with red.add). One warp per row.", lnk)
 
 # Softmax cross-entropy over a full-vocabulary row (f32 logits), one warp per row.
 xe = warp_rows("softmax_xent_f32", ["loss", "dlogits", "logits", "labels"], ["rows", "vocab", "ignore"], ["scale"],
@@ -286,7 +307,90 @@ xe = warp_rows("softmax_xent_f32", ["loss", "dlogits", "logits", "labels"], ["ro
     + "    @%p4 st.global.f32 [%rd4], 0f00000000;\n"
     + col_loop("ZERO", "%r31", addr("%rd5", 1, "%r8", 4) + "    st.global.f32 [%rd5], 0f00000000;\n")
     + "ROW_DONE:\n")
-write("softmax_xent.ptx", "Fused softmax cross-entropy over full-vocabulary rows (f32 logits, u32 labels,\nignore index as u32 bits): loss and dlogits = scale * (softmax - onehot). One warp per row.\nLabels must be < vocab or equal the ignore index (the launcher's caller guarantees it).", [xe])
+# Softmax cross-entropy over a vocabulary split into chunks (logits [rows,
+# chunk] = columns offset..offset+chunk). Running statistics per row live in
+# `stats`, three f32 (max, sum of exp(logit - max), target logit) as
+# cpu::CeStats; rows whose label is the ignore index are left untouched.
+LOG2E, LN2, NEG_INF = "0f3FB8AA3B", "0f3F317218", "0fFF800000"
+
+
+def exp_diff(dst, a, m):
+    """dst = exp(a - m) (0 when a = -inf); m must be finite or the guarded 0."""
+    return f"    sub.f32 {dst}, {a}, {m};\n    mul.f32 {dst}, {dst}, {LOG2E};\n    ex2.approx.ftz.f32 {dst}, {dst};\n"
+
+
+def merge(m, s, mo, so, tmp):
+    """(m, s) <- (m, s) merged with (mo, so): M = max; s = s e^(m-M) + so e^(mo-M).
+    An all -inf pair keeps s = 0 (M guarded to 0 so no -inf - -inf)."""
+    return (f"    max.f32 {tmp[0]}, {m}, {mo};\n    setp.eq.f32 %p6, {tmp[0]}, {NEG_INF};\n"
+            f"    selp.f32 {tmp[1]}, 0f00000000, {tmp[0]}, %p6;\n"
+            + exp_diff(tmp[2], m, tmp[1]) + exp_diff(tmp[3], mo, tmp[1])
+            + f"    mul.f32 {tmp[3]}, {tmp[3]}, {so};\n    fma.rn.f32 {s}, {s}, {tmp[2]}, {tmp[3]};\n"
+            f"    mov.f32 {m}, {tmp[0]};\n")
+
+
+T4 = ("%f12", "%f13", "%f14", "%f15")
+warp_merge = ""
+for k in (16, 8, 4, 2, 1):
+    warp_merge += (f"    shfl.sync.bfly.b32 %f38, %f1, {k}, 0x1f, 0xffffffff;\n"
+                   f"    shfl.sync.bfly.b32 %f39, %f2, {k}, 0x1f, 0xffffffff;\n" + merge("%f1", "%f2", "%f38", "%f39", T4))
+# pointers: stats 0, logits 1, labels 2; u32: rows, chunk (%r31), offset (%r32), ignore (%r33).
+xs = warp_rows("softmax_xent_stats_f32", ["stats", "logits", "labels"], ["rows", "chunk", "offset", "ignore"], [],
+    addr("%rd1", 2, "%r1", 4) + "    ld.global.u32 %r9, [%rd1];           // label\n"
+    "    setp.eq.u32 %p3, %r9, %r33;          // ignored row: stats unchanged\n"
+    "    @%p3 bra ROW_DONE;\n"
+    "    mov.f32 %f1, 0fFF800000;             // lane's running max\n    mov.f32 %f2, 0f00000000;             // and sum\n"
+    "    mov.f32 %f3, 0f3F800000;\n"
+    + col_loop("ACC", "%r31", addr("%rd2", 1, "%r8", 4) + "    ld.global.f32 %f4, [%rd2];\n"
+               + merge("%f1", "%f2", "%f4", "%f3", T4))
+    + warp_merge
+    # Every lane merges (the warp stays converged for the next row's shuffles);
+    # lane 0 stores.
+    + "    mul.wide.u32 %rd3, %r1, 12;\n    add.u64 %rd3, %rd20, %rd3;\n"
+    "    ld.global.f32 %f5, [%rd3];\n    ld.global.f32 %f6, [%rd3+4];\n    ld.global.f32 %f7, [%rd3+8];\n"
+    + merge("%f5", "%f6", "%f1", "%f2", T4)
+    + "    sub.u32 %r10, %r9, %r32;             // label's column in the chunk (wraps if before)\n"
+    "    setp.lt.u32 %p5, %r10, %r31;\n"
+    "    mad.lo.u32 %r11, %r1, %r31, %r10;\n" + addr("%rd4", 1, "%r11", 4)
+    + "    mov.f32 %f8, 0f00000000;\n    @%p5 ld.global.f32 %f8, [%rd4];\n"
+    "    add.f32 %f7, %f7, %f8;               // target logit\n"
+    "    setp.eq.u32 %p4, %r6, 0;\n"
+    "    @%p4 st.global.f32 [%rd3], %f5;\n    @%p4 st.global.f32 [%rd3+4], %f6;\n    @%p4 st.global.f32 [%rd3+8], %f7;\n"
+    "ROW_DONE:\n")
+
+# pointers: dlogits 0, logits 1, labels 2, stats 3; u32: rows, chunk, offset, ignore; f32 scale.
+xg = warp_rows("softmax_xent_grad_f32", ["dlogits", "logits", "labels", "stats"], ["rows", "chunk", "offset", "ignore"],
+               ["scale"],
+    addr("%rd1", 2, "%r1", 4) + "    ld.global.u32 %r9, [%rd1];           // label\n"
+    "    setp.eq.u32 %p3, %r9, %r33;\n    @%p3 bra IGNORED;\n"
+    "    mul.wide.u32 %rd3, %r1, 12;\n    add.u64 %rd3, %rd23, %rd3;\n"
+    "    ld.global.f32 %f1, [%rd3];\n    ld.global.f32 %f2, [%rd3+4];\n"
+    f"    lg2.approx.ftz.f32 %f4, %f2;\n    fma.rn.f32 %f4, %f4, {LN2}, %f1;  // lse of the whole vocabulary\n"
+    "    sub.u32 %r10, %r9, %r32;             // label's column in the chunk (wraps if outside)\n"
+    + col_loop("GRAD", "%r31", addr("%rd2", 1, "%r8", 4) + "    ld.global.f32 %f3, [%rd2];\n"
+               + exp_diff("%f3", "%f3", "%f4") + "    mul.f32 %f3, %f3, %f30;\n"
+               "    setp.eq.u32 %p5, %r7, %r10;\n    sub.f32 %f7, %f3, %f30;\n    selp.f32 %f3, %f7, %f3, %p5;\n"
+               + addr("%rd5", 0, "%r8", 4) + "    st.global.f32 [%rd5], %f3;\n")
+    + "    bra.uni ROW_DONE;\nIGNORED:\n"
+    + col_loop("ZERO", "%r31", addr("%rd5", 0, "%r8", 4) + "    st.global.f32 [%rd5], 0f00000000;\n")
+    + "ROW_DONE:\n")
+
+# loss = lse - target per row, 0 for ignored rows. pointers: loss 0, stats 1, labels 2; u32 n, ignore.
+xf = elementwise("softmax_xent_finish_f32", ["loss", "stats", "labels"], ["n", "ignore"], [],
+    addr("%rd1", 2, "%r1", 4) + "    ld.global.u32 %r9, [%rd1];\n    setp.eq.u32 %p3, %r9, %r31;\n"
+    "    mov.f32 %f5, 0f00000000;\n    @%p3 bra STORE;\n"
+    "    mul.wide.u32 %rd3, %r1, 12;\n    add.u64 %rd3, %rd21, %rd3;\n"
+    "    ld.global.f32 %f1, [%rd3];\n    ld.global.f32 %f2, [%rd3+4];\n    ld.global.f32 %f3, [%rd3+8];\n"
+    f"    lg2.approx.ftz.f32 %f4, %f2;\n    fma.rn.f32 %f4, %f4, {LN2}, %f1;\n    sub.f32 %f5, %f4, %f3;\n"
+    "STORE:\n" + addr("%rd4", 0, "%r1", 4) + "    st.global.f32 [%rd4], %f5;\n")
+
+write("softmax_xent.ptx", "Fused softmax cross-entropy (f32 logits, u32 labels, ignore index as u32 bits).\n"
+      "softmax_xent_f32: whole-vocabulary rows, loss and dlogits = scale * (softmax - onehot) in one pass.\n"
+      "Vocabulary in chunks: softmax_xent_stats_f32 folds one chunk (columns offset..offset+chunk) into\n"
+      "per-row running stats (max, sum exp(logit - max), target logit: three f32 a row), then\n"
+      "softmax_xent_finish_f32 writes the loss and softmax_xent_grad_f32 one chunk's dlogits.\n"
+      "One warp per row (finish: one thread per row). Labels must be < vocab or equal the ignore\n"
+      "index (the launcher's caller guarantees it).", [xe, xs, xg, xf])
 
 # Embedding forward / backward.
 em = []

@@ -7,7 +7,7 @@
 //!   cuda backend or the [`interp`] PTX interpreter runs;
 //! - a CPU twin in [`cpu`], the cpu backend's implementation.
 //!
-//! Naive f64 references in [`reference`] are the oracle for both.
+//! Naive f64 references in [`reference`](mod@reference) are the oracle for both.
 
 pub mod cpu;
 mod error;

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use fpdt_ptx::cpu::{self, AttnShape, DType};
+use fpdt_ptx::cpu::{self, AttnShape, DType, Element};
 use fpdt_ptx::interp::Interpreter;
 use fpdt_ptx::kernels;
 use fpdt_ptx::PtxError;
@@ -194,6 +194,74 @@ fn launchers_reject_bad_arguments() {
     );
 }
 
+/// The LayerNorm backward and chunked cross-entropy launchers name the bad
+/// argument and build nothing.
+#[test]
+fn rowwise_launchers_reject_bad_arguments() {
+    let arg = |e: PtxError| match e {
+        PtxError::BadArgument { arg, .. } => arg,
+        _ => "other",
+    };
+    let ln = |dt: DType, mean: u64, dbeta: u64| {
+        kernels::layer_norm_bwd(4, 8, dt, 256, 512, dbeta, 768, 1024, 1280, mean, 1536)
+    };
+    assert!(ln(DType::BF16, 2048, 4096).is_ok());
+    assert_eq!(arg(ln(DType::BF16, 2050, 4096).unwrap_err()), "mean");
+    assert_eq!(arg(ln(DType::BF16, 2048, 0).unwrap_err()), "dbeta");
+    assert_eq!(
+        arg(
+            kernels::layer_norm_bwd(4, 0, DType::F32, 256, 256, 256, 256, 256, 256, 256, 256)
+                .unwrap_err()
+        ),
+        "dim"
+    );
+    // bf16 x, misaligned for 2-byte elements.
+    assert_eq!(
+        arg(
+            kernels::layer_norm_bwd(4, 8, DType::BF16, 256, 256, 256, 257, 256, 256, 256, 256)
+                .unwrap_err()
+        ),
+        "x"
+    );
+
+    assert!(kernels::ce_chunk_stats(4, 100, 200, -100, 256, 512, 768).is_ok());
+    assert_eq!(
+        arg(kernels::ce_chunk_stats(4, 0, 0, -100, 256, 512, 768).unwrap_err()),
+        "vocab_chunk"
+    );
+    assert_eq!(
+        arg(kernels::ce_chunk_stats(4, 100, i32::MAX as usize, -100, 256, 512, 768).unwrap_err()),
+        "vocab_offset"
+    );
+    assert_eq!(
+        arg(kernels::ce_chunk_stats(1 << 20, 1 << 13, 0, -100, 256, 512, 768).unwrap_err()),
+        "rows"
+    );
+    assert_eq!(
+        arg(kernels::ce_chunk_stats(4, 100, 0, -100, 0, 512, 768).unwrap_err()),
+        "stats"
+    );
+    assert_eq!(
+        arg(kernels::ce_chunk_grad(4, 100, 0, -100, f32::NAN, 256, 512, 768, 1024).unwrap_err()),
+        "grad_scale"
+    );
+    assert_eq!(
+        arg(kernels::ce_chunk_grad(4, 100, 0, -100, 1.0, 256, 514, 768, 1024).unwrap_err()),
+        "logits"
+    );
+    assert_eq!(
+        arg(kernels::ce_finish(4, -100, 256, 258, 768).unwrap_err()),
+        "stats"
+    );
+    assert_eq!(
+        arg(
+            kernels::softmax_cross_entropy(4, 10, -100, f32::INFINITY, 256, 512, 768, 1024)
+                .unwrap_err()
+        ),
+        "grad_scale"
+    );
+}
+
 /// Runs `launch` on a fresh interpreter whose buffers `setup` allocates;
 /// returns the interpreter for reading results.
 fn interp() -> Interpreter {
@@ -277,14 +345,18 @@ fn elementwise_kernels_match_twins() {
     assert!((got - want).abs() < 1e-5 * want, "sq_norm {got} vs {want}");
 }
 
-#[test]
-fn norm_kernels_match_twins() {
-    let mut r = rng(61);
-    for (rows, dim) in [(5usize, 33usize), (9, 256)] {
-        let x = bf(&uniform(&mut r, rows * dim, 2.0));
-        let g = bf(&uniform(&mut r, dim, 1.0));
-        let bt = bf(&uniform(&mut r, dim, 1.0));
-        let dy = bf(&uniform(&mut r, rows * dim, 1.0));
+/// The norms' forward and backward kernels at storage type `E`: outputs in
+/// `E` within `tol::<E>()` of the twin, f32 statistics and parameter
+/// gradients within 1e-5.
+fn norm_kernels<E: Element>(seed: u64) {
+    let mut r = rng(seed);
+    let dt = E::DTYPE;
+    let z = dt.size();
+    for (rows, dim) in [(5usize, 33usize), (9, 256), (3, 70)] {
+        let x: Vec<E> = to_e(&uniform(&mut r, rows * dim, 2.0));
+        let g: Vec<E> = to_e(&uniform(&mut r, dim, 1.0));
+        let bt: Vec<E> = to_e(&uniform(&mut r, dim, 1.0));
+        let dy: Vec<E> = to_e(&uniform(&mut r, rows * dim, 1.0));
         let eps = 1e-5;
         let mut it = interp();
         let (px, pg, pb, pdy) = (
@@ -294,37 +366,159 @@ fn norm_kernels_match_twins() {
             it.alloc_slice(&dy),
         );
         let (py, prs, pm) = (
-            it.alloc_zeroed(rows * dim * 2),
+            it.alloc_zeroed(rows * dim * z),
             it.alloc_zeroed(rows * 4),
             it.alloc_zeroed(rows * 4),
         );
-        let mut y = vec![bf16::ZERO; rows * dim];
+        let read = |it: &Interpreter, p: u64, n: usize| it.read_vec::<E>(p, n).unwrap();
+        let what = format!("{dt:?} {rows}x{dim}");
+        let mut y = vec![E::default(); rows * dim];
         let (mut rs, mut mean) = (vec![0.0f32; rows], vec![0.0f32; rows]);
 
-        it.run(&kernels::rms_norm_fwd(rows, dim, eps, DType::BF16, py, prs, px, pg).unwrap())
+        it.run(&kernels::rms_norm_fwd(rows, dim, eps, dt, py, prs, px, pg).unwrap())
             .unwrap();
         cpu::rms_norm_fwd(&x, &g, dim, eps, &mut y, &mut rs).unwrap();
-        assert!(rel_err(&read_bf16(&it, py, rows * dim), &to_f64(&y)) < 1e-2);
+        assert!(
+            rel_err(&read(&it, py, rows * dim), &to_f64(&y)) < tol::<E>(),
+            "rms y {what}"
+        );
         assert!(rel_err(&it.read_f32(prs, rows).unwrap(), &to_f64(&rs)) < 1e-5);
 
-        let (pdx, pdg) = (it.alloc_zeroed(rows * dim * 2), it.alloc_zeroed(dim * 4));
-        it.run(&kernels::rms_norm_bwd(rows, dim, DType::BF16, pdx, pdg, px, pg, pdy, prs).unwrap())
+        let (pdx, pdg) = (it.alloc_zeroed(rows * dim * z), it.alloc_zeroed(dim * 4));
+        it.run(&kernels::rms_norm_bwd(rows, dim, dt, pdx, pdg, px, pg, pdy, prs).unwrap())
             .unwrap();
-        let mut dx = vec![bf16::ZERO; rows * dim];
+        let mut dx = vec![E::default(); rows * dim];
         let mut dg = vec![0.0f32; dim];
         cpu::rms_norm_bwd(&x, &g, &dy, &rs, dim, &mut dx, &mut dg).unwrap();
-        assert!(rel_err(&read_bf16(&it, pdx, rows * dim), &to_f64(&dx)) < 1e-2);
+        assert!(
+            rel_err(&read(&it, pdx, rows * dim), &to_f64(&dx)) < tol::<E>(),
+            "rms dx {what}"
+        );
         assert!(rel_err(&it.read_f32(pdg, dim).unwrap(), &to_f64(&dg)) < 1e-5);
 
-        it.run(
-            &kernels::layer_norm_fwd(rows, dim, eps, DType::BF16, py, pm, prs, px, pg, pb).unwrap(),
-        )
-        .unwrap();
+        it.run(&kernels::layer_norm_fwd(rows, dim, eps, dt, py, pm, prs, px, pg, pb).unwrap())
+            .unwrap();
         cpu::layer_norm_fwd(&x, &g, &bt, dim, eps, &mut y, &mut mean, &mut rs).unwrap();
-        assert!(rel_err(&read_bf16(&it, py, rows * dim), &to_f64(&y)) < 1e-2);
+        assert!(
+            rel_err(&read(&it, py, rows * dim), &to_f64(&y)) < tol::<E>(),
+            "ln y {what}"
+        );
         assert!(rel_err(&it.read_f32(pm, rows).unwrap(), &to_f64(&mean)) < 1e-5);
         assert!(rel_err(&it.read_f32(prs, rows).unwrap(), &to_f64(&rs)) < 1e-5);
+
+        // Backward from the saved statistics; dgamma and dbeta accumulate
+        // onto what is there (non-zero starting values).
+        let (dg0, db0) = (uniform(&mut r, dim, 1.0), uniform(&mut r, dim, 1.0));
+        let (pdg, pdb) = (it.alloc_slice(&dg0), it.alloc_slice(&db0));
+        it.run(
+            &kernels::layer_norm_bwd(rows, dim, dt, pdx, pdg, pdb, px, pg, pdy, pm, prs).unwrap(),
+        )
+        .unwrap();
+        let (mut dg, mut db) = (dg0.clone(), db0.clone());
+        cpu::layer_norm_bwd(&x, &g, &dy, &mean, &rs, dim, &mut dx, &mut dg, &mut db).unwrap();
+        let e = rel_err(&read(&it, pdx, rows * dim), &to_f64(&dx));
+        assert!(e < tol::<E>(), "ln dx {what}: {e:e}");
+        let e = rel_err(&it.read_f32(pdg, dim).unwrap(), &to_f64(&dg));
+        assert!(e < 1e-5, "ln dgamma {what}: {e:e}");
+        let e = rel_err(&it.read_f32(pdb, dim).unwrap(), &to_f64(&db));
+        assert!(e < 1e-5, "ln dbeta {what}: {e:e}");
     }
+}
+
+#[test]
+fn norm_kernels_match_twins_bf16() {
+    norm_kernels::<bf16>(61);
+}
+
+#[test]
+fn norm_kernels_match_twins_f32() {
+    norm_kernels::<f32>(64);
+}
+
+/// Columns `a..b` of the `[rows, vocab]` matrix `x`, as `[rows, b - a]`.
+fn columns(x: &[f32], vocab: usize, a: usize, b: usize) -> Vec<f32> {
+    x.chunks(vocab).flat_map(|row| row[a..b].to_vec()).collect()
+}
+
+/// The vocabulary-chunked cross-entropy kernels (stats per chunk, finish,
+/// grad per chunk) against their twins, and the chunked result against the
+/// whole-row kernel: unequal chunk widths (none a multiple of 32), labels on
+/// chunk boundaries, an ignored row, and a padded row whose last chunk is
+/// all -inf.
+#[test]
+fn chunked_cross_entropy_kernels_match_twins() {
+    let mut r = rng(65);
+    let (rows, vocab, ignore, scale) = (8usize, 300usize, -100i32, 0.125f32);
+    let bounds = [(0usize, 100usize), (100, 233), (233, 300)];
+    let mut logits = uniform(&mut r, rows * vocab, 6.0);
+    logits[7 * vocab + 233..8 * vocab].fill(f32::NEG_INFINITY);
+    let labels: Vec<i32> = vec![3, ignore, 299, 0, 100, 99, 233, 150];
+    let mut it = interp();
+    let plab = it.alloc_slice(&labels);
+    let pstats = it.alloc_slice(&vec![cpu::CeStats::EMPTY; rows]);
+    let mut stats = vec![cpu::CeStats::EMPTY; rows];
+    let chunk_ptrs: Vec<u64> = bounds
+        .iter()
+        .map(|&(a, b)| it.alloc_slice(&columns(&logits, vocab, a, b)))
+        .collect();
+    for (&(a, b), &pc) in bounds.iter().zip(&chunk_ptrs) {
+        it.run(&kernels::ce_chunk_stats(rows, b - a, a, ignore, pstats, pc, plab).unwrap())
+            .unwrap();
+        let chunk = columns(&logits, vocab, a, b);
+        cpu::ce_chunk_stats(&chunk, &labels, b - a, a, ignore, &mut stats).unwrap();
+    }
+    let got: Vec<cpu::CeStats> = it.read_vec(pstats, rows).unwrap();
+    for (t, (g, w)) in got.iter().zip(&stats).enumerate() {
+        // Max and target are exact; the sum's rounding order differs.
+        assert_eq!((g.max, g.target), (w.max, w.target), "row {t}");
+        let e = (f64::from(g.sum) - f64::from(w.sum)).abs() / f64::from(w.sum).max(1e-30);
+        assert!(
+            e < 1e-5 || (g.sum == 0.0 && w.sum == 0.0),
+            "row {t} sum {g:?} vs {w:?}"
+        );
+    }
+    assert_eq!(got[1], cpu::CeStats::EMPTY, "the ignored row is untouched");
+
+    let ploss = it.alloc_zeroed(rows * 4);
+    it.run(&kernels::ce_finish(rows, ignore, ploss, pstats, plab).unwrap())
+        .unwrap();
+    let mut loss = vec![0.0f32; rows];
+    cpu::ce_finish(&stats, &labels, ignore, &mut loss).unwrap();
+    let gloss = it.read_f32(ploss, rows).unwrap();
+    assert!(
+        rel_err(&gloss, &to_f64(&loss)) < 1e-5,
+        "{gloss:?} vs {loss:?}"
+    );
+    assert_eq!(gloss[1], 0.0);
+
+    let mut dl = vec![0.0f32; rows * vocab];
+    for (&(a, b), &pc) in bounds.iter().zip(&chunk_ptrs) {
+        let w = b - a;
+        let pd = it.alloc_zeroed(rows * w * 4);
+        it.run(&kernels::ce_chunk_grad(rows, w, a, ignore, scale, pd, pc, plab, pstats).unwrap())
+            .unwrap();
+        let chunk = columns(&logits, vocab, a, b);
+        let mut want = vec![0.0f32; rows * w];
+        cpu::ce_chunk_grad(&chunk, &labels, w, a, ignore, &stats, scale, &mut want).unwrap();
+        let got = it.read_f32(pd, rows * w).unwrap();
+        let e = rel_err(&got, &to_f64(&want));
+        assert!(e < 1e-5, "chunk {a}..{b}: {e:e}");
+        for (t, row) in got.chunks(w).enumerate() {
+            dl[t * vocab + a..t * vocab + b].copy_from_slice(row);
+        }
+    }
+
+    // Chunked equals unchunked (the one-pass whole-row kernel).
+    let pl = it.alloc_slice(&logits);
+    let (pl1, pd1) = (it.alloc_zeroed(rows * 4), it.alloc_zeroed(rows * vocab * 4));
+    it.run(
+        &kernels::softmax_cross_entropy(rows, vocab, ignore, scale, pl1, pd1, pl, plab).unwrap(),
+    )
+    .unwrap();
+    let whole_loss = it.read_f32(pl1, rows).unwrap();
+    let whole_dl = it.read_f32(pd1, rows * vocab).unwrap();
+    assert!(rel_err(&gloss, &to_f64(&whole_loss)) < 1e-5);
+    assert!(rel_err(&dl, &to_f64(&whole_dl)) < 1e-5);
 }
 
 #[test]
@@ -456,6 +650,170 @@ fn rope_and_ulysses_kernels_match_twins() {
     it.run(&kernels::ulysses_unpack(t, h, hd, p, DType::BF16, pu, pp).unwrap())
         .unwrap();
     assert_eq!(read_bf16(&it, pu, x.len()), x);
+}
+
+/// The f32 entries of the element-wise, embedding, optimizer, RoPE,
+/// Ulysses and delta kernels (the tests above run their bf16 variants)
+/// against the f32 twins, 1e-5 relative (exact for the copies).
+#[test]
+fn f32_variants_match_twins() {
+    let mut r = rng(66);
+    let f = DType::F32;
+    let mut it = interp();
+    let close = |got: Vec<f32>, want: &[f32], what: &str| {
+        let e = rel_err(&got, &to_f64(want));
+        assert!(e < 1e-5, "{what} f32: {e:e}");
+    };
+    let n = 1000;
+    let (a, b, c) = (
+        uniform(&mut r, n, 3.0),
+        uniform(&mut r, n, 3.0),
+        uniform(&mut r, n, 1.0),
+    );
+    let (pa, pb, pc) = (it.alloc_slice(&a), it.alloc_slice(&b), it.alloc_slice(&c));
+    let (o1, o2) = (it.alloc_zeroed(n * 4), it.alloc_zeroed(n * 4));
+    let (mut w1, mut w2) = (vec![0.0f32; n], vec![0.0f32; n]);
+
+    it.run(&kernels::residual_add(n, f, o1, pa, pb).unwrap())
+        .unwrap();
+    cpu::residual_add(&a, &b, &mut w1).unwrap();
+    close(it.read_f32(o1, n).unwrap(), &w1, "residual_add");
+    it.run(&kernels::swiglu_fwd(n, f, o1, pa, pb).unwrap())
+        .unwrap();
+    cpu::swiglu_fwd(&a, &b, &mut w1).unwrap();
+    close(it.read_f32(o1, n).unwrap(), &w1, "swiglu_fwd");
+    it.run(&kernels::swiglu_bwd(n, f, o1, o2, pa, pb, pc).unwrap())
+        .unwrap();
+    cpu::swiglu_bwd(&a, &b, &c, &mut w1, &mut w2).unwrap();
+    close(it.read_f32(o1, n).unwrap(), &w1, "swiglu_bwd dgate");
+    close(it.read_f32(o2, n).unwrap(), &w2, "swiglu_bwd dup");
+    it.run(&kernels::gelu_tanh_fwd(n, f, o1, pa).unwrap())
+        .unwrap();
+    cpu::gelu_tanh_fwd(&a, &mut w1).unwrap();
+    close(it.read_f32(o1, n).unwrap(), &w1, "gelu_fwd");
+    it.run(&kernels::gelu_tanh_bwd(n, f, o1, pa, pc).unwrap())
+        .unwrap();
+    cpu::gelu_tanh_bwd(&a, &c, &mut w1).unwrap();
+    close(it.read_f32(o1, n).unwrap(), &w1, "gelu_bwd");
+    let out = it.alloc_zeroed(4);
+    it.run(&kernels::sq_norm(n, f, out, pa).unwrap()).unwrap();
+    let (got, want) = (f64::from(it.read_f32(out, 1).unwrap()[0]), cpu::sq_norm(&a));
+    assert!(
+        (got - want).abs() < 1e-5 * want,
+        "sq_norm f32 {got} vs {want}"
+    );
+
+    // Embedding, repeated ids.
+    let (tokens, dim, v) = (7usize, 40usize, 5usize);
+    let table = uniform(&mut r, v * dim, 1.0);
+    let ids: Vec<u32> = vec![0, 4, 2, 2, 4, 1, 0];
+    let dout = uniform(&mut r, tokens * dim, 1.0);
+    let (pt, pid, pdo) = (
+        it.alloc_slice(&table),
+        it.alloc_slice(&ids),
+        it.alloc_slice(&dout),
+    );
+    let (pout, pdt) = (
+        it.alloc_zeroed(tokens * dim * 4),
+        it.alloc_zeroed(v * dim * 4),
+    );
+    it.run(&kernels::embedding_fwd(tokens, dim, v, f, pout, pt, pid).unwrap())
+        .unwrap();
+    let mut want = vec![0.0f32; tokens * dim];
+    cpu::embedding_fwd(&table, &ids, dim, &mut want).unwrap();
+    assert_eq!(
+        it.read_f32(pout, tokens * dim).unwrap(),
+        want,
+        "embedding_fwd f32"
+    );
+    it.run(&kernels::embedding_bwd(tokens, dim, v, f, pdt, pdo, pid).unwrap())
+        .unwrap();
+    let mut want = vec![0.0f32; v * dim];
+    cpu::embedding_bwd(&dout, &ids, dim, &mut want).unwrap();
+    close(it.read_f32(pdt, v * dim).unwrap(), &want, "embedding_bwd");
+
+    // AdamW with an f32 gradient, two steps.
+    let cfg = cpu::AdamW {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let p0 = uniform(&mut r, n, 1.0);
+    let (pp, pm, pv, pw) = (
+        it.alloc_slice(&p0),
+        it.alloc_zeroed(n * 4),
+        it.alloc_zeroed(n * 4),
+        it.alloc_zeroed(n * 2),
+    );
+    let (mut p, mut m, mut vv, mut w) = (p0, vec![0.0f32; n], vec![0.0f32; n], vec![bf16::ZERO; n]);
+    for step in 1..=2 {
+        let g = uniform(&mut r, n, 1.0);
+        let pg = it.alloc_slice(&g);
+        it.run(&kernels::adamw_step(&cfg, step, 0.5, n, f, pp, pm, pv, pw, pg).unwrap())
+            .unwrap();
+        cpu::adamw_step(&cfg, step, 0.5, &mut p, &g, &mut m, &mut vv, &mut w).unwrap();
+    }
+    close(it.read_f32(pp, n).unwrap(), &p, "adamw master");
+    close(it.read_f32(pm, n).unwrap(), &m, "adamw m");
+    close(it.read_f32(pv, n).unwrap(), &vv, "adamw v");
+
+    // RoPE both ways.
+    let (t, h, d) = (9usize, 3usize, 64usize);
+    let x = uniform(&mut r, t * h * d, 1.0);
+    let pos: Vec<u32> = (0..t as u32).map(|i| i * 131 + 5).collect();
+    let (px, ppos, py) = (
+        it.alloc_slice(&x),
+        it.alloc_slice(&pos),
+        it.alloc_zeroed(x.len() * 4),
+    );
+    for inverse in [false, true] {
+        it.run(&kernels::rope(t, h, d, 10_000.0, inverse, f, py, px, ppos).unwrap())
+            .unwrap();
+        let mut y = vec![0.0f32; x.len()];
+        if inverse {
+            cpu::rope_bwd(&x, &pos, h, d, 10_000.0, &mut y).unwrap();
+        } else {
+            cpu::rope_fwd(&x, &pos, h, d, 10_000.0, &mut y).unwrap();
+        }
+        let e = rel_err(&it.read_f32(py, x.len()).unwrap(), &to_f64(&y));
+        assert!(e < 1e-5, "rope f32 inverse={inverse}: {e:e}");
+    }
+
+    // Ulysses, exact permutes.
+    let (t, h, hd, ranks) = (5usize, 6usize, 16usize, 3usize);
+    let x = uniform(&mut r, t * h * hd, 1.0);
+    let (px, pp, pu) = (
+        it.alloc_slice(&x),
+        it.alloc_zeroed(x.len() * 4),
+        it.alloc_zeroed(x.len() * 4),
+    );
+    it.run(&kernels::ulysses_pack(t, h, hd, ranks, f, pp, px).unwrap())
+        .unwrap();
+    let mut want = vec![0.0f32; x.len()];
+    cpu::ulysses_pack(&x, t, h, hd, ranks, &mut want).unwrap();
+    assert_eq!(it.read_f32(pp, x.len()).unwrap(), want, "ulysses_pack f32");
+    it.run(&kernels::ulysses_unpack(t, h, hd, ranks, f, pu, pp).unwrap())
+        .unwrap();
+    assert_eq!(it.read_f32(pu, x.len()).unwrap(), x, "ulysses_unpack f32");
+
+    // Attention delta with f32 dO and O.
+    let (rows, d) = (19usize, 64usize);
+    let (da, oa) = (
+        uniform(&mut r, rows * d, 1.0),
+        uniform(&mut r, rows * d, 1.0),
+    );
+    let (pda, poa, pdl) = (
+        it.alloc_slice(&da),
+        it.alloc_slice(&oa),
+        it.alloc_zeroed(rows * 4),
+    );
+    it.run(&kernels::attn_delta(rows, d, f, pda, poa, pdl).unwrap())
+        .unwrap();
+    let mut want = vec![0.0f32; rows];
+    cpu::attn_delta(&da, &oa, d, &mut want).unwrap();
+    close(it.read_f32(pdl, rows).unwrap(), &want, "attn_delta");
 }
 
 #[test]

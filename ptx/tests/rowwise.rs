@@ -242,14 +242,24 @@ fn rope_f32_bf16() {
 fn cross_entropy_fused_and_chunked() {
     let mut r = rng(8);
     let ignore = -100;
-    for (tokens, vocab, chunks) in [(1, 5, 1), (9, 1000, 3), (33, 517, 4)] {
-        let logits = uniform(&mut r, tokens * vocab, 8.0);
+    // The last case pads the vocabulary to 520 with masked (-inf) logits
+    // that make its whole last chunk -inf.
+    for (tokens, vocab, chunks, padded) in [
+        (1, 5, 1, 0),
+        (9, 1000, 3, 0),
+        (33, 517, 4, 0),
+        (10, 520, 4, 130),
+    ] {
+        let mut logits = uniform(&mut r, tokens * vocab, 8.0);
+        for row in logits.chunks_mut(vocab) {
+            row[vocab - padded..].fill(f32::NEG_INFINITY);
+        }
         let labels: Vec<i32> = (0..tokens)
             .map(|t| {
                 if t % 4 == 1 {
                     ignore
                 } else {
-                    ((t * 131) % vocab) as i32
+                    ((t * 131) % (vocab - padded)) as i32
                 }
             })
             .collect();

@@ -9,7 +9,10 @@ use super::{bad, check_len, mul, par_rows, row_ranges, split_rows};
 use crate::Result;
 
 /// Running softmax statistics of one row over the vocabulary chunks seen.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// `#[repr(C)]`: the kernels keep the same three f32 a row (max, sum,
+/// target), so a `[CeStats]` is the device buffer's layout.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct CeStats {
     /// Running maximum logit.
     pub max: f32,
@@ -112,7 +115,13 @@ pub fn ce_chunk_stats(
             }
             let row = &logits[t * w..][..w];
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let sum = row.iter().map(|x| (x - max).exp()).sum();
+            // A chunk of -inf logits (masked vocabulary padding) adds nothing;
+            // `-inf - -inf` would make the sum NaN.
+            let sum = if max == f32::NEG_INFINITY {
+                0.0
+            } else {
+                row.iter().map(|x| (x - max).exp()).sum()
+            };
             let target = local(labels[t], vocab_offset, w).map_or(0.0, |c| row[c]);
             st[i] = st[i].merge(CeStats { max, sum, target });
         }

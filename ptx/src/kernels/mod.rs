@@ -1,5 +1,5 @@
 //! Launchers: validate every argument (shapes, alignment, dtype, 32-bit
-//! index ranges the PTX relies on) and build the [`KernelLaunch`] that the
+//! index ranges the PTX relies on) and build the [`KernelLaunch`](crate::KernelLaunch) that the
 //! cuda backend or the PTX interpreter runs. Nothing is built on bad input.
 //!
 //! Device buffers are passed as `u64` device addresses. Each launcher names

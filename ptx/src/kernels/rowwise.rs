@@ -17,9 +17,10 @@ pub const SWIGLU_PTX: &str = include_str!("../../kernels/swiglu.ptx");
 pub const GELU_TANH_PTX: &str = include_str!("../../kernels/gelu_tanh.ptx");
 /// `rms_norm_{fwd,bwd}_{bf16,f32}`.
 pub const RMS_NORM_PTX: &str = include_str!("../../kernels/rms_norm.ptx");
-/// `layer_norm_fwd_{bf16,f32}`.
+/// `layer_norm_{fwd,bwd}_{bf16,f32}`.
 pub const LAYER_NORM_PTX: &str = include_str!("../../kernels/layer_norm.ptx");
-/// `softmax_xent_f32`.
+/// `softmax_xent_f32` (whole-vocabulary rows) and the vocabulary-chunked
+/// `softmax_xent_{stats,grad,finish}_f32`.
 pub const SOFTMAX_XENT_PTX: &str = include_str!("../../kernels/softmax_xent.ptx");
 /// `embedding_{fwd,bwd}_{bf16,f32}`.
 pub const EMBEDDING_PTX: &str = include_str!("../../kernels/embedding.ptx");
@@ -322,6 +323,191 @@ pub fn layer_norm_fwd(
     ))
 }
 
+/// LayerNorm backward from the saved mean and rstd: dx (dtype), and
+/// `dgamma += sum dy * xhat`, `dbeta += sum dy` (f32, atomic adds; zero them
+/// first for a fresh gradient).
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_bwd(
+    rows: usize,
+    dim: usize,
+    dtype: DType,
+    dx: u64,
+    dgamma: u64,
+    dbeta: u64,
+    x: u64,
+    gamma: u64,
+    dy: u64,
+    mean: u64,
+    rstd: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "layer_norm_bwd";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let (r, d) = rows_dim(K, rows, dim)?;
+    let z = dtype.size() as u64;
+    let args = ptrs(
+        K,
+        &[
+            ("dx", dx, z),
+            ("dgamma", dgamma, 4),
+            ("dbeta", dbeta, 4),
+            ("x", x, z),
+            ("gamma", gamma, z),
+            ("dy", dy, z),
+            ("mean", mean, 4),
+            ("rstd", rstd, 4),
+        ],
+    )?;
+    Ok(rows_launch(
+        LAYER_NORM_PTX,
+        format!("layer_norm_bwd_{s}"),
+        r,
+        args,
+        &[Arg::U32(d)],
+    ))
+}
+
+fn check_grad_scale(kernel: &'static str, grad_scale: f32) -> Result<()> {
+    if !grad_scale.is_finite() {
+        return Err(bad(
+            kernel,
+            "grad_scale",
+            format!("{grad_scale} must be finite"),
+        ));
+    }
+    Ok(())
+}
+
+/// Shape checks of one vocabulary chunk: `rows * vocab_chunk` fits the
+/// kernel's 32-bit indexing and the chunk's columns
+/// `vocab_offset..vocab_offset + vocab_chunk` are valid i32 labels.
+fn vocab_chunk(
+    kernel: &'static str,
+    rows: usize,
+    vocab_chunk: usize,
+    vocab_offset: usize,
+) -> Result<(u32, u32, u32)> {
+    if vocab_chunk == 0 {
+        return Err(bad(kernel, "vocab_chunk", "is 0, must be at least 1"));
+    }
+    let (r, w) = rows_dim(kernel, rows, vocab_chunk)?;
+    let end = vocab_offset as u128 + vocab_chunk as u128;
+    if end > i32::MAX as u128 {
+        return Err(bad(
+            kernel,
+            "vocab_offset",
+            format!(
+                "{vocab_offset} + vocab_chunk {vocab_chunk} exceeds the i32 label range {}",
+                i32::MAX
+            ),
+        ));
+    }
+    Ok((r, w, vocab_offset as u32))
+}
+
+/// Folds one vocabulary chunk `logits: [rows, vocab_chunk]` (f32, columns
+/// `vocab_offset..vocab_offset + vocab_chunk` of the vocabulary) into the
+/// running per-row `stats` (`[rows]` of [`crate::cpu::CeStats`]: max, sum,
+/// target as three f32; start from [`crate::cpu::CeStats::EMPTY`]). Rows
+/// whose label is `ignore_index` keep their stats. The twin is
+/// [`crate::cpu::ce_chunk_stats`].
+#[allow(clippy::too_many_arguments)]
+pub fn ce_chunk_stats(
+    rows: usize,
+    vocab_chunk: usize,
+    vocab_offset: usize,
+    ignore_index: i32,
+    stats: u64,
+    logits: u64,
+    labels: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "ce_chunk_stats";
+    let (r, w, off) = self::vocab_chunk(K, rows, vocab_chunk, vocab_offset)?;
+    let args = ptrs(
+        K,
+        &[
+            ("stats", stats, 4),
+            ("logits", logits, 4),
+            ("labels", labels, 4),
+        ],
+    )?;
+    Ok(rows_launch(
+        SOFTMAX_XENT_PTX,
+        "softmax_xent_stats_f32".to_string(),
+        r,
+        args,
+        &[Arg::U32(w), Arg::U32(off), Arg::U32(ignore_index as u32)],
+    ))
+}
+
+/// Per-row losses `lse - target` from the final `stats` (0 for ignored
+/// rows). The twin is [`crate::cpu::ce_finish`].
+pub fn ce_finish(
+    rows: usize,
+    ignore_index: i32,
+    loss: u64,
+    stats: u64,
+    labels: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "ce_finish";
+    let n = count(K, "rows", rows)?;
+    let args = ptrs(
+        K,
+        &[
+            ("loss", loss, 4),
+            ("stats", stats, 4),
+            ("labels", labels, 4),
+        ],
+    )?;
+    Ok(elementwise(
+        SOFTMAX_XENT_PTX,
+        "softmax_xent_finish_f32".to_string(),
+        n,
+        args,
+        &[Arg::U32(ignore_index as u32)],
+    ))
+}
+
+/// dlogits of one vocabulary chunk from the *final* `stats`:
+/// `grad_scale * (softmax - onehot(label))`, 0 for ignored rows. The twin is
+/// [`crate::cpu::ce_chunk_grad`].
+#[allow(clippy::too_many_arguments)]
+pub fn ce_chunk_grad(
+    rows: usize,
+    vocab_chunk: usize,
+    vocab_offset: usize,
+    ignore_index: i32,
+    grad_scale: f32,
+    dlogits: u64,
+    logits: u64,
+    labels: u64,
+    stats: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "ce_chunk_grad";
+    let (r, w, off) = self::vocab_chunk(K, rows, vocab_chunk, vocab_offset)?;
+    check_grad_scale(K, grad_scale)?;
+    let args = ptrs(
+        K,
+        &[
+            ("dlogits", dlogits, 4),
+            ("logits", logits, 4),
+            ("labels", labels, 4),
+            ("stats", stats, 4),
+        ],
+    )?;
+    Ok(rows_launch(
+        SOFTMAX_XENT_PTX,
+        "softmax_xent_grad_f32".to_string(),
+        r,
+        args,
+        &[
+            Arg::U32(w),
+            Arg::U32(off),
+            Arg::U32(ignore_index as u32),
+            Arg::F32(grad_scale),
+        ],
+    ))
+}
+
 /// Fused softmax cross-entropy over full-vocabulary f32 rows: per-row loss
 /// and `dlogits = grad_scale * (softmax - onehot)`; labels are i32 with
 /// `ignore_index` (negative indices other than it are the caller's bug:
@@ -339,6 +525,7 @@ pub fn softmax_cross_entropy(
 ) -> Result<KernelLaunch> {
     const K: &str = "softmax_cross_entropy";
     let (r, v) = rows_dim(K, rows, vocab)?;
+    check_grad_scale(K, grad_scale)?;
     let args = ptrs(
         K,
         &[
