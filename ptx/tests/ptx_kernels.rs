@@ -1,15 +1,17 @@
 //! Every `.ptx` kernel run on the PTX interpreter at small shapes through
 //! its launcher, against its CPU twin within bf16 tolerance (1e-2, relative
 //! in the max norm); the interpreter's bounds, race and uninitialized-read
-//! checks are on, so a clean run also means they stayed silent.
+//! checks are on, so a clean run also means they stayed silent. With
+//! `FPDT_PTX_BACKEND=cuda` the same tests run the kernels on the GPU
+//! (`scripts/gpu-check.sh`, also under compute-sanitizer).
 
 mod common;
 
 use common::*;
 use fpdt_ptx::cpu::{self, AttnShape, DType, Element};
-use fpdt_ptx::interp::Interpreter;
 use fpdt_ptx::kernels;
 use fpdt_ptx::PtxError;
+use fpdt_ptx::Runner;
 use half::bf16;
 
 fn shape(q: usize, kv: usize, h: usize, kvh: usize, d: usize) -> AttnShape {
@@ -47,13 +49,13 @@ fn attn_fwd_matches_twin() {
         let mut lse = vec![0.0f32; s.rows()];
         cpu::attn_fwd_chunk(&q, &k, &v, &s, causal, scale, &mut o, &mut lse).unwrap();
 
-        let mut it = Interpreter::new(kernels::ATTN_FWD_PTX).unwrap();
+        let mut it = Runner::new(kernels::ATTN_FWD_PTX).unwrap();
         let p = kernels::AttnPtrs {
-            q: it.alloc_slice(&q),
-            k: it.alloc_slice(&k),
-            v: it.alloc_slice(&v),
-            o: it.alloc_zeroed(s.q_len() * 4),
-            lse: it.alloc_zeroed(s.rows() * 4),
+            q: it.alloc_slice(&q).unwrap(),
+            k: it.alloc_slice(&k).unwrap(),
+            v: it.alloc_slice(&v).unwrap(),
+            o: it.alloc_zeroed(s.q_len() * 4).unwrap(),
+            lse: it.alloc_zeroed(s.rows() * 4).unwrap(),
         };
         let l = kernels::attn_fwd_chunk(&s, causal, scale, DType::BF16, &p).unwrap();
         it.run(&l).unwrap();
@@ -78,12 +80,12 @@ fn lse_merge_matches_twin() {
     let mut lj = uniform(&mut r, rows, 20.0);
     l0[0] = f32::NEG_INFINITY;
     lj[1] = f32::NEG_INFINITY;
-    let mut it = Interpreter::new(kernels::LSE_MERGE_PTX).unwrap();
+    let mut it = Runner::new(kernels::LSE_MERGE_PTX).unwrap();
     let (po, pl, poj, plj) = (
-        it.alloc_slice(&o0),
-        it.alloc_slice(&l0),
-        it.alloc_slice(&oj),
-        it.alloc_slice(&lj),
+        it.alloc_slice(&o0).unwrap(),
+        it.alloc_slice(&l0).unwrap(),
+        it.alloc_slice(&oj).unwrap(),
+        it.alloc_slice(&lj).unwrap(),
     );
     it.run(&kernels::lse_merge(rows, d, po, pl, poj, plj).unwrap())
         .unwrap();
@@ -111,11 +113,11 @@ fn attn_delta_matches_twin() {
     let b: Vec<bf16> = to_e(&uniform(&mut r, rows * d, 1.0));
     let mut want = vec![0.0f32; rows];
     cpu::attn_delta(&a, &b, d, &mut want).unwrap();
-    let mut it = Interpreter::new(kernels::ATTN_DELTA_PTX).unwrap();
+    let mut it = Runner::new(kernels::ATTN_DELTA_PTX).unwrap();
     let (pa, pb, pd) = (
-        it.alloc_slice(&a),
-        it.alloc_slice(&b),
-        it.alloc_zeroed(rows * 4),
+        it.alloc_slice(&a).unwrap(),
+        it.alloc_slice(&b).unwrap(),
+        it.alloc_zeroed(rows * 4).unwrap(),
     );
     it.run(&kernels::attn_delta(rows, d, DType::BF16, pa, pb, pd).unwrap())
         .unwrap();
@@ -264,15 +266,15 @@ fn rowwise_launchers_reject_bad_arguments() {
 
 /// Runs `launch` on a fresh interpreter whose buffers `setup` allocates;
 /// returns the interpreter for reading results.
-fn interp() -> Interpreter {
-    Interpreter::new(".version 8.0\n.target sm_80\n.address_size 64\n").unwrap()
+fn interp() -> Runner {
+    Runner::new(".version 8.0\n.target sm_80\n.address_size 64\n").unwrap()
 }
 
 fn bf(x: &[f32]) -> Vec<bf16> {
     to_e(x)
 }
 
-fn read_bf16(it: &Interpreter, p: u64, n: usize) -> Vec<bf16> {
+fn read_bf16(it: &Runner, p: u64, n: usize) -> Vec<bf16> {
     it.read_vec::<bf16>(p, n).unwrap()
 }
 
@@ -284,9 +286,16 @@ fn elementwise_kernels_match_twins() {
     let b = bf(&uniform(&mut r, n, 3.0));
     let c = bf(&uniform(&mut r, n, 1.0));
     let mut it = interp();
-    let (pa, pb, pc) = (it.alloc_slice(&a), it.alloc_slice(&b), it.alloc_slice(&c));
-    let (o1, o2) = (it.alloc_zeroed(n * 2), it.alloc_zeroed(n * 2));
-    let check = |it: &Interpreter, p: u64, want: &[bf16], what: &str| {
+    let (pa, pb, pc) = (
+        it.alloc_slice(&a).unwrap(),
+        it.alloc_slice(&b).unwrap(),
+        it.alloc_slice(&c).unwrap(),
+    );
+    let (o1, o2) = (
+        it.alloc_zeroed(n * 2).unwrap(),
+        it.alloc_zeroed(n * 2).unwrap(),
+    );
+    let check = |it: &Runner, p: u64, want: &[bf16], what: &str| {
         let got = read_bf16(it, p, n);
         let e = rel_err(&got, &to_f64(want));
         assert!(e < 1e-2, "{what}: {e:e}");
@@ -322,7 +331,7 @@ fn elementwise_kernels_match_twins() {
 
     // Casts both ways.
     let f = uniform(&mut r, n, 5.0);
-    let pf = it.alloc_slice(&f);
+    let pf = it.alloc_slice(&f).unwrap();
     it.run(&kernels::cast(n, DType::F32, DType::BF16, o1, pf).unwrap())
         .unwrap();
     assert_eq!(
@@ -330,14 +339,14 @@ fn elementwise_kernels_match_twins() {
         bf(&f),
         "cast f32 -> bf16 rounds to nearest even"
     );
-    let pf2 = it.alloc_zeroed(n * 4);
+    let pf2 = it.alloc_zeroed(n * 4).unwrap();
     it.run(&kernels::cast(n, DType::BF16, DType::F32, pf2, pa).unwrap())
         .unwrap();
     let want: Vec<f32> = a.iter().map(|x| x.to_f32()).collect();
     assert_eq!(it.read_f32(pf2, n).unwrap(), want);
 
     // Squared norm.
-    let out = it.alloc_zeroed(4);
+    let out = it.alloc_zeroed(4).unwrap();
     it.run(&kernels::sq_norm(n, DType::BF16, out, pa).unwrap())
         .unwrap();
     let got = f64::from(it.read_f32(out, 1).unwrap()[0]);
@@ -360,17 +369,17 @@ fn norm_kernels<E: Element>(seed: u64) {
         let eps = 1e-5;
         let mut it = interp();
         let (px, pg, pb, pdy) = (
-            it.alloc_slice(&x),
-            it.alloc_slice(&g),
-            it.alloc_slice(&bt),
-            it.alloc_slice(&dy),
+            it.alloc_slice(&x).unwrap(),
+            it.alloc_slice(&g).unwrap(),
+            it.alloc_slice(&bt).unwrap(),
+            it.alloc_slice(&dy).unwrap(),
         );
         let (py, prs, pm) = (
-            it.alloc_zeroed(rows * dim * z),
-            it.alloc_zeroed(rows * 4),
-            it.alloc_zeroed(rows * 4),
+            it.alloc_zeroed(rows * dim * z).unwrap(),
+            it.alloc_zeroed(rows * 4).unwrap(),
+            it.alloc_zeroed(rows * 4).unwrap(),
         );
-        let read = |it: &Interpreter, p: u64, n: usize| it.read_vec::<E>(p, n).unwrap();
+        let read = |it: &Runner, p: u64, n: usize| it.read_vec::<E>(p, n).unwrap();
         let what = format!("{dt:?} {rows}x{dim}");
         let mut y = vec![E::default(); rows * dim];
         let (mut rs, mut mean) = (vec![0.0f32; rows], vec![0.0f32; rows]);
@@ -384,7 +393,10 @@ fn norm_kernels<E: Element>(seed: u64) {
         );
         assert!(rel_err(&it.read_f32(prs, rows).unwrap(), &to_f64(&rs)) < 1e-5);
 
-        let (pdx, pdg) = (it.alloc_zeroed(rows * dim * z), it.alloc_zeroed(dim * 4));
+        let (pdx, pdg) = (
+            it.alloc_zeroed(rows * dim * z).unwrap(),
+            it.alloc_zeroed(dim * 4).unwrap(),
+        );
         it.run(&kernels::rms_norm_bwd(rows, dim, dt, pdx, pdg, px, pg, pdy, prs).unwrap())
             .unwrap();
         let mut dx = vec![E::default(); rows * dim];
@@ -409,7 +421,7 @@ fn norm_kernels<E: Element>(seed: u64) {
         // Backward from the saved statistics; dgamma and dbeta accumulate
         // onto what is there (non-zero starting values).
         let (dg0, db0) = (uniform(&mut r, dim, 1.0), uniform(&mut r, dim, 1.0));
-        let (pdg, pdb) = (it.alloc_slice(&dg0), it.alloc_slice(&db0));
+        let (pdg, pdb) = (it.alloc_slice(&dg0).unwrap(), it.alloc_slice(&db0).unwrap());
         it.run(
             &kernels::layer_norm_bwd(rows, dim, dt, pdx, pdg, pdb, px, pg, pdy, pm, prs).unwrap(),
         )
@@ -454,12 +466,12 @@ fn chunked_cross_entropy_kernels_match_twins() {
     logits[7 * vocab + 233..8 * vocab].fill(f32::NEG_INFINITY);
     let labels: Vec<i32> = vec![3, ignore, 299, 0, 100, 99, 233, 150];
     let mut it = interp();
-    let plab = it.alloc_slice(&labels);
-    let pstats = it.alloc_slice(&vec![cpu::CeStats::EMPTY; rows]);
+    let plab = it.alloc_slice(&labels).unwrap();
+    let pstats = it.alloc_slice(&vec![cpu::CeStats::EMPTY; rows]).unwrap();
     let mut stats = vec![cpu::CeStats::EMPTY; rows];
     let chunk_ptrs: Vec<u64> = bounds
         .iter()
-        .map(|&(a, b)| it.alloc_slice(&columns(&logits, vocab, a, b)))
+        .map(|&(a, b)| it.alloc_slice(&columns(&logits, vocab, a, b)).unwrap())
         .collect();
     for (&(a, b), &pc) in bounds.iter().zip(&chunk_ptrs) {
         it.run(&kernels::ce_chunk_stats(rows, b - a, a, ignore, pstats, pc, plab).unwrap())
@@ -479,7 +491,7 @@ fn chunked_cross_entropy_kernels_match_twins() {
     }
     assert_eq!(got[1], cpu::CeStats::EMPTY, "the ignored row is untouched");
 
-    let ploss = it.alloc_zeroed(rows * 4);
+    let ploss = it.alloc_zeroed(rows * 4).unwrap();
     it.run(&kernels::ce_finish(rows, ignore, ploss, pstats, plab).unwrap())
         .unwrap();
     let mut loss = vec![0.0f32; rows];
@@ -494,7 +506,7 @@ fn chunked_cross_entropy_kernels_match_twins() {
     let mut dl = vec![0.0f32; rows * vocab];
     for (&(a, b), &pc) in bounds.iter().zip(&chunk_ptrs) {
         let w = b - a;
-        let pd = it.alloc_zeroed(rows * w * 4);
+        let pd = it.alloc_zeroed(rows * w * 4).unwrap();
         it.run(&kernels::ce_chunk_grad(rows, w, a, ignore, scale, pd, pc, plab, pstats).unwrap())
             .unwrap();
         let chunk = columns(&logits, vocab, a, b);
@@ -509,8 +521,11 @@ fn chunked_cross_entropy_kernels_match_twins() {
     }
 
     // Chunked equals unchunked (the one-pass whole-row kernel).
-    let pl = it.alloc_slice(&logits);
-    let (pl1, pd1) = (it.alloc_zeroed(rows * 4), it.alloc_zeroed(rows * vocab * 4));
+    let pl = it.alloc_slice(&logits).unwrap();
+    let (pl1, pd1) = (
+        it.alloc_zeroed(rows * 4).unwrap(),
+        it.alloc_zeroed(rows * vocab * 4).unwrap(),
+    );
     it.run(
         &kernels::softmax_cross_entropy(rows, vocab, ignore, scale, pl1, pd1, pl, plab).unwrap(),
     )
@@ -529,8 +544,14 @@ fn loss_embedding_adamw_kernels_match_twins() {
     let logits = uniform(&mut r, rows * vocab, 6.0);
     let labels: Vec<i32> = vec![3, ignore, 299, 0, 150, 7];
     let mut it = interp();
-    let (pl, plab) = (it.alloc_slice(&logits), it.alloc_slice(&labels));
-    let (ploss, pd) = (it.alloc_zeroed(rows * 4), it.alloc_zeroed(rows * vocab * 4));
+    let (pl, plab) = (
+        it.alloc_slice(&logits).unwrap(),
+        it.alloc_slice(&labels).unwrap(),
+    );
+    let (ploss, pd) = (
+        it.alloc_zeroed(rows * 4).unwrap(),
+        it.alloc_zeroed(rows * vocab * 4).unwrap(),
+    );
     it.run(
         &kernels::softmax_cross_entropy(rows, vocab, ignore, 0.25, ploss, pd, pl, plab).unwrap(),
     )
@@ -546,13 +567,13 @@ fn loss_embedding_adamw_kernels_match_twins() {
     let ids: Vec<u32> = vec![0, 4, 2, 2, 4, 1, 0];
     let dout = bf(&uniform(&mut r, tokens * dim, 1.0));
     let (pt, pid, pdo) = (
-        it.alloc_slice(&table),
-        it.alloc_slice(&ids),
-        it.alloc_slice(&dout),
+        it.alloc_slice(&table).unwrap(),
+        it.alloc_slice(&ids).unwrap(),
+        it.alloc_slice(&dout).unwrap(),
     );
     let (pout, pdt) = (
-        it.alloc_zeroed(tokens * dim * 2),
-        it.alloc_zeroed(v * dim * 4),
+        it.alloc_zeroed(tokens * dim * 2).unwrap(),
+        it.alloc_zeroed(v * dim * 4).unwrap(),
     );
     it.run(&kernels::embedding_fwd(tokens, dim, v, DType::BF16, pout, pt, pid).unwrap())
         .unwrap();
@@ -575,8 +596,14 @@ fn loss_embedding_adamw_kernels_match_twins() {
         weight_decay: 0.1,
     };
     let p0 = uniform(&mut r, n, 1.0);
-    let (pm_, pv_) = (it.alloc_zeroed(n * 4), it.alloc_zeroed(n * 4));
-    let (pp, pw) = (it.alloc_slice(&p0), it.alloc_zeroed(n * 2));
+    let (pm_, pv_) = (
+        it.alloc_zeroed(n * 4).unwrap(),
+        it.alloc_zeroed(n * 4).unwrap(),
+    );
+    let (pp, pw) = (
+        it.alloc_slice(&p0).unwrap(),
+        it.alloc_zeroed(n * 2).unwrap(),
+    );
     let (mut p, mut m, mut vv, mut w) = (
         p0.clone(),
         vec![0.0f32; n],
@@ -585,7 +612,7 @@ fn loss_embedding_adamw_kernels_match_twins() {
     );
     for step in 1..=2 {
         let g = bf(&uniform(&mut r, n, 1.0));
-        let pg = it.alloc_slice(&g);
+        let pg = it.alloc_slice(&g).unwrap();
         it.run(
             &kernels::adamw_step(&cfg, step, 0.5, n, DType::BF16, pp, pm_, pv_, pw, pg).unwrap(),
         )
@@ -606,9 +633,9 @@ fn rope_and_ulysses_kernels_match_twins() {
     let pos: Vec<u32> = (0..tokens as u32).map(|t| t * 131 + 5).collect();
     let mut it = interp();
     let (px, ppos, py) = (
-        it.alloc_slice(&x),
-        it.alloc_slice(&pos),
-        it.alloc_zeroed(x.len() * 2),
+        it.alloc_slice(&x).unwrap(),
+        it.alloc_slice(&pos).unwrap(),
+        it.alloc_zeroed(x.len() * 2).unwrap(),
     );
     for inverse in [false, true] {
         it.run(
@@ -638,9 +665,9 @@ fn rope_and_ulysses_kernels_match_twins() {
     let (t, h, hd, p) = (5usize, 8usize, 16usize, 4usize);
     let x = bf(&uniform(&mut r, t * h * hd, 1.0));
     let (px, pp, pu) = (
-        it.alloc_slice(&x),
-        it.alloc_zeroed(x.len() * 2),
-        it.alloc_zeroed(x.len() * 2),
+        it.alloc_slice(&x).unwrap(),
+        it.alloc_zeroed(x.len() * 2).unwrap(),
+        it.alloc_zeroed(x.len() * 2).unwrap(),
     );
     it.run(&kernels::ulysses_pack(t, h, hd, p, DType::BF16, pp, px).unwrap())
         .unwrap();
@@ -670,8 +697,15 @@ fn f32_variants_match_twins() {
         uniform(&mut r, n, 3.0),
         uniform(&mut r, n, 1.0),
     );
-    let (pa, pb, pc) = (it.alloc_slice(&a), it.alloc_slice(&b), it.alloc_slice(&c));
-    let (o1, o2) = (it.alloc_zeroed(n * 4), it.alloc_zeroed(n * 4));
+    let (pa, pb, pc) = (
+        it.alloc_slice(&a).unwrap(),
+        it.alloc_slice(&b).unwrap(),
+        it.alloc_slice(&c).unwrap(),
+    );
+    let (o1, o2) = (
+        it.alloc_zeroed(n * 4).unwrap(),
+        it.alloc_zeroed(n * 4).unwrap(),
+    );
     let (mut w1, mut w2) = (vec![0.0f32; n], vec![0.0f32; n]);
 
     it.run(&kernels::residual_add(n, f, o1, pa, pb).unwrap())
@@ -695,7 +729,7 @@ fn f32_variants_match_twins() {
         .unwrap();
     cpu::gelu_tanh_bwd(&a, &c, &mut w1).unwrap();
     close(it.read_f32(o1, n).unwrap(), &w1, "gelu_bwd");
-    let out = it.alloc_zeroed(4);
+    let out = it.alloc_zeroed(4).unwrap();
     it.run(&kernels::sq_norm(n, f, out, pa).unwrap()).unwrap();
     let (got, want) = (f64::from(it.read_f32(out, 1).unwrap()[0]), cpu::sq_norm(&a));
     assert!(
@@ -709,13 +743,13 @@ fn f32_variants_match_twins() {
     let ids: Vec<u32> = vec![0, 4, 2, 2, 4, 1, 0];
     let dout = uniform(&mut r, tokens * dim, 1.0);
     let (pt, pid, pdo) = (
-        it.alloc_slice(&table),
-        it.alloc_slice(&ids),
-        it.alloc_slice(&dout),
+        it.alloc_slice(&table).unwrap(),
+        it.alloc_slice(&ids).unwrap(),
+        it.alloc_slice(&dout).unwrap(),
     );
     let (pout, pdt) = (
-        it.alloc_zeroed(tokens * dim * 4),
-        it.alloc_zeroed(v * dim * 4),
+        it.alloc_zeroed(tokens * dim * 4).unwrap(),
+        it.alloc_zeroed(v * dim * 4).unwrap(),
     );
     it.run(&kernels::embedding_fwd(tokens, dim, v, f, pout, pt, pid).unwrap())
         .unwrap();
@@ -742,15 +776,15 @@ fn f32_variants_match_twins() {
     };
     let p0 = uniform(&mut r, n, 1.0);
     let (pp, pm, pv, pw) = (
-        it.alloc_slice(&p0),
-        it.alloc_zeroed(n * 4),
-        it.alloc_zeroed(n * 4),
-        it.alloc_zeroed(n * 2),
+        it.alloc_slice(&p0).unwrap(),
+        it.alloc_zeroed(n * 4).unwrap(),
+        it.alloc_zeroed(n * 4).unwrap(),
+        it.alloc_zeroed(n * 2).unwrap(),
     );
     let (mut p, mut m, mut vv, mut w) = (p0, vec![0.0f32; n], vec![0.0f32; n], vec![bf16::ZERO; n]);
     for step in 1..=2 {
         let g = uniform(&mut r, n, 1.0);
-        let pg = it.alloc_slice(&g);
+        let pg = it.alloc_slice(&g).unwrap();
         it.run(&kernels::adamw_step(&cfg, step, 0.5, n, f, pp, pm, pv, pw, pg).unwrap())
             .unwrap();
         cpu::adamw_step(&cfg, step, 0.5, &mut p, &g, &mut m, &mut vv, &mut w).unwrap();
@@ -764,9 +798,9 @@ fn f32_variants_match_twins() {
     let x = uniform(&mut r, t * h * d, 1.0);
     let pos: Vec<u32> = (0..t as u32).map(|i| i * 131 + 5).collect();
     let (px, ppos, py) = (
-        it.alloc_slice(&x),
-        it.alloc_slice(&pos),
-        it.alloc_zeroed(x.len() * 4),
+        it.alloc_slice(&x).unwrap(),
+        it.alloc_slice(&pos).unwrap(),
+        it.alloc_zeroed(x.len() * 4).unwrap(),
     );
     for inverse in [false, true] {
         it.run(&kernels::rope(t, h, d, 10_000.0, inverse, f, py, px, ppos).unwrap())
@@ -785,9 +819,9 @@ fn f32_variants_match_twins() {
     let (t, h, hd, ranks) = (5usize, 6usize, 16usize, 3usize);
     let x = uniform(&mut r, t * h * hd, 1.0);
     let (px, pp, pu) = (
-        it.alloc_slice(&x),
-        it.alloc_zeroed(x.len() * 4),
-        it.alloc_zeroed(x.len() * 4),
+        it.alloc_slice(&x).unwrap(),
+        it.alloc_zeroed(x.len() * 4).unwrap(),
+        it.alloc_zeroed(x.len() * 4).unwrap(),
     );
     it.run(&kernels::ulysses_pack(t, h, hd, ranks, f, pp, px).unwrap())
         .unwrap();
@@ -805,9 +839,9 @@ fn f32_variants_match_twins() {
         uniform(&mut r, rows * d, 1.0),
     );
     let (pda, poa, pdl) = (
-        it.alloc_slice(&da),
-        it.alloc_slice(&oa),
-        it.alloc_zeroed(rows * 4),
+        it.alloc_slice(&da).unwrap(),
+        it.alloc_slice(&oa).unwrap(),
+        it.alloc_zeroed(rows * 4).unwrap(),
     );
     it.run(&kernels::attn_delta(rows, d, f, pda, poa, pdl).unwrap())
         .unwrap();
@@ -821,9 +855,9 @@ fn embedding_kernel_traps_on_bad_id() {
     let mut it = interp();
     let table = vec![bf16::ONE; 4 * 8];
     let (pt, pid, pout) = (
-        it.alloc_slice(&table),
-        it.alloc_slice(&[4u32]),
-        it.alloc_zeroed(16),
+        it.alloc_slice(&table).unwrap(),
+        it.alloc_slice(&[4u32]).unwrap(),
+        it.alloc_zeroed(16).unwrap(),
     );
     let l = kernels::embedding_fwd(1, 8, 4, DType::BF16, pout, pt, pid).unwrap();
     assert!(
@@ -865,17 +899,17 @@ fn attn_bwd_matches_twin() {
         )
         .unwrap();
 
-        let mut it = Interpreter::new(kernels::ATTN_BWD_PTX).unwrap();
+        let mut it = Runner::new(kernels::ATTN_BWD_PTX).unwrap();
         let p = kernels::AttnBwdPtrs {
-            q: it.alloc_slice(&q),
-            k: it.alloc_slice(&k),
-            v: it.alloc_slice(&v),
-            do_: it.alloc_slice(&do_),
-            lse: it.alloc_slice(&lse),
-            delta: it.alloc_slice(&delta),
-            dq: it.alloc_zeroed(s.q_len() * 4),
-            dk: it.alloc_zeroed(s.kv_len() * 4),
-            dv: it.alloc_zeroed(s.kv_len() * 4),
+            q: it.alloc_slice(&q).unwrap(),
+            k: it.alloc_slice(&k).unwrap(),
+            v: it.alloc_slice(&v).unwrap(),
+            do_: it.alloc_slice(&do_).unwrap(),
+            lse: it.alloc_slice(&lse).unwrap(),
+            delta: it.alloc_slice(&delta).unwrap(),
+            dq: it.alloc_zeroed(s.q_len() * 4).unwrap(),
+            dk: it.alloc_zeroed(s.kv_len() * 4).unwrap(),
+            dv: it.alloc_zeroed(s.kv_len() * 4).unwrap(),
         };
         it.run(&kernels::attn_bwd_chunk(&s, causal, scale, DType::BF16, &p).unwrap())
             .unwrap();
