@@ -44,6 +44,7 @@ fn device(pinned: bool, dev_bytes: usize, host_bytes: usize) -> Result<Device, S
         device_memory: Some(dev_bytes),
         host_memory: host_bytes,
         pin_host_memory: pinned,
+        check_each_launch: false,
         ..CudaConfig::default()
     })
     .map_err(|e| e.to_string())

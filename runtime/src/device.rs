@@ -288,7 +288,10 @@ impl Device {
             .name
             .clone()
             .unwrap_or_else(|| format!("cuda{}", cfg.ordinal));
-        let ctx = Arc::new(crate::cuda::Context::new(cfg.ordinal)?);
+        let ctx = Arc::new(crate::cuda::Context::new(
+            cfg.ordinal,
+            cfg.check_each_launch,
+        )?);
         let (free, _) = ctx.mem_info()?;
         let bytes = cfg.region_bytes(free)?;
         let region = CudaRegion::new(ctx.clone(), bytes)?;

@@ -221,6 +221,8 @@ pub(crate) struct Context {
     dev: sys::CUdevice,
     pub(crate) raw: sys::CUcontext,
     pub(crate) info: GpuInfo,
+    /// Synchronise after each launch (see `CudaConfig::check_each_launch`).
+    pub(crate) check_each_launch: bool,
     events: Mutex<Vec<usize>>,
     /// Modules by the address of their text; functions by (module, entry).
     modules: Mutex<HashMap<usize, usize>>,
@@ -235,7 +237,7 @@ unsafe impl Sync for Context {}
 
 impl Context {
     /// Retains the primary context of GPU `ordinal`.
-    pub(crate) fn new(ordinal: usize) -> Result<Context> {
+    pub(crate) fn new(ordinal: usize, check_each_launch: bool) -> Result<Context> {
         let (dev, info) = gpu_info(ordinal)?;
         let mut raw: sys::CUcontext = std::ptr::null_mut();
         // SAFETY: writes one context handle for a valid device.
@@ -248,6 +250,7 @@ impl Context {
             dev,
             raw,
             info,
+            check_each_launch,
             events: Mutex::new(Vec::new()),
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),

@@ -51,6 +51,11 @@ pub struct CudaConfig {
     pub numa_node: Option<usize>,
     /// Longest a stream or the host waits for an event before giving up.
     pub wait_timeout: Duration,
+    /// Wait for each kernel right after its launch and report its fault
+    /// there, naming it (default: in debug builds). This serialises the
+    /// host with the GPU, so copies enqueued after a kernel cannot overlap
+    /// it: turn it off to measure overlap.
+    pub check_each_launch: bool,
 }
 
 impl Default for CudaConfig {
@@ -64,6 +69,7 @@ impl Default for CudaConfig {
             pin_host_memory: true,
             numa_node: None,
             wait_timeout: Duration::from_secs(600),
+            check_each_launch: cfg!(debug_assertions),
         }
     }
 }

@@ -282,9 +282,9 @@ impl CudaQueue {
                 )
             };
             check(r, || format!("cuLaunchKernel (`{entry}`)"))?;
-            if cfg!(debug_assertions) {
-                // Debug builds: a kernel's fault is reported by the launch
-                // that caused it, not by some later synchronisation.
+            if ctx.check_each_launch {
+                // A kernel's fault is reported by the launch that caused
+                // it, not by some later synchronisation.
                 // SAFETY: a valid stream.
                 let r = unsafe { sys::cuStreamSynchronize(self.raw) };
                 check(r, || format!("kernel `{entry}` (checked after launch)"))?;
