@@ -24,8 +24,10 @@
 pub mod chunk;
 mod cost;
 mod cpu;
+pub mod cublaslt;
 mod device;
 mod error;
+pub mod libs;
 mod memory;
 mod stream;
 pub mod trace;
