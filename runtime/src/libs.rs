@@ -495,7 +495,7 @@ pub fn search_plan(spec: &LibrarySpec, env: &SearchEnv) -> Vec<Step> {
 
 /// The loader's message: libloading's error and its sources (dlerror's
 /// text, which names the file and the reason).
-fn loader_message(e: &libloading::Error) -> String {
+pub fn loader_message(e: &libloading::Error) -> String {
     let mut s = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(inner) = source {
