@@ -370,9 +370,10 @@ fn glob_dirs(base: &Path, pattern: &str) -> Vec<PathBuf> {
     current
 }
 
-/// The python site-packages directories to search, in order, beside the
-/// patterns that matched nothing (for the report).
-fn site_packages(env: &SearchEnv) -> (Vec<PathBuf>, Vec<String>) {
+/// The python site-packages directories to search, in order, each once;
+/// a pattern that matched nothing is an `Err` with the pattern (for the
+/// report), in its place.
+fn site_packages(env: &SearchEnv) -> Vec<std::result::Result<PathBuf, String>> {
     let mut patterns: Vec<(PathBuf, &str)> = Vec::new();
     for var in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
         if let Some(prefix) = env.get(var) {
@@ -394,16 +395,22 @@ fn site_packages(env: &SearchEnv) -> (Vec<PathBuf>, Vec<String>) {
     ] {
         patterns.push((env.rooted("/"), p));
     }
-    let mut dirs = Vec::new();
-    let mut empty = Vec::new();
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
     for (base, pattern) in patterns {
         let found = glob_dirs(&base, pattern);
         if found.is_empty() {
-            empty.push(base.join(pattern).display().to_string());
+            out.push(Err(base.join(pattern).display().to_string()));
         }
-        dirs.extend(found);
+        for dir in found {
+            // `python3/dist-packages` also matches `python3*/dist-packages`.
+            let key = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+            if seen.insert(key) {
+                out.push(Ok(dir));
+            }
+        }
     }
-    (dirs, empty)
+    out
 }
 
 /// The steps of the search after the override, in order (only the
@@ -444,15 +451,18 @@ pub fn search_plan(spec: &LibrarySpec, env: &SearchEnv) -> Vec<Step> {
             steps.push(Step::Soname(soname.to_string()));
         }
     }
-    let (dirs, empty) = site_packages(env);
-    for pattern in empty {
-        steps.push(Step::Nothing {
-            place: Place::SitePackages,
-            location: pattern,
-            outcome: "no such directory".into(),
-        });
-    }
-    for sp in dirs {
+    for sp in site_packages(env) {
+        let sp = match sp {
+            Ok(dir) => dir,
+            Err(pattern) => {
+                steps.push(Step::Nothing {
+                    place: Place::SitePackages,
+                    location: pattern,
+                    outcome: "no such directory".into(),
+                });
+                continue;
+            }
+        };
         for sub in spec.wheel_dirs {
             let dir = sp.join(sub);
             if dir.is_dir() {

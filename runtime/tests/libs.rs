@@ -252,6 +252,20 @@ fn the_same_file_reached_twice_is_tried_once() {
 }
 
 #[test]
+fn a_site_packages_directory_matched_by_two_patterns_is_searched_once() {
+    // Debian's `/usr/lib/python3/dist-packages` matches both
+    // `python3/dist-packages` and `python3*/dist-packages`.
+    let t = Tree::new("debian");
+    let dist = t.dir("usr/lib/python3/dist-packages").display().to_string();
+    let steps = search_plan(&FAKE, &t.env());
+    let visits = steps
+        .iter()
+        .filter(|s| matches!(s, Step::Nothing { location, .. } if *location == dist))
+        .count();
+    assert_eq!(visits, 1, "{steps:?}");
+}
+
+#[test]
 fn a_file_that_is_not_a_library_is_reported_with_the_loader_message() {
     let t = Tree::new("notelf");
     let bad = t.text("ld/libfpdtfake.so.13");
