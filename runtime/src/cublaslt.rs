@@ -390,8 +390,10 @@ impl CublasLt {
         })
     }
 
-    /// A new cuBLASLt handle (`cublasLtCreate`). Needs a CUDA driver; the
-    /// handle is not tied to a context or stream.
+    /// A new cuBLASLt handle (`cublasLtCreate`). Needs a CUDA driver and a
+    /// GPU (without them: [`RuntimeError::Cublas`] with
+    /// `CUBLAS_STATUS_NOT_INITIALIZED`); create it with the device's
+    /// context current and use it with that context's streams.
     pub fn handle(self: &Arc<Self>) -> Result<Handle> {
         let mut raw: sys::Handle = std::ptr::null_mut();
         // SAFETY: cublasLtCreate writes the new handle through the pointer,
@@ -434,9 +436,10 @@ pub struct Handle {
     algos: Mutex<HashMap<AlgoKey, sys::MatmulAlgo>>,
 }
 
-// SAFETY: a cuBLASLt handle may be used from any thread, and from several
-// at once (cuBLASLt keeps no per-call state in it); the algorithm cache is
-// behind a mutex.
+// SAFETY: cuBLAS documents its functions as callable from several host
+// threads even with the same handle, the hazard being changes to a
+// handle's settings; a cuBLASLt handle has none (stream, workspace and
+// descriptors are per call). The algorithm cache is behind a mutex.
 unsafe impl Send for Handle {}
 // SAFETY: as above.
 unsafe impl Sync for Handle {}

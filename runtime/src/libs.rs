@@ -226,25 +226,13 @@ pub struct SearchEnv {
     system_loader: bool,
 }
 
-/// The variables a search reads.
-const VARS: &[&str] = &[
-    "LD_LIBRARY_PATH",
-    "VIRTUAL_ENV",
-    "CONDA_PREFIX",
-    "HOME",
-    "CUDA_HOME",
-    "CUDA_PATH",
-];
-
 impl SearchEnv {
     /// This process's environment, the real root, the loader's search on.
     pub fn from_process() -> SearchEnv {
-        let mut vars = BTreeMap::new();
-        for name in VARS.iter().chain(&[CUBLASLT.env_var, NCCL.env_var]) {
-            if let Some(v) = std::env::var_os(name) {
-                vars.insert(name.to_string(), v.to_string_lossy().into_owned());
-            }
-        }
+        // Every variable, so that any spec's override variable is seen.
+        let vars = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+            .collect();
         SearchEnv {
             vars,
             root: PathBuf::from("/"),
