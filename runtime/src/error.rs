@@ -111,6 +111,24 @@ pub enum RuntimeError {
     #[error("cuda: {0}")]
     Cuda(String),
 
+    /// A shared library (cuBLASLt, NCCL) is not found or does not load; the
+    /// message says what was tried and which variable to set.
+    #[error("{0}")]
+    Library(String),
+
+    /// A cuBLASLt call returned an error status.
+    #[error("{call} failed: {status_name} ({status}): {message}")]
+    Cublas {
+        /// The cuBLASLt function.
+        call: &'static str,
+        /// Its `cublasStatus_t`.
+        status: i32,
+        /// `cublasLtGetStatusName` of it.
+        status_name: String,
+        /// `cublasLtGetStatusString` of it, with what was being done.
+        message: String,
+    },
+
     /// An operating-system call failed (files, threads, mappings).
     #[error("{what}: {source}")]
     Io {
@@ -120,6 +138,12 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<crate::libs::LibError> for RuntimeError {
+    fn from(e: crate::libs::LibError) -> Self {
+        RuntimeError::Library(e.to_string())
+    }
 }
 
 /// The runtime's result type.

@@ -24,9 +24,11 @@
 pub mod chunk;
 mod cost;
 mod cpu;
+pub mod cublaslt;
 pub mod cuda;
 mod device;
 mod error;
+pub mod libs;
 mod memory;
 mod stream;
 pub mod trace;

@@ -1,10 +1,13 @@
 //! A thin binding of NCCL, loaded at run time.
 //!
-//! [`Nccl::load`] opens the library named by `FPDT_NCCL_LIB` if set (and
-//! only that), else `libnccl.so.2` (then `libnccl.so`) through the dynamic
-//! loader's search path, `LD_LIBRARY_PATH` included (PyTorch wheels ship it
-//! under `site-packages/nvidia/nccl/lib`). Without it, loading returns
-//! [`CommError::NcclUnavailable`]; the crate builds and tests without it.
+//! [`Nccl::load`] finds the library with the runtime's finder
+//! ([`fpdt_runtime::libs`], spec [`fpdt_runtime::libs::NCCL`]): the file
+//! named by `FPDT_NCCL_LIB` if set (and only that), else `libnccl.so.2`
+//! (then `libnccl.so`) in each `LD_LIBRARY_PATH` directory, through the
+//! dynamic loader's search, in python site-packages (PyTorch's wheels ship
+//! it under `nvidia/nccl/lib`), then the CUDA toolkit. Without it, loading
+//! returns [`CommError::NcclUnavailable`] listing every place tried; the
+//! crate builds and tests without it.
 //!
 //! Two layers:
 //! - **raw**: [`NcclComm`]'s `unsafe fn raw_*` calls take device pointers and
@@ -32,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use fpdt_runtime::{DeviceKind, Stream, View, Work};
+use fpdt_runtime::{libs, DeviceKind, Stream, View, Work};
 
 use crate::communicator::{check, traffic, work, Communicator};
 use crate::error::{CommError, Result};
@@ -41,12 +44,13 @@ use crate::types::{DType, ReduceOp};
 
 use ffi::{Fns, NcclUniqueId, RawCommPtr, NCCL_IN_PROGRESS, NCCL_SUCCESS};
 
-/// The environment variable naming the NCCL library to load instead of the
-/// default soname.
-pub const LIB_ENV: &str = "FPDT_NCCL_LIB";
+/// The environment variable naming the NCCL library to load instead of
+/// searching.
+pub const LIB_ENV: &str = libs::NCCL.env_var;
 
-/// The names tried, in order, when [`LIB_ENV`] is unset.
-pub const DEFAULT_NAMES: &[&str] = &["libnccl.so.2", "libnccl.so"];
+/// The names tried, in order, in each place searched when [`LIB_ENV`] is
+/// unset.
+pub const DEFAULT_NAMES: &[&str] = libs::NCCL.sonames;
 
 /// A loaded NCCL library. Cheap to share (`Arc`).
 pub struct Nccl {
@@ -74,26 +78,17 @@ pub fn version_string(code: i32) -> String {
 }
 
 impl Nccl {
-    /// Loads NCCL: `FPDT_NCCL_LIB` if set, else the default sonames.
+    /// Loads NCCL: `FPDT_NCCL_LIB` if set (only that), else the first
+    /// loadable `libnccl` of the finder's search.
     pub fn load() -> Result<Arc<Nccl>> {
-        match std::env::var(LIB_ENV) {
-            Ok(p) if !p.trim().is_empty() => Self::load_from(p.trim())
-                .map_err(|e| CommError::NcclUnavailable(format!("{LIB_ENV}={p:?}: {}", strip(&e)))),
-            _ => {
-                let mut tried = Vec::new();
-                for name in DEFAULT_NAMES {
-                    match Self::load_from(name) {
-                        Ok(n) => return Ok(n),
-                        Err(e) => tried.push(strip(&e)),
-                    }
-                }
-                Err(CommError::NcclUnavailable(format!(
-                    "{} (install NCCL, add its directory to LD_LIBRARY_PATH, or set {LIB_ENV} \
-                     to the library's path)",
-                    tried.join("; ")
-                )))
-            }
-        }
+        Self::load_with(&libs::SearchEnv::from_process())
+    }
+
+    /// [`Nccl::load`] as seen from `env` (variables, filesystem root).
+    pub fn load_with(env: &libs::SearchEnv) -> Result<Arc<Nccl>> {
+        let found = libs::find_library_in(&libs::NCCL, env)
+            .map_err(|e| CommError::NcclUnavailable(e.to_string()))?;
+        Self::from_library(found.library, &found.path.display().to_string())
     }
 
     /// Loads NCCL from `path` (a file path or a soname).
@@ -101,8 +96,16 @@ impl Nccl {
         // SAFETY: loading a shared library runs its initializers; NCCL's
         // (and any library a user names as NCCL) are trusted like any other
         // linked library. Nothing else is assumed about it here.
-        let lib = unsafe { libloading::Library::new(path) }
-            .map_err(|e| CommError::NcclUnavailable(format!("cannot load `{path}`: {e}")))?;
+        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+            CommError::NcclUnavailable(format!(
+                "cannot load `{path}`: {}",
+                libs::loader_message(&e)
+            ))
+        })?;
+        Self::from_library(lib, path)
+    }
+
+    fn from_library(lib: libloading::Library, path: &str) -> Result<Arc<Nccl>> {
         let fns = Fns::resolve(&lib, path).map_err(CommError::NcclUnavailable)?;
         let mut version: c_int = 0;
         // SAFETY: ncclGetVersion writes one int through the pointer, which
@@ -179,13 +182,6 @@ impl Nccl {
         let code = unsafe { (self.fns.get_unique_id)(&mut id) };
         self.check("ncclGetUniqueId", code, None)?;
         Ok(UniqueId(id.internal.map(|c| c as u8)))
-    }
-}
-
-fn strip(e: &CommError) -> String {
-    match e {
-        CommError::NcclUnavailable(s) => s.clone(),
-        other => other.to_string(),
     }
 }
 

@@ -123,6 +123,40 @@ fn a_missing_library_is_a_clear_error() {
 }
 
 #[test]
+fn load_searches_site_packages_and_reports_what_it_tried() {
+    let root = std::env::temp_dir().join(format!("fpdt-comm-nccl-tree-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let venv = root.join("venv");
+    let env =
+        fpdt_runtime::libs::SearchEnv::isolated(&root).var("VIRTUAL_ENV", venv.to_string_lossy());
+    let e = Nccl::load_with(&env).unwrap_err();
+    assert!(matches!(e, CommError::NcclUnavailable(_)), "{e}");
+    let s = e.to_string();
+    assert!(s.contains(LIB_ENV) && s.contains("libnccl.so.2"), "{s}");
+    assert!(
+        s.contains(
+            &venv
+                .join("lib/python3*/site-packages")
+                .display()
+                .to_string()
+        ),
+        "{s}"
+    );
+    if fake().is_some() {
+        let lib_dir = venv.join("lib/python3.11/site-packages/nvidia/nccl/lib");
+        std::fs::create_dir_all(&lib_dir).unwrap();
+        let src = std::env::temp_dir()
+            .join(format!("fpdt-comm-fake-nccl-{}", std::process::id()))
+            .join("libfakenccl.so");
+        std::fs::copy(src, lib_dir.join("libnccl.so.2")).unwrap();
+        let n = Nccl::load_with(&env).expect("the wheel's copy loads");
+        assert_eq!(n.path(), lib_dir.join("libnccl.so.2").display().to_string());
+        assert_eq!(n.version_string(), "2.21.5");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
 fn a_library_without_the_symbols_is_refused() {
     let e = Nccl::load_from("libc.so.6").unwrap_err();
     assert!(e.to_string().contains("lacks `ncclGetVersion`"), "{e}");

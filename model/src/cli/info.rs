@@ -3,7 +3,8 @@
 use std::fmt::Write;
 
 use fpdt_alloc::Topology;
-use fpdt_runtime::{fmt_bytes, CpuConfig, Device};
+use fpdt_runtime::cublaslt::CublasLt;
+use fpdt_runtime::{fmt_bytes, libs, CpuConfig, Device};
 
 fn host_memory() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -132,6 +133,47 @@ pub fn report(arena_bytes: usize) -> String {
         Err(e) => {
             let _ = writeln!(s, "  not available: {e}");
         }
+    }
+
+    let _ = writeln!(s, "libraries:");
+    for spec in [&libs::CUBLASLT, &libs::NCCL] {
+        match libs::find_library(spec) {
+            Ok(found) => {
+                let (path, place) = (found.path.display().to_string(), found.place);
+                let version = if spec.name == libs::CUBLASLT.name {
+                    match CublasLt::from_found(found) {
+                        Ok(lt) => format!(", version {}", lt.version_string()),
+                        Err(e) => format!(", but unusable: {e}"),
+                    }
+                } else {
+                    String::new()
+                };
+                let _ = writeln!(s, "  {}: `{path}` (from {place}){version}", spec.name);
+            }
+            Err(e @ libs::LibError::Override { .. }) => {
+                // The message starts with the library's name.
+                let _ = writeln!(s, "  {e}");
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    s,
+                    "  {}: not found (looked for {}; set {} to its file); tried:",
+                    spec.name,
+                    spec.sonames.join(", "),
+                    spec.env_var
+                );
+                for a in e.tried() {
+                    let _ = writeln!(s, "    {a}");
+                }
+            }
+        }
+    }
+    let loaded = libs::loaded_libraries();
+    if loaded.is_empty() {
+        let _ = writeln!(s, "  loaded: none");
+    }
+    for (name, path) in loaded {
+        let _ = writeln!(s, "  loaded {name}: {}", path.display());
     }
     s
 }
