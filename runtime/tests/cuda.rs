@@ -477,3 +477,68 @@ fn raw_cuda_work_is_refused_off_cuda() {
     assert!(cpu.compute().cuda_stream_raw().is_none());
     assert_eq!(cpu.compute().in_flight(), 0);
 }
+
+#[test]
+fn cublaslt_gemm_matches_the_host_product() {
+    let Some(dev) = gpu("cublaslt_gemm_matches_the_host_product") else {
+        return;
+    };
+    let blas = match fpdt_runtime::cuda::Blas::new(&dev) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("cublaslt_gemm_matches_the_host_product: skipped, no cuBLASLt: {e}");
+            return;
+        }
+    };
+    use fpdt_runtime::cublaslt::OutDType;
+    use half::bf16;
+    let (m, n, k) = (67usize, 40usize, 96usize);
+    let a: Vec<bf16> = (0..m * k)
+        .map(|i| bf16::from_f32(((i * 7) % 11) as f32 / 11.0 - 0.5))
+        .collect();
+    let b: Vec<bf16> = (0..k * n)
+        .map(|i| bf16::from_f32(((i * 5) % 13) as f32 / 13.0 - 0.5))
+        .collect();
+    let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25).collect();
+    let (ad, bd, biasd) = (
+        dev.upload(&a, "a").unwrap(),
+        dev.upload(&b, "b").unwrap(),
+        dev.upload(&bias, "bias").unwrap(),
+    );
+    let dd = dev.alloc(m * n * 4, "d").unwrap();
+    blas.gemm(
+        dev.compute(),
+        &fpdt_runtime::cuda::Gemm {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: false,
+            a: ad.view(),
+            b: bd.view(),
+            d: dd.view(),
+            out: OutDType::F32,
+            bias: Some(biasd.view()),
+        },
+    )
+    .unwrap();
+    let d = dev.download::<f32>(dd.view()).unwrap();
+    for i in 0..m {
+        for j in 0..n {
+            let want: f64 = (0..k)
+                .map(|l| f64::from(a[i * k + l].to_f32()) * f64::from(b[l * n + j].to_f32()))
+                .sum::<f64>()
+                + f64::from(bias[j]);
+            let got = f64::from(d[i * n + j]);
+            assert!(
+                (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                "({i}, {j}): {got} vs {want}"
+            );
+        }
+    }
+    assert!(dev
+        .trace()
+        .events()
+        .iter()
+        .any(|e| e.name.starts_with("gemm 67x40x96")));
+}

@@ -11,9 +11,12 @@
 //! - **kernels**: PTX modules loaded once per context, functions cached,
 //!   arguments checked against the `.entry`'s parameter list and every
 //!   pointer against the views the launch declares ([`launch`]);
+//! - **GEMM**: cuBLASLt over views ([`blas`]), enqueued and traced like a
+//!   kernel, its workspace from the slab;
 //! - **trace**: every copy and kernel is bracketed by timing events, so the
 //!   Chrome trace shows what the GPU did and when.
 
+pub mod blas;
 mod driver;
 pub mod launch;
 mod memory;
@@ -21,6 +24,7 @@ pub(crate) mod queue;
 
 use std::time::Duration;
 
+pub use blas::{Blas, Gemm};
 pub(crate) use driver::{init, Context};
 pub use driver::{probe, GpuInfo};
 pub use launch::{KernelArg, LaunchLimits, PtxKernel};
