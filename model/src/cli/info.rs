@@ -50,6 +50,9 @@ pub fn report(arena_bytes: usize) -> String {
             let _ = writeln!(s, "  cuda: the driver is loaded but sees no GPU");
         }
         Ok(gpus) => {
+            if let Ok((major, minor)) = fpdt_runtime::cuda::driver_version() {
+                let _ = writeln!(s, "  cuda driver: supports CUDA {major}.{minor}");
+            }
             for g in gpus {
                 let _ = writeln!(
                     s,

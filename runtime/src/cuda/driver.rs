@@ -87,6 +87,18 @@ pub(crate) fn device_count() -> Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// The CUDA version the driver supports (major, minor), e.g. (13, 0).
+pub fn driver_version() -> Result<(u32, u32)> {
+    init()?;
+    let mut v = 0;
+    // SAFETY: writes one int.
+    check(unsafe { sys::cuDriverGetVersion(&mut v) }, || {
+        "cuDriverGetVersion".into()
+    })?;
+    let v = v.max(0) as u32;
+    Ok((v / 1000, v % 1000 / 10))
+}
+
 /// What the driver says about one GPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuInfo {

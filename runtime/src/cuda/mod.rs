@@ -25,8 +25,8 @@ pub(crate) mod queue;
 use std::time::Duration;
 
 pub use blas::{Blas, Gemm};
+pub use driver::{driver_version, probe, GpuInfo};
 pub(crate) use driver::{init, Context};
-pub use driver::{probe, GpuInfo};
 pub use launch::{KernelArg, LaunchLimits, PtxKernel};
 pub(crate) use memory::{CudaHostPinner, CudaRegion};
 
