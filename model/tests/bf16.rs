@@ -17,11 +17,23 @@ use fpdt_runtime::{MetaConfig, Space};
 /// gradient `||g - ref||_2 / ||ref||_2`.
 const TOL: f64 = 2e-2;
 
-/// The same metric per parameter tensor. On these tiny random models bf16
-/// rounding moves single small tensors (biases, norm gains) by up to ~3%
-/// (measured; rounding only the weights moves the f64 reference's own
-/// gradients by 2-4%), so per tensor the bound is 4e-2 while the whole
-/// gradient keeps 2e-2.
+/// The same metric per parameter tensor. It is not 2e-2 because of how
+/// these tiny models amplify rounding, not because of a bf16 defect
+/// (measured, issue #6):
+/// - the f32 path's worst tensor is off by 1.3e-6..1.4e-6, about 22 times
+///   f32's unit roundoff (2^-24); the bf16 path's by 3.5e-2, about 18 times
+///   bf16's (2^-9): both paths amplify their rounding alike;
+/// - rounding only the weights to bf16 moves the f64 reference's own
+///   gradients by up to 2.9e-2 (GPT) and 3.9e-2 (Llama) per tensor here;
+///   by 1.7e-2..3.6e-2 at widths 32 and 64, and only at weight std 0.05,
+///   where attention is near uniform and GeLU near linear, below 1e-2;
+/// - the worst tensors (norm gains, q/k biases, layer 0's q/k weights)
+///   have gradients summed over few tokens with cancellation.
+///
+/// Over 6 seeds x 10 configs the worst tensor averages 2.6e-2 (GPT) and
+/// 2.9e-2 (Llama) and reaches 6e-2, while the whole gradient stays at
+/// 1.1e-2 and 1.6e-2 on average. So per tensor the bound is 4e-2 (this
+/// seed's worst is 3.5e-2); the whole gradient keeps the issue's 2e-2.
 const TENSOR_TOL: f64 = 4e-2;
 
 fn bf16(sched: Schedule) -> Schedule {

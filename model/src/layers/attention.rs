@@ -2,13 +2,16 @@
 //! and output projections and residual, over all `u` chunks of one rank.
 //!
 //! Forward, per chunk i: norm and QKV projection of the local `x_i`
-//! (`[c, hidden]`); head-parallel all-to-all (scatter heads, gather
-//! sequence) of q, k, v to `[C, H/P, d]`; RoPE at global positions
+//! (`[c, hidden]`), with RoPE fused into the q and k projections at the
+//! local tokens' global positions (RoPE is per token, so applying it before
+//! the all-to-all is the same map as after it, and q and k are rounded to
+//! the activation dtype once); head-parallel all-to-all (scatter heads,
+//! gather sequence) of q, k, v to `[C, H/P, d]`, global positions
 //! `iC..(i+1)C`; q_i against kv chunks `0..=i` (causal only on the
 //! diagonal) with the online softmax and the stable LSE merge into an f32
 //! accumulator, earlier kv chunks prefetched from the host arena through a
 //! double buffer one ahead; then the reverse all-to-all of o_i, the output
-//! projection and the residual. q, kv, o, lse (and the gathered o) of every
+//! projection fused with the residual add. q, kv, o, lse (and the gathered o) of every
 //! chunk are stashed (offloaded when the schedule offloads).
 //!
 //! Backward: first per chunk the output projection's backward, the
@@ -23,11 +26,15 @@
 use fpdt_comm::ulysses::Heads;
 use fpdt_comm::{Communicator, UlyssesAllToAll, UlyssesConfig};
 use fpdt_ptx::cpu::{
-    attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, rope_bwd, rope_fwd, AttnShape,
+    attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, matmul, rope_bwd, rope_fwd, AttnShape,
+    MatmulSpec, Transpose,
 };
 use fpdt_runtime::DoubleBuffer;
 
-use super::{kernel, linear_bwd, linear_fwd, missing, norm, Buf, Ctx, Held, Incoming, Stash, Tv};
+use super::{
+    kernel, linear_bwd, linear_dgrad_sum, linear_fwd, linear_residual_fwd, missing, norm, Buf, Ctx,
+    Held, Incoming, Stash, Tv,
+};
 use crate::config::LayerParams;
 use crate::error::Result;
 
@@ -60,6 +67,8 @@ struct Dims {
     kvd: usize,
     theta: f32,
     scale: f32,
+    ranks: usize,
+    rank: usize,
 }
 
 impl Dims {
@@ -77,6 +86,8 @@ impl Dims {
             kvd: cfg.kv_dim(),
             theta: cfg.rope_theta as f32,
             scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+            ranks: s.ranks,
+            rank: ctx.comm.rank(),
         }
     }
 
@@ -100,6 +111,13 @@ impl Dims {
         self.big_c * self.kvl * self.d
     }
 
+    /// Global positions of this rank's local tokens of chunk i: local
+    /// chunk i is global small chunk `i*P + rank` (the FPDT token layout).
+    fn local_positions(&self, i: usize) -> Vec<u32> {
+        let first = (i * self.ranks + self.rank) * self.c;
+        (first..first + self.c).map(|p| p as u32).collect()
+    }
+
     fn positions(&self, i: usize) -> Vec<u32> {
         (i * self.big_c..(i + 1) * self.big_c)
             .map(|p| p as u32)
@@ -119,25 +137,63 @@ fn bias<'a>(
     })
 }
 
-fn rope(
+/// `y = rope^T(x)`: the backward of RoPE (the inverse rotation) at `pos`.
+fn rope_backward(
     ctx: &Ctx<'_>,
     x: Tv<'_>,
     y: Tv<'_>,
     pos: Vec<u32>,
     heads: usize,
     dims: &Dims,
-    inverse: bool,
 ) -> Result<()> {
     let (d, theta) = (dims.d, dims.theta);
     let n = x.len() as f64;
-    let name = if inverse { "rope_bwd" } else { "rope_fwd" };
-    kernel(ctx.s(), name, 6.0 * n, &[x], &[y], move |i, o| {
-        if inverse {
-            rope_bwd(i[0], &pos, heads, d, theta, o[0])
-        } else {
-            rope_fwd(i[0], &pos, heads, d, theta, o[0])
-        }
+    kernel(ctx.s(), "rope_bwd", 6.0 * n, &[x], &[y], move |i, o| {
+        rope_bwd(i[0], &pos, heads, d, theta, o[0])
     })
+}
+
+/// `y = rope(x W^T + b)` at positions `pos` over `heads` heads of `[t,
+/// heads*d]`: the projection with RoPE fused into its epilogue, so q and k
+/// are rounded to the activation dtype once (RoPE is per token, so it runs
+/// on the local tokens before the all-to-all, at their global positions).
+#[allow(clippy::too_many_arguments)]
+fn linear_rope_fwd(
+    ctx: &Ctx<'_>,
+    x: Tv<'_>,
+    w: Tv<'_>,
+    b: Option<Tv<'_>>,
+    y: Tv<'_>,
+    pos: Vec<u32>,
+    heads: usize,
+    dims: &Dims,
+) -> Result<()> {
+    let (t, inp, d, theta) = (pos.len(), dims.h, dims.d, dims.theta);
+    let out = heads * d;
+    let spec = MatmulSpec {
+        m: t,
+        n: out,
+        k: inp,
+        trans_a: Transpose::No,
+        trans_b: Transpose::Yes,
+        accumulate: false,
+    };
+    let flops = 2.0 * (t * inp * out) as f64 + 6.0 * (t * out) as f64;
+    let mut reads = vec![x, w];
+    let has_b = b.is_some();
+    reads.extend(b);
+    kernel(
+        ctx.s(),
+        "linear_rope_fwd",
+        flops,
+        &reads,
+        &[y],
+        move |i, o| {
+            let mut z = vec![0.0f32; t * out];
+            matmul(&spec, i[0], i[1], has_b.then(|| i[2]), &mut z)?;
+            rope_fwd(&z, &pos, heads, d, theta, o[0])
+        },
+    )
 }
 
 fn attn_pair(
@@ -204,28 +260,29 @@ pub(crate) fn forward(
         // Projections of the local tokens.
         let hn = ctx.alloc_act(dm.c * dm.h, "attn norm")?;
         norm::forward(ctx, xv, &lp.norm1_w, &lp.norm1_b, hn.view(), dm.c)?;
+        // q and k roped at their global positions as they are projected.
         let ql = ctx.alloc_act(dm.c * dm.qd, "q local")?;
         let kl = ctx.alloc_act(dm.c * dm.kvd, "k local")?;
         let vl = ctx.alloc_act(dm.c * dm.kvd, "v local")?;
-        linear_fwd(
-            s,
+        linear_rope_fwd(
+            ctx,
             hn.view(),
             ctx.p(&lp.wq)?,
             bias(ctx, &lp.bq, false)?,
             ql.view(),
-            dm.c,
-            dm.h,
-            dm.qd,
+            dm.local_positions(i),
+            ctx.cfg.heads,
+            &dm,
         )?;
-        linear_fwd(
-            s,
+        linear_rope_fwd(
+            ctx,
             hn.view(),
             ctx.p(&lp.wk)?,
             bias(ctx, &lp.bk, false)?,
             kl.view(),
-            dm.c,
-            dm.h,
-            dm.kvd,
+            dm.local_positions(i),
+            ctx.cfg.kv_heads,
+            &dm,
         )?;
         linear_fwd(
             s,
@@ -239,12 +296,11 @@ pub(crate) fn forward(
         )?;
         drop(hn);
         // Head-parallel all-to-all: this rank's heads of the whole chunk.
-        let qh = ctx.alloc_act(dm.qn(), "q heads")?;
-        ul.scatter_heads(s, Heads::Query, ab, ql.buf.view(), qh.buf.view())?;
-        let kh = ctx.alloc_act(dm.kn(), "k heads")?;
-        ul.scatter_heads(s, Heads::KeyValue, ab, kl.buf.view(), kh.buf.view())?;
+        let q = ctx.alloc_act(dm.qn(), "q")?;
+        ul.scatter_heads(s, Heads::Query, ab, ql.buf.view(), q.buf.view())?;
         let kv = ctx.alloc_act(2 * dm.kn(), "kv")?;
         let half = dm.kn();
+        ul.scatter_heads(s, Heads::KeyValue, ab, kl.buf.view(), kv.elems(0..half)?.v)?;
         ul.scatter_heads(
             s,
             Heads::KeyValue,
@@ -253,19 +309,6 @@ pub(crate) fn forward(
             kv.elems(half..2 * half)?.v,
         )?;
         drop((ql, kl, vl));
-        // RoPE at the chunk's global positions.
-        let q = ctx.alloc_act(dm.qn(), "q")?;
-        rope(ctx, qh.view(), q.view(), dm.positions(i), dm.hl, &dm, false)?;
-        rope(
-            ctx,
-            kh.view(),
-            kv.elems(0..half)?,
-            dm.positions(i),
-            dm.kvl,
-            &dm,
-            false,
-        )?;
-        drop((qh, kh));
         // q_i against kv_0..kv_i, merged online.
         let o = ctx.alloc(dm.qn(), "o acc")?;
         let lse = ctx.alloc(dm.big_c * dm.hl, "lse acc")?;
@@ -344,20 +387,19 @@ pub(crate) fn forward(
         // Back to this rank's tokens; output projection and residual.
         let ol = ctx.alloc_act(dm.c * dm.qd, "o local")?;
         ul.gather_heads(s, Heads::Query, ab, o.buf.view(), ol.buf.view())?;
-        let a = ctx.alloc_act(dm.c * dm.h, "attn out")?;
-        linear_fwd(
+        let xm = ctx.alloc_act(dm.c * dm.h, "x mid")?;
+        linear_residual_fwd(
             s,
             ol.view(),
             ctx.p(&lp.wo)?,
             bias(ctx, &lp.bo, false)?,
-            a.view(),
+            xv,
+            xm.view(),
             dm.c,
             dm.qd,
             dm.h,
         )?;
-        let xm = ctx.alloc_act(dm.c * dm.h, "x mid")?;
-        super::residual(s, xv, a.view(), xm.view())?;
-        drop((a, x));
+        drop(x);
         saved.kv.push(ctx.stash(kv)?);
         saved.q.push(ctx.stash(q)?);
         saved.o.push(ctx.stash(o)?);
@@ -532,25 +574,16 @@ pub(crate) fn backward(
         let dqb = dq_final.ok_or_else(|| missing("dq", i))?;
         // RoPE backward and back to this rank's tokens.
         let dqr = ctx.alloc_grad(dm.qn(), "dq roped")?;
-        rope(
-            ctx,
-            dqb.view(),
-            dqr.view(),
-            dm.positions(i),
-            dm.hl,
-            &dm,
-            true,
-        )?;
+        rope_backward(ctx, dqb.view(), dqr.view(), dm.positions(i), dm.hl, &dm)?;
         drop(dqb);
         let dkr = ctx.alloc_grad(dm.kn(), "dk roped")?;
-        rope(
+        rope_backward(
             ctx,
             dkv.elems(0..half)?,
             dkr.view(),
             dm.positions(i),
             dm.kvl,
             &dm,
-            true,
         )?;
         let dql = ctx.alloc_grad(dm.c * dm.qd, "dq local")?;
         ul.gather_heads(s, Heads::Query, gb, dqr.buf.view(), dql.buf.view())?;
@@ -575,13 +608,13 @@ pub(crate) fn backward(
             (&dkl, &lp.wk, &lp.bk, dm.kvd),
             (&dvl, &lp.wv, &lp.bv, dm.kvd),
         ];
-        for (n, (dy, w, b, out)) in parts.into_iter().enumerate() {
+        for (dy, w, b, out) in parts {
             linear_bwd(
                 s,
                 dy.view(),
                 hn.view(),
                 ctx.p(w)?,
-                Some((dhn.view(), n > 0)),
+                None,
                 ctx.g(w)?,
                 bias(ctx, b, true)?,
                 dm.c,
@@ -589,6 +622,13 @@ pub(crate) fn backward(
                 out,
             )?;
         }
+        // dhn as the fused QKV projection's dgrad: one rounding.
+        let dgrad_parts = [
+            (dql.view(), ctx.p(&lp.wq)?, dm.qd),
+            (dkl.view(), ctx.p(&lp.wk)?, dm.kvd),
+            (dvl.view(), ctx.p(&lp.wv)?, dm.kvd),
+        ];
+        linear_dgrad_sum(s, &dgrad_parts, dhn.view(), dm.c, dm.h)?;
         drop((dql, dkl, dvl, hn));
         let g = dxm[i].fetch(mv)?;
         let dx = ctx.alloc_grad(dm.c * dm.h, "dx")?;

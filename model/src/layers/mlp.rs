@@ -4,9 +4,13 @@
 //! activation `[rows, intermediate]` never exists for more than one
 //! sub-chunk; backward recomputes it from the block input.
 
-use fpdt_ptx::cpu::{gelu_tanh_bwd, gelu_tanh_fwd, swiglu_bwd, swiglu_fwd};
+use fpdt_ptx::cpu::{
+    gelu_tanh_bwd, gelu_tanh_fwd, matmul, swiglu_bwd, swiglu_fwd, MatmulSpec, Transpose,
+};
 
-use super::{kernel, linear_bwd, linear_fwd, norm, Buf, Ctx, Tv};
+use super::{
+    kernel, linear_bwd, linear_dgrad_sum, linear_residual_fwd, missing, norm, Buf, Ctx, Tv,
+};
 use crate::config::{Activation, LayerParams};
 use crate::error::Result;
 
@@ -33,53 +37,101 @@ pub(crate) fn forward(
         let xr = rows(&x, h, a, b)?;
         let hn = ctx.alloc_act(n * h, "mlp norm")?;
         norm::forward(ctx, xr, &lp.norm2_w, &lp.norm2_b, hn.view(), n)?;
-        let act = wide(ctx, lp, hn.view(), n)?;
-        let m = ctx.alloc_act(n * h, "mlp out")?;
+        let act = wide(ctx, lp, hn.view(), n, false)?.act;
         let bias = match &lp.b2 {
             Some(r) => Some(ctx.p(r)?),
             None => None,
         };
-        linear_fwd(s, act.view(), ctx.p(&lp.w2)?, bias, m.view(), n, inter, h)?;
-        super::residual(s, xr, m.view(), rows(&y, h, a, b)?)?;
+        let yr = rows(&y, h, a, b)?;
+        linear_residual_fwd(s, act.view(), ctx.p(&lp.w2)?, bias, xr, yr, n, inter, h)?;
         a = b;
     }
     Ok(())
 }
 
-/// The wide activation `act(h)` `[n, intermediate]`.
-fn wide(ctx: &Ctx<'_>, lp: &LayerParams, hn: Tv<'_>, n: usize) -> Result<Buf> {
+/// The wide activation of the `n` rows of the pre-norm output `hn`, and
+/// with `aux` the pre-activations its backward needs.
+struct Wide {
+    /// `act(h)` `[n, intermediate]`.
+    act: Buf,
+    /// `fc h` (GeLU) or `gate h` (SwiGLU), when asked for.
+    z1: Option<Buf>,
+    /// `up h` (SwiGLU), when asked for.
+    z3: Option<Buf>,
+}
+
+/// The up projection(s) with the activation fused into their epilogue (as
+/// cuBLASLt's GELU epilogue does; SwiGLU's gate and up projections in one
+/// kernel): the pre-activations stay f32 and only `act` is rounded to the
+/// activation dtype, one rounding instead of two on the bf16 path. With
+/// `aux` the pre-activations are written too (rounded, like the GELU_AUX
+/// epilogue's), for the activation's backward. Forward and backward run
+/// this same kernel, so backward's `act` is bit-equal to forward's.
+fn wide(ctx: &Ctx<'_>, lp: &LayerParams, hn: Tv<'_>, n: usize, aux: bool) -> Result<Wide> {
     let (h, inter) = (ctx.cfg.hidden, ctx.cfg.intermediate);
-    let s = ctx.s();
-    let z1 = ctx.alloc_act(n * inter, "mlp wide")?;
+    let w3 = match (ctx.cfg.activation, &lp.w3) {
+        (Activation::SwiGlu, Some(w3)) => Some(ctx.p(w3)?),
+        _ => None,
+    };
+    let act = ctx.alloc_act(n * inter, "mlp wide")?;
+    let z1 = match aux {
+        true => Some(ctx.alloc_act(n * inter, "mlp wide")?),
+        false => None,
+    };
+    let z3 = match (aux, w3.is_some()) {
+        (true, true) => Some(ctx.alloc_act(n * inter, "mlp wide")?),
+        _ => None,
+    };
+    let mut reads = vec![hn, ctx.p(&lp.w1)?];
     let b1 = match &lp.b1 {
         Some(r) => Some(ctx.p(r)?),
         None => None,
     };
-    linear_fwd(s, hn, ctx.p(&lp.w1)?, b1, z1.view(), n, h, inter)?;
-    let act = ctx.alloc_act(n * inter, "mlp wide")?;
-    match (ctx.cfg.activation, &lp.w3) {
-        (Activation::SwiGlu, Some(w3)) => {
-            let z3 = ctx.alloc_act(n * inter, "mlp wide")?;
-            linear_fwd(s, hn, ctx.p(w3)?, None, z3.view(), n, h, inter)?;
-            kernel(
-                s,
-                "swiglu_fwd",
-                4.0 * (n * inter) as f64,
-                &[z1.view(), z3.view()],
-                &[act.view()],
-                |i, o| swiglu_fwd(i[0], i[1], o[0]),
-            )?;
+    let has_b1 = b1.is_some();
+    reads.extend(b1);
+    let w3_at = w3.map(|_| reads.len());
+    reads.extend(w3);
+    let mut writes = vec![act.view()];
+    writes.extend(z1.as_ref().map(Buf::view));
+    writes.extend(z3.as_ref().map(Buf::view));
+    let spec = MatmulSpec {
+        m: n,
+        n: inter,
+        k: h,
+        trans_a: Transpose::No,
+        trans_b: Transpose::Yes,
+        accumulate: false,
+    };
+    let gemms = if w3_at.is_some() { 2.0 } else { 1.0 };
+    let flops = gemms * 2.0 * (n * h * inter) as f64 + 8.0 * (n * inter) as f64;
+    let (name, len) = match w3_at {
+        Some(_) => ("mlp_up_swiglu_fwd", n * inter),
+        None => ("mlp_fc_gelu_fwd", n * inter),
+    };
+    kernel(ctx.s(), name, flops, &reads, &writes, move |i, o| {
+        let mut z1 = vec![0.0f32; len];
+        matmul(&spec, i[0], i[1], has_b1.then(|| i[2]), &mut z1)?;
+        let (act, pre) = o.split_at_mut(1);
+        match w3_at {
+            Some(k) => {
+                let mut z3 = vec![0.0f32; len];
+                matmul(&spec, i[0], i[k], None, &mut z3)?;
+                swiglu_fwd(&z1, &z3, act[0])?;
+                if let [a, b] = pre {
+                    a.copy_from_slice(&z1);
+                    b.copy_from_slice(&z3);
+                }
+            }
+            None => {
+                gelu_tanh_fwd(&z1, act[0])?;
+                if let [a] = pre {
+                    a.copy_from_slice(&z1);
+                }
+            }
         }
-        _ => kernel(
-            s,
-            "gelu_fwd",
-            8.0 * (n * inter) as f64,
-            &[z1.view()],
-            &[act.view()],
-            |i, o| gelu_tanh_fwd(i[0], o[0]),
-        )?,
-    }
-    Ok(act)
+        Ok(())
+    })?;
+    Ok(Wide { act, z1, z3 })
 }
 
 /// Backward of [`forward`] from the block input `x` and the output gradient
@@ -109,42 +161,26 @@ pub(crate) fn backward(
         // Recompute the block's forward up to the wide activation.
         let hn = ctx.alloc_act(n * h, "mlp norm")?;
         norm::forward(ctx, xr, &lp.norm2_w, &lp.norm2_b, hn.view(), n)?;
-        let z1 = ctx.alloc_act(n * inter, "mlp wide")?;
-        let b1 = match &lp.b1 {
-            Some(r) => Some(ctx.p(r)?),
-            None => None,
-        };
-        linear_fwd(s, hn.view(), ctx.p(&lp.w1)?, b1, z1.view(), n, h, inter)?;
+        let Wide { act, z1, z3 } = wide(ctx, lp, hn.view(), n, true)?;
+        let z1 = z1.ok_or_else(|| missing("mlp pre-activation", a))?;
         let dact = ctx.alloc_grad(n * inter, "mlp wide grad")?;
+        linear_bwd(
+            s,
+            dyr,
+            act.view(),
+            ctx.p(&lp.w2)?,
+            Some((dact.view(), false)),
+            ctx.g(&lp.w2)?,
+            opt(&lp.b2)?,
+            n,
+            inter,
+            h,
+        )?;
+        drop(act);
         let dz1 = ctx.alloc_grad(n * inter, "mlp wide grad")?;
         let dhn = ctx.alloc_grad(n * h, "mlp norm grad")?;
-        match (ctx.cfg.activation, &lp.w3) {
-            (Activation::SwiGlu, Some(w3)) => {
-                let z3 = ctx.alloc_act(n * inter, "mlp wide")?;
-                linear_fwd(s, hn.view(), ctx.p(w3)?, None, z3.view(), n, h, inter)?;
-                let act = ctx.alloc_act(n * inter, "mlp wide")?;
-                kernel(
-                    s,
-                    "swiglu_fwd",
-                    4.0 * (n * inter) as f64,
-                    &[z1.view(), z3.view()],
-                    &[act.view()],
-                    |i, o| swiglu_fwd(i[0], i[1], o[0]),
-                )?;
-                let w2 = ctx.p(&lp.w2)?;
-                linear_bwd(
-                    s,
-                    dyr,
-                    act.view(),
-                    w2,
-                    Some((dact.view(), false)),
-                    ctx.g(&lp.w2)?,
-                    opt(&lp.b2)?,
-                    n,
-                    inter,
-                    h,
-                )?;
-                drop(act);
+        match (z3, &lp.w3) {
+            (Some(z3), Some(w3)) => {
                 let dz3 = ctx.alloc_grad(n * inter, "mlp wide grad")?;
                 kernel(
                     s,
@@ -162,7 +198,7 @@ pub(crate) fn backward(
                     dz3.view(),
                     hn.view(),
                     ctx.p(w3)?,
-                    Some((dhn.view(), false)),
+                    None,
                     ctx.g(w3)?,
                     None,
                     n,
@@ -174,37 +210,22 @@ pub(crate) fn backward(
                     dz1.view(),
                     hn.view(),
                     ctx.p(&lp.w1)?,
-                    Some((dhn.view(), true)),
+                    None,
                     ctx.g(&lp.w1)?,
                     opt(&lp.b1)?,
                     n,
                     h,
                     inter,
                 )?;
+                // dhn as the fused gate-and-up projection's dgrad: one
+                // rounding.
+                let parts = [
+                    (dz3.view(), ctx.p(w3)?, inter),
+                    (dz1.view(), ctx.p(&lp.w1)?, inter),
+                ];
+                linear_dgrad_sum(s, &parts, dhn.view(), n, h)?;
             }
             _ => {
-                let act = ctx.alloc_act(n * inter, "mlp wide")?;
-                kernel(
-                    s,
-                    "gelu_fwd",
-                    8.0 * (n * inter) as f64,
-                    &[z1.view()],
-                    &[act.view()],
-                    |i, o| gelu_tanh_fwd(i[0], o[0]),
-                )?;
-                linear_bwd(
-                    s,
-                    dyr,
-                    act.view(),
-                    ctx.p(&lp.w2)?,
-                    Some((dact.view(), false)),
-                    ctx.g(&lp.w2)?,
-                    opt(&lp.b2)?,
-                    n,
-                    inter,
-                    h,
-                )?;
-                drop(act);
                 kernel(
                     s,
                     "gelu_bwd",

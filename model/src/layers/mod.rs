@@ -9,6 +9,13 @@
 //! statistics, logits, the loss and every parameter gradient in f32.
 //! Accumulation is f32 everywhere: the host kernels widen their inputs to
 //! f32 and round their outputs to each output's dtype.
+//!
+//! What a GPU kernel would keep in registers is rounded once, not once per
+//! step: element-wise epilogues are fused into their GEMM (the residual add
+//! into the output projections, RoPE into the q and k projections, GeLU /
+//! SwiGLU into the up projections) and the input gradient of projections
+//! sharing an input (Q, K, V; gate and up) is one f32 sum. Everything that
+//! is stored, offloaded or sent between ranks stays in the storage dtype.
 
 pub mod attention;
 pub mod block;
@@ -272,12 +279,47 @@ pub(crate) fn fill(s: &Stream, v: Tv<'_>, x: f32) -> Result<()> {
     })
 }
 
-/// `y = x + r` element-wise (the residual add).
-pub(crate) fn residual(s: &Stream, x: Tv<'_>, r: Tv<'_>, y: Tv<'_>) -> Result<()> {
-    let n = x.len() as f64;
-    kernel(s, "residual", n, &[x, r], &[y], |i, o| {
-        fpdt_ptx::cpu::residual_add(i[0], i[1], o[0])
-    })
+/// `y = r + x W^T (+ b)`: a projection with the residual add fused into
+/// its epilogue (the GEMM accumulates onto the residual in f32, as
+/// cuBLASLt's `D = A B + C` does), so the block's output is rounded to
+/// `y`'s dtype once and the projection's own output is never stored.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_residual_fwd(
+    s: &Stream,
+    x: Tv<'_>,
+    w: Tv<'_>,
+    b: Option<Tv<'_>>,
+    r: Tv<'_>,
+    y: Tv<'_>,
+    t: usize,
+    inp: usize,
+    out: usize,
+) -> Result<()> {
+    let spec = MatmulSpec {
+        m: t,
+        n: out,
+        k: inp,
+        trans_a: Transpose::No,
+        trans_b: Transpose::Yes,
+        accumulate: true,
+    };
+    let flops = 2.0 * (t * inp * out) as f64 + (t * out) as f64;
+    let mut reads = vec![x, w, r];
+    let has_b = b.is_some();
+    reads.extend(b);
+    kernel(
+        s,
+        "linear_residual_fwd",
+        flops,
+        &reads,
+        &[y],
+        move |i, o| {
+            // The output slot is f32 here (bf16 outputs are widened by
+            // `kernel` and rounded once after this closure).
+            fpdt_ptx::cpu::cast(i[2], o[0])?;
+            matmul(&spec, i[0], i[1], has_b.then(|| i[3]), o[0])
+        },
+    )
 }
 
 /// `y[t, out] = x[t, inp] W[out, inp]^T (+ b)`.
@@ -371,6 +413,38 @@ pub(crate) fn linear_bwd(
                 None,
                 &mut *rest[k],
             )?;
+        }
+        Ok(())
+    })
+}
+
+/// `dx = sum_k dy_k W_k` over projections that read the same input (Q, K
+/// and V of attention; gate and up of SwiGLU): the input gradient of one
+/// fused projection, summed in f32 and rounded to `dx`'s dtype once rather
+/// than once per projection. `parts` are `(dy_k [t, out_k], W_k [out_k,
+/// inp], out_k)`; the weight gradients are [`linear_bwd`]'s (with `dx`
+/// `None`).
+pub(crate) fn linear_dgrad_sum(
+    s: &Stream,
+    parts: &[(Tv<'_>, Tv<'_>, usize)],
+    dx: Tv<'_>,
+    t: usize,
+    inp: usize,
+) -> Result<()> {
+    let outs: Vec<usize> = parts.iter().map(|p| p.2).collect();
+    let flops = outs.iter().map(|&o| 2.0 * (t * inp * o) as f64).sum();
+    let reads: Vec<Tv<'_>> = parts.iter().flat_map(|p| [p.0, p.1]).collect();
+    kernel(s, "linear_dgrad_sum", flops, &reads, &[dx], move |i, o| {
+        for (k, (&out, pair)) in outs.iter().zip(i.chunks(2)).enumerate() {
+            let spec = MatmulSpec {
+                m: t,
+                n: inp,
+                k: out,
+                trans_a: Transpose::No,
+                trans_b: Transpose::No,
+                accumulate: k > 0,
+            };
+            matmul(&spec, pair[0], pair[1], None, &mut *o[0])?;
         }
         Ok(())
     })
