@@ -414,6 +414,16 @@ fn all_to_all_streams_in_any_piece_size_and_back_to_back_calls() {
     }
 }
 
+/// Values spread over 2^-12..2^12 in magnitude, so that sums of a few of
+/// them round and their order shows in the bits ([`f32_data`]'s values
+/// share one fine grid, and their sums are exact in any order).
+fn f32_data_wide(rank: usize, n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 100 + rank as u64);
+    (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * 2f32.powi(rng.random_range(-12..=12)))
+        .collect()
+}
+
 /// Rank-order bf16 reduction in f32, rounded once: the oracle.
 fn serial_bf16(inputs: &[Vec<bf16>], op: ReduceOp) -> Vec<bf16> {
     let wide: Vec<Vec<f32>> = inputs
@@ -441,10 +451,12 @@ fn all_reduce_streams_in_any_piece_size_for_f32_and_bf16() {
                 let mut bf16_calls = Vec::new();
                 for (k, &op) in ops.iter().enumerate() {
                     let inputs: Vec<Vec<f32>> =
-                        (0..p).map(|r| f32_data(r, n, 20 + k as u64)).collect();
-                    let halves: Vec<Vec<bf16>> = inputs
-                        .iter()
-                        .map(|v| v.iter().map(|x| bf16::from_f32(*x * 7.0)).collect())
+                        (0..p).map(|r| f32_data_wide(r, n, 20 + k as u64)).collect();
+                    let halves: Vec<Vec<bf16>> = (0..p)
+                        .map(|r| {
+                            let v = f32_data_wide(r, n, 40 + k as u64);
+                            v.into_iter().map(bf16::from_f32).collect()
+                        })
                         .collect();
                     let fb: Vec<_> = ranks.iter().map(|c| upload(c, &inputs[c.rank()])).collect();
                     let hb: Vec<_> = ranks.iter().map(|c| upload(c, &halves[c.rank()])).collect();
