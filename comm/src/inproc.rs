@@ -25,9 +25,11 @@
 //! there. The ring stays in cache, so each byte goes through memory about as
 //! often as in a plain copy (read from the source buffer, written to the
 //! destination), where a whole-buffer mailbox would write and read it once
-//! more. All-reduce is a reduce-scatter then an all-gather over two sets of
-//! rings: rank r receives piece k of slice r of every buffer, reduces it in
-//! rank order, writes it to its own buffer and sends it to every peer.
+//! more. All-reduce is a reduce-scatter over the rings, then an all-gather:
+//! rank r receives piece k of slice r of every buffer, reduces it in rank
+//! order into one slot of its fan-out (a ring with one sender and P - 1
+//! receivers, so the result is written once however many peers read it),
+//! and copies it to its own buffer.
 //!
 //! A rank that never arrives makes the others fail with
 //! [`CommError::Timeout`] naming it; any failure aborts the group, so every
@@ -311,6 +313,27 @@ impl Ring {
     }
 }
 
+/// The pieces one rank sends alike to every other rank: one sender, P - 1
+/// receivers, each with its own count; piece `k` is written once every
+/// receiver has taken piece `k - depth`. Receivers read a slot at the same
+/// time (a read lock each); the sender's write lock is never contended.
+struct Fanout {
+    slots: Vec<RwLock<Piece>>,
+    produced: AtomicU64,
+    /// `consumed[to]`; the sender's own entry is unused.
+    consumed: Vec<AtomicU64>,
+}
+
+impl Fanout {
+    fn new(depth: usize, world: usize) -> Fanout {
+        Fanout {
+            slots: (0..depth).map(|_| RwLock::new(Piece::default())).collect(),
+            produced: AtomicU64::new(0),
+            consumed: (0..world).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
 /// Where a rank sleeps while its rings are not ready; `waiters` lets the
 /// side that makes progress skip the wake-up when nobody sleeps.
 #[derive(Default)]
@@ -338,10 +361,12 @@ struct Shared {
     errors: Vec<Mutex<Option<CommError>>>,
     piece_bytes: usize,
     depth: usize,
-    /// `rings[s][from * world + to]`: set 0 carries all-to-all pieces and
-    /// all-reduce's reduce-scatter, set 1 all-reduce's all-gather (two sets,
-    /// so the two phases of one all-reduce never wait on each other's slots).
-    rings: [Vec<Ring>; 2],
+    /// `rings[from * world + to]`: all-to-all pieces and all-reduce's
+    /// reduce-scatter.
+    rings: Vec<Ring>,
+    /// `fanouts[from]`: all-reduce's all-gather, one copy of each reduced
+    /// piece for every peer.
+    fanouts: Vec<Fanout>,
     bells: Vec<Doorbell>,
 }
 
@@ -390,18 +415,18 @@ fn missing(arrived: &[bool]) -> Vec<usize> {
 impl Shared {
     fn new(cfg: GroupConfig, world: usize) -> Shared {
         let set = || (0..world).map(|_| Slot::default()).collect::<Vec<_>>();
-        let rings = || {
-            (0..world * world)
-                .map(|_| Ring::new(cfg.ring_depth))
-                .collect()
-        };
         Shared {
             name: cfg.name,
             world,
             timeout: cfg.timeout,
             piece_bytes: cfg.piece_bytes,
             depth: cfg.ring_depth,
-            rings: [rings(), rings()],
+            rings: (0..world * world)
+                .map(|_| Ring::new(cfg.ring_depth))
+                .collect(),
+            fanouts: (0..world)
+                .map(|_| Fanout::new(cfg.ring_depth, world))
+                .collect(),
             bells: (0..world).map(|_| Doorbell::default()).collect(),
             barrier: Mutex::new(BarrierState {
                 generation: 0,
@@ -452,8 +477,8 @@ impl Shared {
         }
     }
 
-    fn ring_of(&self, set: usize, from: usize, to: usize) -> &Ring {
-        &self.rings[set][from * self.world + to]
+    fn ring_of(&self, from: usize, to: usize) -> &Ring {
+        &self.rings[from * self.world + to]
     }
 
     /// Waits until `ready`, the group broke, or `timeout` without progress.
@@ -523,13 +548,12 @@ impl Shared {
     /// to fill and hand over with [`Shared::sent`].
     fn send_slot(
         &self,
-        set: usize,
         from: usize,
         to: usize,
         seq: u64,
         what: &str,
     ) -> Result<MutexGuard<'_, Piece>> {
-        let ring = self.ring_of(set, from, to);
+        let ring = self.ring_of(from, to);
         let k = ring.produced.load(Ordering::Relaxed);
         let depth = self.depth as u64;
         self.wait_ring(from, to, Side::Send, seq, what, k, || {
@@ -539,9 +563,9 @@ impl Shared {
     }
 
     /// Hands the slot from [`Shared::send_slot`] to the receiver.
-    fn sent(&self, slot: MutexGuard<'_, Piece>, set: usize, from: usize, to: usize) {
+    fn sent(&self, slot: MutexGuard<'_, Piece>, from: usize, to: usize) {
         drop(slot);
-        self.ring_of(set, from, to)
+        self.ring_of(from, to)
             .produced
             .fetch_add(1, Ordering::SeqCst);
         self.ring(to);
@@ -551,13 +575,12 @@ impl Shared {
     /// to read and give back with [`Shared::taken`].
     fn recv_slot(
         &self,
-        set: usize,
         from: usize,
         to: usize,
         seq: u64,
         what: &str,
     ) -> Result<MutexGuard<'_, Piece>> {
-        let ring = self.ring_of(set, from, to);
+        let ring = self.ring_of(from, to);
         let k = ring.consumed.load(Ordering::Relaxed);
         self.wait_ring(to, from, Side::Recv, seq, what, k, || {
             ring.produced.load(Ordering::SeqCst) > k
@@ -566,39 +589,74 @@ impl Shared {
     }
 
     /// Gives the slot from [`Shared::recv_slot`] back to the sender.
-    fn taken(&self, slot: MutexGuard<'_, Piece>, set: usize, from: usize, to: usize) {
+    fn taken(&self, slot: MutexGuard<'_, Piece>, from: usize, to: usize) {
         drop(slot);
-        self.ring_of(set, from, to)
+        self.ring_of(from, to)
             .consumed
             .fetch_add(1, Ordering::SeqCst);
         self.ring(from);
     }
 
-    fn send(
-        &self,
-        set: usize,
-        from: usize,
-        to: usize,
-        seq: u64,
-        what: &str,
-        src: &[u8],
-    ) -> Result<()> {
-        let mut slot = self.send_slot(set, from, to, seq, what)?;
-        slot.fill(src);
-        self.sent(slot, set, from, to);
+    /// Waits until every peer of `from` has taken the piece that last used
+    /// the next fan-out slot; the slot, to fill and hand over with
+    /// [`Shared::fanned`].
+    fn fan_slot(&self, from: usize, seq: u64, what: &str) -> Result<RwLockWriteGuard<'_, Piece>> {
+        let fan = &self.fanouts[from];
+        let k = fan.produced.load(Ordering::Relaxed);
+        let depth = self.depth as u64;
+        for to in (0..self.world).filter(|&to| to != from) {
+            let consumed = &fan.consumed[to];
+            self.wait_ring(from, to, Side::Send, seq, what, k, || {
+                consumed.load(Ordering::SeqCst) + depth > k
+            })?;
+        }
+        Ok(write(&fan.slots[(k % depth) as usize]))
+    }
+
+    /// Hands the slot from [`Shared::fan_slot`] to every peer of `from`.
+    fn fanned(&self, slot: RwLockWriteGuard<'_, Piece>, from: usize) {
+        drop(slot);
+        self.fanouts[from].produced.fetch_add(1, Ordering::SeqCst);
+        for to in (0..self.world).filter(|&to| to != from) {
+            self.ring(to);
+        }
+    }
+
+    /// Copies `to`'s next piece of `from`'s fan-out into `dst`.
+    fn fan_recv(&self, from: usize, to: usize, seq: u64, what: &str, dst: &mut [u8]) -> Result<()> {
+        let fan = &self.fanouts[from];
+        let consumed = &fan.consumed[to];
+        let k = consumed.load(Ordering::Relaxed);
+        self.wait_ring(to, from, Side::Recv, seq, what, k, || {
+            fan.produced.load(Ordering::SeqCst) > k
+        })?;
+        {
+            let slot = read(&fan.slots[(k % self.depth as u64) as usize]);
+            if slot.len != dst.len() {
+                return Err(CommError::Invalid(format!(
+                    "group `{}`: collective #{seq} ({what}): rank {to} expected a piece of {} \
+                     bytes from rank {from}'s fan-out, got {}",
+                    self.name,
+                    dst.len(),
+                    slot.len
+                )));
+            }
+            dst.copy_from_slice(slot.bytes());
+        }
+        consumed.fetch_add(1, Ordering::SeqCst);
+        self.ring(from);
         Ok(())
     }
 
-    fn recv(
-        &self,
-        set: usize,
-        from: usize,
-        to: usize,
-        seq: u64,
-        what: &str,
-        dst: &mut [u8],
-    ) -> Result<()> {
-        let slot = self.recv_slot(set, from, to, seq, what)?;
+    fn send(&self, from: usize, to: usize, seq: u64, what: &str, src: &[u8]) -> Result<()> {
+        let mut slot = self.send_slot(from, to, seq, what)?;
+        slot.fill(src);
+        self.sent(slot, from, to);
+        Ok(())
+    }
+
+    fn recv(&self, from: usize, to: usize, seq: u64, what: &str, dst: &mut [u8]) -> Result<()> {
+        let slot = self.recv_slot(from, to, seq, what)?;
         if slot.len != dst.len() {
             return Err(CommError::Invalid(format!(
                 "group `{}`: collective #{seq} ({what}): rank {to} expected a piece of {} bytes \
@@ -609,7 +667,7 @@ impl Shared {
             )));
         }
         dst.copy_from_slice(slot.bytes());
-        self.taken(slot, set, from, to);
+        self.taken(slot, from, to);
         Ok(())
     }
 
@@ -634,12 +692,12 @@ impl Shared {
             let at = |i: usize| i * b + r.start..i * b + r.end;
             for d in 1..p {
                 let j = (rank + d) % p;
-                self.send(0, rank, j, seq, what, &send[at(j)])?;
+                self.send(rank, j, seq, what, &send[at(j)])?;
             }
             recv[at(rank)].copy_from_slice(&send[at(rank)]);
             for d in 1..p {
                 let i = (rank + p - d) % p;
-                self.recv(0, i, rank, seq, what, &mut recv[at(i)])?;
+                self.recv(i, rank, seq, what, &mut recv[at(i)])?;
             }
         }
         Ok(())
@@ -647,10 +705,10 @@ impl Shared {
 
     /// Rank `rank`'s all-reduce after the barrier. Rank r owns slice r of
     /// the elements ([`part`]); round k: send piece k of slice j to rank j
-    /// (ring set 0), reduce piece k of slice r from every rank in rank order
-    /// and send it to every peer (set 1), then write piece k of every other
-    /// slice from its owner (set 1). A rank never waits on a later round of
-    /// a peer than its own, so the rounds cannot deadlock.
+    /// (its ring), reduce piece k of slice r from every rank in rank order
+    /// into the fan-out, then copy piece k of every other slice from its
+    /// owner's fan-out. A rank never waits on a later round of a peer than
+    /// its own, so the rounds cannot deadlock.
     fn stream_all_reduce(
         &self,
         rank: usize,
@@ -683,35 +741,30 @@ impl Shared {
             for d in 1..p {
                 let j = (rank + d) % p;
                 if let Some(r) = piece(j, k) {
-                    self.send(0, rank, j, seq, what, &buf[r])?;
+                    self.send(rank, j, seq, what, &buf[r])?;
                 }
             }
             if let Some(r) = piece(rank, k) {
                 let mut inbound = Vec::with_capacity(p - 1);
                 for i in (0..p).filter(|&i| i != rank) {
-                    inbound.push((i, self.recv_slot(0, i, rank, seq, what)?));
+                    inbound.push((i, self.recv_slot(i, rank, seq, what)?));
                 }
-                let first = (rank + 1) % p;
-                let mut out = self.send_slot(1, rank, first, seq, what)?;
+                let mut out = self.fan_slot(rank, seq, what)?;
                 {
                     let mut srcs: Vec<&[u8]> = inbound.iter().map(|(_, s)| s.bytes()).collect();
                     srcs.insert(rank, &buf[r.clone()]);
                     reduce_into(dtype, op, &srcs, out.bytes_mut(r.len()))?;
                 }
                 buf[r].copy_from_slice(out.bytes());
-                for d in 2..p {
-                    let j = (rank + d) % p;
-                    self.send(1, rank, j, seq, what, out.bytes())?;
-                }
-                self.sent(out, 1, rank, first);
+                self.fanned(out, rank);
                 for (i, s) in inbound {
-                    self.taken(s, 0, i, rank);
+                    self.taken(s, i, rank);
                 }
             }
             for d in 1..p {
                 let i = (rank + p - d) % p;
                 if let Some(r) = piece(i, k) {
-                    self.recv(1, i, rank, seq, what, &mut buf[r])?;
+                    self.fan_recv(i, rank, seq, what, &mut buf[r])?;
                 }
             }
         }
