@@ -1210,6 +1210,79 @@ mod tests {
         }
     }
 
+    fn shared(world: usize, timeout: Duration) -> Shared {
+        Shared::new(
+            GroupConfig {
+                name: "g".into(),
+                timeout,
+                piece_bytes: 4,
+                ring_depth: 2,
+            },
+            world,
+        )
+    }
+
+    #[test]
+    fn a_piece_that_never_comes_times_out_naming_the_peer_and_breaks_the_group() {
+        let g = shared(2, Duration::from_millis(50));
+        let t = Instant::now();
+        let e = g.recv(1, 0, 7, "all_to_all", &mut [0u8; 4]).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let s = e.to_string();
+        assert!(
+            s.contains("timed out after 0.05 s waiting for rank 1 of group `g` to send piece 0 of collective #7 (all_to_all) to or from rank 0"),
+            "{s}"
+        );
+        // Broken now: the other rank, waiting in turn, fails at once.
+        let t = Instant::now();
+        let again = g.recv(0, 1, 7, "all_to_all", &mut [0u8; 4]).unwrap_err();
+        assert!(
+            again.to_string().contains("rank 1 of group `g` to send"),
+            "{again}"
+        );
+        assert!(t.elapsed() < Duration::from_millis(40), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_full_ring_waits_for_its_receiver_and_an_abort_releases_the_sender() {
+        let g = shared(2, Duration::from_secs(20));
+        // Depth 2: two pieces fit without a receiver.
+        g.send(0, 1, 0, "all_to_all", &[1, 2, 3, 4]).unwrap();
+        g.send(0, 1, 0, "all_to_all", &[5, 6, 7, 8]).unwrap();
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(|| g.send(0, 1, 0, "all_to_all", &[9, 9, 9, 9]));
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                !sender.is_finished(),
+                "a third piece must wait for a free slot"
+            );
+            let mut got = [0u8; 4];
+            g.recv(0, 1, 0, "all_to_all", &mut got).unwrap();
+            assert_eq!(got, [1, 2, 3, 4]);
+            assert!(
+                sender.join().unwrap().is_ok(),
+                "taking a piece frees a slot"
+            );
+            g.recv(0, 1, 0, "all_to_all", &mut got).unwrap();
+            assert_eq!(got, [5, 6, 7, 8]);
+            g.recv(0, 1, 0, "all_to_all", &mut got).unwrap();
+            assert_eq!(got, [9, 9, 9, 9]);
+            // Full again; the abort from another rank ends the wait.
+            g.send(0, 1, 1, "all_to_all", &[0; 4]).unwrap();
+            g.send(0, 1, 1, "all_to_all", &[0; 4]).unwrap();
+            let t = Instant::now();
+            let sender = scope.spawn(|| g.send(0, 1, 1, "all_to_all", &[0; 4]));
+            std::thread::sleep(Duration::from_millis(20));
+            g.abort(1, "rank 1 failed");
+            let e = sender.join().unwrap().unwrap_err();
+            assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+            assert!(
+                e.to_string().contains("aborted by rank 1: rank 1 failed"),
+                "{e}"
+            );
+        });
+    }
+
     #[test]
     fn validate_names_the_disagreeing_ranks() {
         let a = Op::AllReduce {
