@@ -45,7 +45,7 @@ use fpdt_runtime::{CpuConfig, Device, DeviceKind, MetaConfig, Stream, View, Work
 
 use crate::communicator::{check, traffic, work, Communicator};
 use crate::error::{duplicate, CommError, Result};
-use crate::types::{reduce_into, DType, ReduceOp};
+use crate::types::{reduce_in_place, reduce_into, DType, ReduceOp};
 
 /// Configuration of an in-process group.
 #[derive(Debug, Clone)]
@@ -751,11 +751,10 @@ impl Shared {
                 }
                 let mut out = self.fan_slot(rank, seq, what)?;
                 {
-                    let mut srcs: Vec<&[u8]> = inbound.iter().map(|(_, s)| s.bytes()).collect();
-                    srcs.insert(rank, &buf[r.clone()]);
-                    reduce_into(dtype, op, &srcs, out.bytes_mut(r.len()))?;
+                    let others: Vec<&[u8]> = inbound.iter().map(|(_, s)| s.bytes()).collect();
+                    let len = r.len();
+                    reduce_in_place(dtype, op, &others, rank, &mut buf[r], out.bytes_mut(len))?;
                 }
-                buf[r].copy_from_slice(out.bytes());
                 self.fanned(out, rank);
                 for (i, s) in inbound {
                     self.taken(s, i, rank);

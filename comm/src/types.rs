@@ -131,6 +131,94 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -
     Ok(())
 }
 
+/// [`reduce_into`] where the source of rank `own_at` is `own` itself:
+/// `others` are the other sources in rank order, and the result is written
+/// over `own` and into `copy` (the in-process all-reduce reduces its slice
+/// in place and hands the same bytes to its peers). For aligned f32 and
+/// bf16 this is one pass; otherwise `own` is copied first.
+pub(crate) fn reduce_in_place(
+    dtype: DType,
+    op: ReduceOp,
+    others: &[&[u8]],
+    own_at: usize,
+    own: &mut [u8],
+    copy: &mut [u8],
+) -> Result<()> {
+    if own_at > others.len() {
+        return Err(CommError::Invalid(format!(
+            "reduce: own source at rank {own_at}, but there are only {} sources",
+            others.len() + 1
+        )));
+    }
+    if let Some((i, s)) = others
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() != own.len())
+    {
+        return Err(CommError::Invalid(format!(
+            "reduce: other source {i} has {} bytes, the own one {}",
+            s.len(),
+            own.len()
+        )));
+    }
+    if copy.len() != own.len() || own.len() % dtype.size() != 0 {
+        return Err(CommError::Invalid(format!(
+            "reduce: the copy has {} bytes and the own source {}; both must be equal and a \
+             whole number of {dtype} elements",
+            copy.len(),
+            own.len()
+        )));
+    }
+    let done = match dtype {
+        DType::F32 => in_place_aligned::<f32>(op, others, own_at, own, copy, |x| x, |x| x),
+        DType::Bf16 => {
+            in_place_aligned::<u16>(op, others, own_at, own, copy, bf16_to_f32, f32_to_bf16)
+        }
+        DType::F64 | DType::F16 => false,
+    };
+    if !done {
+        let mine = own.to_vec();
+        let mut srcs = others.to_vec();
+        srcs.insert(own_at, &mine);
+        reduce_into(dtype, op, &srcs, copy)?;
+        own.copy_from_slice(copy);
+    }
+    Ok(())
+}
+
+/// [`reduce_in_place`] over slices of `T`, when every one is aligned for
+/// it; false (nothing written) otherwise.
+fn in_place_aligned<T: bytemuck::Pod>(
+    op: ReduceOp,
+    others: &[&[u8]],
+    own_at: usize,
+    own: &mut [u8],
+    copy: &mut [u8],
+    load: impl Fn(T) -> f32 + Copy,
+    store: impl Fn(f32) -> T + Copy,
+) -> bool {
+    let (Ok(own), Ok(copy)) = (
+        bytemuck::try_cast_slice_mut::<u8, T>(own),
+        bytemuck::try_cast_slice_mut::<u8, T>(copy),
+    ) else {
+        return false;
+    };
+    let mut typed = Vec::with_capacity(others.len());
+    for s in others {
+        match bytemuck::try_cast_slice::<u8, T>(s) {
+            Ok(t) => typed.push(t),
+            Err(_) => return false,
+        }
+    }
+    let dst = Dst {
+        out: own,
+        own_at: Some(own_at),
+        copy: Some(copy),
+    };
+    reduce_lanes_op(op, &typed, dst, load, store);
+    true
+}
+
 /// The f32 path where every slice is 4-byte aligned (the usual case):
 /// [`reduce_lanes`], same order and NaN rules as [`reduce_typed`]. False
 /// (nothing written) where a slice is misaligned.
@@ -145,7 +233,12 @@ fn reduce_f32_aligned(op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -> bool {
             Err(_) => return false,
         }
     }
-    reduce_lanes_op(op, &typed, o, |x| x, |x| x);
+    let dst = Dst {
+        out: o,
+        own_at: None,
+        copy: None,
+    };
+    reduce_lanes_op(op, &typed, dst, |x| x, |x| x);
     true
 }
 
@@ -164,7 +257,12 @@ fn reduce_bf16_aligned(op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -> bool {
             Err(_) => return false,
         }
     }
-    reduce_lanes_op(op, &typed, o, bf16_to_f32, f32_to_bf16);
+    let dst = Dst {
+        out: o,
+        own_at: None,
+        copy: None,
+    };
+    reduce_lanes_op(op, &typed, dst, bf16_to_f32, f32_to_bf16);
     true
 }
 
@@ -191,11 +289,11 @@ fn f32_to_bf16(x: f32) -> u16 {
 fn reduce_lanes_op<T: Copy>(
     op: ReduceOp,
     srcs: &[&[T]],
-    out: &mut [T],
+    out: Dst<'_, T>,
     load: impl Fn(T) -> f32 + Copy,
     store: impl Fn(f32) -> T + Copy,
 ) {
-    let p = srcs.len() as f32;
+    let p = (srcs.len() + usize::from(out.own_at.is_some())) as f32;
     match op {
         ReduceOp::Sum => reduce_lanes(srcs, out, load, store, |a, x| a + x, |a| a),
         ReduceOp::Avg => reduce_lanes(srcs, out, load, store, |a, x| a + x, |a| a / p),
@@ -234,44 +332,101 @@ fn reduce_lanes_op<T: Copy>(
 /// vectors of f32.
 const LANES: usize = 16;
 
-/// `out[i] = store(finish(((load(s0[i]) c load(s1[i])) c load(s2[i])) ...))`
-/// in f32, `LANES` elements at a time: the accumulators stay in registers
-/// while each source streams past once, so there is one pass over memory
-/// whatever the number of sources. Every slice has `out.len()` elements.
+/// Where [`reduce_lanes`] writes.
+struct Dst<'a, T> {
+    /// The result.
+    out: &'a mut [T],
+    /// Where `out` is also a source: its rank (the other sources are
+    /// `srcs` in rank order, around it).
+    own_at: Option<usize>,
+    /// A second copy of the result.
+    copy: Option<&'a mut [T]>,
+}
+
+/// `out[i] = store(finish(((load(x0[i]) c load(x1[i])) c load(x2[i])) ...))`
+/// in f32, over the sources in rank order, `LANES` elements at a time: the
+/// accumulators stay in registers while each source streams past once, so
+/// there is one pass over memory whatever the number of sources. With
+/// `own_at`, each group of `out` is read as a source before it is
+/// overwritten. Every slice has `out.len()` elements.
 fn reduce_lanes<T: Copy>(
     srcs: &[&[T]],
-    out: &mut [T],
+    dst: Dst<'_, T>,
     load: impl Fn(T) -> f32 + Copy,
     store: impl Fn(f32) -> T + Copy,
     combine: impl Fn(f32, f32) -> f32 + Copy,
     finish: impl Fn(f32) -> f32 + Copy,
 ) {
-    let Some((first, rest)) = srcs.split_first() else {
-        return;
+    let Dst {
+        out,
+        own_at,
+        mut copy,
+    } = dst;
+    let (before, after) = srcs.split_at(own_at.unwrap_or(srcs.len()).min(srcs.len()));
+    let own = own_at.is_some();
+    // Full groups work on arrays, so the loops have a constant length and
+    // become a few vector instructions.
+    let start = |acc: &mut [f32; LANES], x: &[T]| {
+        acc.iter_mut().zip(x).for_each(|(a, x)| *a = load(*x));
     };
-    let full = out.len() / LANES * LANES;
-    let (body, tail) = out.split_at_mut(full);
-    for (c, o) in body.chunks_exact_mut(LANES).enumerate() {
+    let fold = |acc: &mut [f32; LANES], x: &[T]| {
+        acc.iter_mut()
+            .zip(x)
+            .for_each(|(a, x)| *a = combine(*a, load(*x)));
+    };
+    let n = out.len();
+    let full = n / LANES * LANES;
+    for c in 0..full / LANES {
         let at = c * LANES..(c + 1) * LANES;
         let mut acc = [0.0f32; LANES];
-        for (a, x) in acc.iter_mut().zip(&first[at.clone()]) {
-            *a = load(*x);
-        }
-        for s in rest {
-            for (a, x) in acc.iter_mut().zip(&s[at.clone()]) {
-                *a = combine(*a, load(*x));
+        // The first source in rank order starts the sums, the rest fold in.
+        let rest_after = match (before.split_first(), own) {
+            (Some((x0, rest)), _) => {
+                start(&mut acc, &x0[at.clone()]);
+                for s in rest {
+                    fold(&mut acc, &s[at.clone()]);
+                }
+                if own {
+                    fold(&mut acc, &out[at.clone()]);
+                }
+                after
             }
+            (None, true) => {
+                start(&mut acc, &out[at.clone()]);
+                after
+            }
+            (None, false) => {
+                let Some((x0, rest)) = after.split_first() else {
+                    return;
+                };
+                start(&mut acc, &x0[at.clone()]);
+                rest
+            }
+        };
+        for s in rest_after {
+            fold(&mut acc, &s[at.clone()]);
         }
-        for (o, a) in o.iter_mut().zip(&acc) {
+        for (o, a) in out[at.clone()].iter_mut().zip(&acc) {
             *o = store(finish(*a));
         }
+        if let Some(c) = copy.as_deref_mut() {
+            c[at.clone()].copy_from_slice(&out[at]);
+        }
     }
-    for (i, o) in tail.iter_mut().enumerate() {
-        let i = full + i;
-        let a = rest
+    for i in full..n {
+        let mine = own.then(|| load(out[i]));
+        let mut xs = before
             .iter()
-            .fold(load(first[i]), |a, s| combine(a, load(s[i])));
-        *o = store(finish(a));
+            .map(|s| load(s[i]))
+            .chain(mine)
+            .chain(after.iter().map(|s| load(s[i])));
+        let Some(x0) = xs.next() else {
+            return;
+        };
+        out[i] = store(finish(xs.fold(x0, combine)));
+        if let Some(c) = copy.as_deref_mut() {
+            c[i] = out[i];
+        }
     }
 }
 
@@ -509,6 +664,61 @@ mod tests {
             reduce_into(DType::Bf16, op, &refs1, &mut slow[1..]).unwrap();
             assert_eq!(fast, slow[1..], "{op}");
         }
+    }
+
+    #[test]
+    fn in_place_reduction_equals_reduce_into_for_every_rank_position() {
+        // 37 elements: two full groups of lanes and a tail; NaNs included.
+        let n = 37;
+        let vals = |seed: u32| -> Vec<f64> {
+            let mut x = seed;
+            (0..n)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    if i == 5 {
+                        f64::NAN
+                    } else {
+                        (x % 100_001) as f64 / 977.0 - 50.0
+                    }
+                })
+                .collect()
+        };
+        for dtype in [DType::F32, DType::Bf16, DType::F16, DType::F64] {
+            let enc = |v: &[f64]| -> Vec<u8> {
+                match dtype {
+                    DType::F32 => bytes(&v.iter().map(|x| *x as f32).collect::<Vec<_>>()),
+                    DType::F64 => bytes(v),
+                    DType::Bf16 => bytes(&v.iter().map(|x| bf16::from_f64(*x)).collect::<Vec<_>>()),
+                    DType::F16 => bytes(&v.iter().map(|x| f16::from_f64(*x)).collect::<Vec<_>>()),
+                }
+            };
+            for p in 1..=4usize {
+                let srcs: Vec<Vec<u8>> = (0..p).map(|r| enc(&vals(r as u32 + 7))).collect();
+                for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min] {
+                    let refs: Vec<&[u8]> = srcs.iter().map(|s| &s[..]).collect();
+                    let mut want = vec![0u8; srcs[0].len()];
+                    reduce_into(dtype, op, &refs, &mut want).unwrap();
+                    for at in 0..p {
+                        let others: Vec<&[u8]> =
+                            (0..p).filter(|&r| r != at).map(|r| &srcs[r][..]).collect();
+                        let mut own = srcs[at].clone();
+                        let mut copy = vec![0u8; own.len()];
+                        reduce_in_place(dtype, op, &others, at, &mut own, &mut copy).unwrap();
+                        assert_eq!(own, want, "{dtype} {op} P = {p}, own at {at}");
+                        assert_eq!(copy, want, "{dtype} {op} P = {p}, own at {at}");
+                    }
+                }
+            }
+        }
+        let mut own = vec![0u8; 8];
+        let mut copy = vec![0u8; 4];
+        let e = reduce_in_place(DType::F32, ReduceOp::Sum, &[], 0, &mut own, &mut copy);
+        assert!(e.unwrap_err().to_string().contains("the copy has 4 bytes"));
+        let mut copy8 = vec![0u8; 8];
+        let e = reduce_in_place(DType::F32, ReduceOp::Sum, &[], 1, &mut own, &mut copy8);
+        assert!(e.unwrap_err().to_string().contains("own source at rank 1"));
     }
 
     #[test]
