@@ -26,10 +26,10 @@
 //! often as in a plain copy (read from the source buffer, written to the
 //! destination), where a whole-buffer mailbox would write and read it once
 //! more. All-reduce is a reduce-scatter over the rings, then an all-gather:
-//! rank r receives piece k of slice r of every buffer, reduces it in rank
-//! order into one slot of its fan-out (a ring with one sender and P - 1
-//! receivers, so the result is written once however many peers read it),
-//! and copies it to its own buffer.
+//! rank r receives piece k of slice r of every buffer and reduces it in
+//! rank order, in place in its own buffer and in the same pass into one
+//! slot of its fan-out (a ring with one sender and P - 1 receivers, so the
+//! result is written once however many peers read it).
 //!
 //! A rank that never arrives makes the others fail with
 //! [`CommError::Timeout`] naming it; any failure aborts the group, so every
@@ -706,7 +706,7 @@ impl Shared {
     /// Rank `rank`'s all-reduce after the barrier. Rank r owns slice r of
     /// the elements ([`part`]); round k: send piece k of slice j to rank j
     /// (its ring), reduce piece k of slice r from every rank in rank order
-    /// into the fan-out, then copy piece k of every other slice from its
+    /// in place and into the fan-out, then copy piece k of every other slice from its
     /// owner's fan-out. A rank never waits on a later round of a peer than
     /// its own, so the rounds cannot deadlock.
     fn stream_all_reduce(
