@@ -706,9 +706,9 @@ impl Shared {
     /// Rank `rank`'s all-reduce after the barrier. Rank r owns slice r of
     /// the elements ([`part`]); round k: send piece k of slice j to rank j
     /// (its ring), reduce piece k of slice r from every rank in rank order
-    /// in place and into the fan-out, then copy piece k of every other slice from its
-    /// owner's fan-out. A rank never waits on a later round of a peer than
-    /// its own, so the rounds cannot deadlock.
+    /// in place and into the fan-out, then copy piece k of every other
+    /// slice from its owner's fan-out. A rank never waits on a later round
+    /// of a peer than its own, so the rounds cannot deadlock.
     fn stream_all_reduce(
         &self,
         rank: usize,
