@@ -10,20 +10,34 @@
 //! 2. it waits at the group's barrier, with the group's timeout;
 //! 3. it checks that every rank called the same collective with fitting
 //!    arguments, then reads what it receives from the other ranks' mailboxes
-//!    into its own buffer (all-reduce: each rank reduces one slice of the
-//!    elements, a second barrier, then every rank gathers the slices).
+//!    into its own buffer.
 //!
 //! Mailboxes come in two sets used by alternate collectives, so a fast rank
 //! can deposit for collective k+1 while a slow one still reads collective
 //! k; it cannot get to k+2 before every rank has finished k, because k+1's
 //! barrier needs them all. One barrier per phase, no trailing barrier.
 //!
+//! All-to-all and all-reduce, the collectives that move the most bytes,
+//! stream instead of staging whole buffers: after the barrier (which still
+//! checks the calls), every ordered pair of ranks has a ring of
+//! [`GroupConfig::ring_depth`] pieces of [`GroupConfig::piece_bytes`]; the
+//! sender copies a piece in, the receiver copies it out as soon as it is
+//! there. The ring stays in cache, so each byte goes through memory about as
+//! often as in a plain copy (read from the source buffer, written to the
+//! destination), where a whole-buffer mailbox would write and read it once
+//! more. All-reduce is a reduce-scatter over the rings, then an all-gather:
+//! rank r receives piece k of slice r of every buffer and reduces it in
+//! rank order, in place in its own buffer and in the same pass into one
+//! slot of its fan-out (a ring with one sender and P - 1 receivers, so the
+//! result is written once however many peers read it).
+//!
 //! A rank that never arrives makes the others fail with
 //! [`CommError::Timeout`] naming it; any failure aborts the group, so every
 //! later collective fails at once instead of waiting. On the meta device no
 //! job runs: each collective only advances the stream's clock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -31,7 +45,7 @@ use fpdt_runtime::{CpuConfig, Device, DeviceKind, MetaConfig, Stream, View, Work
 
 use crate::communicator::{check, traffic, work, Communicator};
 use crate::error::{duplicate, CommError, Result};
-use crate::types::{reduce_into, DType, ReduceOp};
+use crate::types::{reduce_in_place, reduce_into, DType, ReduceOp};
 
 /// Configuration of an in-process group.
 #[derive(Debug, Clone)]
@@ -41,6 +55,13 @@ pub struct GroupConfig {
     /// Longest a rank waits at a collective for the others before the
     /// collective (and the group) fails with [`CommError::Timeout`].
     pub timeout: Duration,
+    /// Bytes of one piece of the all-to-all and all-reduce streams
+    /// (rounded down to whole elements for all-reduce, at least one).
+    /// Small enough that `ring_depth` pieces per pair of ranks stay in
+    /// cache, large enough that the hand-over per piece costs little.
+    pub piece_bytes: usize,
+    /// Pieces a sender may be ahead of its receiver, per pair of ranks.
+    pub ring_depth: usize,
 }
 
 impl Default for GroupConfig {
@@ -48,6 +69,13 @@ impl Default for GroupConfig {
         GroupConfig {
             name: "inproc".into(),
             timeout: Duration::from_secs(120),
+            // Tuned on the 2-core bench machine (bench/README.md,
+            // Collectives): 64 KiB pieces lost 10-20 points of the memcpy
+            // ratio to hand-overs, 1 MiB ones gained nothing; depth 2 and 4
+            // measured alike at P = 2, and 2 keeps the rings of P = 4 (24
+            // pairs) at 6 MiB.
+            piece_bytes: 256 << 10,
+            ring_depth: 2,
         }
     }
 }
@@ -88,6 +116,12 @@ impl InProcessGroup {
             return Err(CommError::Invalid(format!(
                 "in-process group `{}`: timeout must be positive, got 0",
                 cfg.name
+            )));
+        }
+        if cfg.piece_bytes == 0 || cfg.ring_depth == 0 {
+            return Err(CommError::Invalid(format!(
+                "in-process group `{}`: piece_bytes and ring_depth must be positive, got {} and {}",
+                cfg.name, cfg.piece_bytes, cfg.ring_depth
             )));
         }
         let shared = Arc::new(Shared::new(cfg, world));
@@ -229,8 +263,93 @@ struct BarrierState {
 struct Slot {
     op: Mutex<Option<Op>>,
     data: RwLock<Vec<u8>>,
-    reduced: RwLock<Vec<u8>>,
 }
+
+/// One piece of a ring. The words keep the bytes 8-byte aligned, so the
+/// reductions take their vectorized path.
+#[derive(Default)]
+struct Piece {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len]
+    }
+
+    /// The piece resized to `len` bytes (contents unspecified).
+    fn bytes_mut(&mut self, len: usize) -> &mut [u8] {
+        self.words.resize(len.div_ceil(8), 0);
+        self.len = len;
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..len]
+    }
+
+    fn fill(&mut self, src: &[u8]) {
+        self.bytes_mut(src.len()).copy_from_slice(src);
+    }
+}
+
+/// The pieces from one rank to another: one sender, one receiver. The
+/// counters only grow, over every collective that uses the ring; both
+/// sides derive the same number of pieces per collective from the
+/// (validated) arguments, so they stay in step without a reset. Piece `k`
+/// lives in slot `k % depth`; the sender writes it once `consumed + depth >
+/// k`, the receiver reads it once `produced > k`. The slot's mutex is never
+/// contended (the counters hand the slot over); it lets safe code share it.
+struct Ring {
+    slots: Vec<Mutex<Piece>>,
+    produced: AtomicU64,
+    consumed: AtomicU64,
+}
+
+impl Ring {
+    fn new(depth: usize) -> Ring {
+        Ring {
+            slots: (0..depth).map(|_| Mutex::new(Piece::default())).collect(),
+            produced: AtomicU64::new(0),
+            consumed: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The pieces one rank sends alike to every other rank: one sender, P - 1
+/// receivers, each with its own count; piece `k` is written once every
+/// receiver has taken piece `k - depth`. Receivers read a slot at the same
+/// time (a read lock each); the sender's write lock is never contended.
+struct Fanout {
+    slots: Vec<RwLock<Piece>>,
+    produced: AtomicU64,
+    /// `consumed[to]`; the sender's own entry is unused.
+    consumed: Vec<AtomicU64>,
+}
+
+impl Fanout {
+    fn new(depth: usize, world: usize) -> Fanout {
+        Fanout {
+            slots: (0..depth).map(|_| RwLock::new(Piece::default())).collect(),
+            produced: AtomicU64::new(0),
+            consumed: (0..world).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+/// Where a rank sleeps while its rings are not ready; `waiters` lets the
+/// side that makes progress skip the wake-up when nobody sleeps.
+#[derive(Default)]
+struct Doorbell {
+    lock: Mutex<()>,
+    cv: Condvar,
+    waiters: AtomicUsize,
+}
+
+/// Polls of a ring counter before a rank sleeps on its doorbell: about a
+/// microsecond, enough for a peer that is a piece behind on another core.
+const SPIN_POLLS: usize = 200;
+
+/// Longest sleep between checks of the deadline and of the group's state
+/// (a wake-up normally comes first).
+const NAP: Duration = Duration::from_millis(10);
 
 struct Shared {
     name: String,
@@ -240,6 +359,24 @@ struct Shared {
     cv: Condvar,
     sets: [Vec<Slot>; 2],
     errors: Vec<Mutex<Option<CommError>>>,
+    piece_bytes: usize,
+    depth: usize,
+    /// `rings[from * world + to]`: all-to-all pieces and all-reduce's
+    /// reduce-scatter.
+    rings: Vec<Ring>,
+    /// `fanouts[from]`: all-reduce's all-gather, one copy of each reduced
+    /// piece for every peer.
+    fanouts: Vec<Fanout>,
+    bells: Vec<Doorbell>,
+}
+
+/// Which way a rank waits on a ring.
+#[derive(Clone, Copy)]
+enum Side {
+    /// The sender, for a free slot.
+    Send,
+    /// The receiver, for a filled slot.
+    Recv,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -262,7 +399,7 @@ fn fill(slot: &RwLock<Vec<u8>>, bytes: &[u8]) {
 
 /// Elements `[r*n/p, (r+1)*n/p)` as a byte range: rank `r`'s slice of an
 /// all-reduce of `n` elements.
-fn part(r: usize, p: usize, n: usize, size: usize) -> std::ops::Range<usize> {
+fn part(r: usize, p: usize, n: usize, size: usize) -> Range<usize> {
     (r * n / p) * size..((r + 1) * n / p) * size
 }
 
@@ -282,6 +419,15 @@ impl Shared {
             name: cfg.name,
             world,
             timeout: cfg.timeout,
+            piece_bytes: cfg.piece_bytes,
+            depth: cfg.ring_depth,
+            rings: (0..world * world)
+                .map(|_| Ring::new(cfg.ring_depth))
+                .collect(),
+            fanouts: (0..world)
+                .map(|_| Fanout::new(cfg.ring_depth, world))
+                .collect(),
+            bells: (0..world).map(|_| Doorbell::default()).collect(),
             barrier: Mutex::new(BarrierState {
                 generation: 0,
                 arrived: vec![false; world],
@@ -308,6 +454,320 @@ impl Shared {
         }
         drop(st);
         self.cv.notify_all();
+        self.ring_all();
+    }
+
+    /// Wakes every rank sleeping on a ring (the group broke).
+    fn ring_all(&self) {
+        for b in &self.bells {
+            let _g = lock(&b.lock);
+            b.cv.notify_all();
+        }
+    }
+
+    /// Wakes `rank` if it sleeps on a ring.
+    fn ring(&self, rank: usize) {
+        let b = &self.bells[rank];
+        // SeqCst pairs with the sleeper's increment before its last check:
+        // either it sees the counter this side just moved, or this side sees
+        // it waiting.
+        if b.waiters.load(Ordering::SeqCst) > 0 {
+            let _g = lock(&b.lock);
+            b.cv.notify_all();
+        }
+    }
+
+    fn ring_of(&self, from: usize, to: usize) -> &Ring {
+        &self.rings[from * self.world + to]
+    }
+
+    /// Waits until `ready`, the group broke, or `timeout` without progress.
+    /// `me` sleeps on its doorbell; `peer` is the rank it waits for.
+    #[allow(clippy::too_many_arguments)]
+    fn wait_ring(
+        &self,
+        me: usize,
+        peer: usize,
+        side: Side,
+        seq: u64,
+        what: &str,
+        piece: u64,
+        ready: impl Fn() -> bool,
+    ) -> Result<()> {
+        for _ in 0..SPIN_POLLS {
+            if ready() {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        let bell = &self.bells[me];
+        let deadline = Instant::now() + self.timeout;
+        let mut g = lock(&bell.lock);
+        bell.waiters.fetch_add(1, Ordering::SeqCst);
+        let r = loop {
+            if ready() {
+                break Ok(());
+            }
+            if let Some(e) = self.broken() {
+                break Err(e);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let doing = match side {
+                    Side::Send => "take",
+                    Side::Recv => "send",
+                };
+                let b = Broken::Timeout {
+                    what: format!(
+                        "rank {peer} of group `{}` to {doing} piece {piece} of collective #{seq} \
+                         ({what}) to or from rank {me}",
+                        self.name
+                    ),
+                    secs: self.timeout.as_secs_f64(),
+                };
+                let e = b.to_error();
+                lock(&self.barrier).broken.get_or_insert(b);
+                break Err(e);
+            }
+            g = bell
+                .cv
+                .wait_timeout(g, NAP.min(deadline - now))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        bell.waiters.fetch_sub(1, Ordering::SeqCst);
+        drop(g);
+        if r.is_err() {
+            self.cv.notify_all();
+            self.ring_all();
+        }
+        r
+    }
+
+    /// Waits for a free slot on ring `set` from `from` to `to`; the slot,
+    /// to fill and hand over with [`Shared::sent`].
+    fn send_slot(
+        &self,
+        from: usize,
+        to: usize,
+        seq: u64,
+        what: &str,
+    ) -> Result<MutexGuard<'_, Piece>> {
+        let ring = self.ring_of(from, to);
+        let k = ring.produced.load(Ordering::Relaxed);
+        let depth = self.depth as u64;
+        self.wait_ring(from, to, Side::Send, seq, what, k, || {
+            ring.consumed.load(Ordering::SeqCst) + depth > k
+        })?;
+        Ok(lock(&ring.slots[(k % depth) as usize]))
+    }
+
+    /// Hands the slot from [`Shared::send_slot`] to the receiver.
+    fn sent(&self, slot: MutexGuard<'_, Piece>, from: usize, to: usize) {
+        drop(slot);
+        self.ring_of(from, to)
+            .produced
+            .fetch_add(1, Ordering::SeqCst);
+        self.ring(to);
+    }
+
+    /// Waits for the next piece on ring `set` from `from` to `to`; the slot,
+    /// to read and give back with [`Shared::taken`].
+    fn recv_slot(
+        &self,
+        from: usize,
+        to: usize,
+        seq: u64,
+        what: &str,
+    ) -> Result<MutexGuard<'_, Piece>> {
+        let ring = self.ring_of(from, to);
+        let k = ring.consumed.load(Ordering::Relaxed);
+        self.wait_ring(to, from, Side::Recv, seq, what, k, || {
+            ring.produced.load(Ordering::SeqCst) > k
+        })?;
+        Ok(lock(&ring.slots[(k % self.depth as u64) as usize]))
+    }
+
+    /// Gives the slot from [`Shared::recv_slot`] back to the sender.
+    fn taken(&self, slot: MutexGuard<'_, Piece>, from: usize, to: usize) {
+        drop(slot);
+        self.ring_of(from, to)
+            .consumed
+            .fetch_add(1, Ordering::SeqCst);
+        self.ring(from);
+    }
+
+    /// Waits until every peer of `from` has taken the piece that last used
+    /// the next fan-out slot; the slot, to fill and hand over with
+    /// [`Shared::fanned`].
+    fn fan_slot(&self, from: usize, seq: u64, what: &str) -> Result<RwLockWriteGuard<'_, Piece>> {
+        let fan = &self.fanouts[from];
+        let k = fan.produced.load(Ordering::Relaxed);
+        let depth = self.depth as u64;
+        for to in (0..self.world).filter(|&to| to != from) {
+            let consumed = &fan.consumed[to];
+            self.wait_ring(from, to, Side::Send, seq, what, k, || {
+                consumed.load(Ordering::SeqCst) + depth > k
+            })?;
+        }
+        Ok(write(&fan.slots[(k % depth) as usize]))
+    }
+
+    /// Hands the slot from [`Shared::fan_slot`] to every peer of `from`.
+    fn fanned(&self, slot: RwLockWriteGuard<'_, Piece>, from: usize) {
+        drop(slot);
+        self.fanouts[from].produced.fetch_add(1, Ordering::SeqCst);
+        for to in (0..self.world).filter(|&to| to != from) {
+            self.ring(to);
+        }
+    }
+
+    /// Copies `to`'s next piece of `from`'s fan-out into `dst`.
+    fn fan_recv(&self, from: usize, to: usize, seq: u64, what: &str, dst: &mut [u8]) -> Result<()> {
+        let fan = &self.fanouts[from];
+        let consumed = &fan.consumed[to];
+        let k = consumed.load(Ordering::Relaxed);
+        self.wait_ring(to, from, Side::Recv, seq, what, k, || {
+            fan.produced.load(Ordering::SeqCst) > k
+        })?;
+        {
+            let slot = read(&fan.slots[(k % self.depth as u64) as usize]);
+            if slot.len != dst.len() {
+                return Err(CommError::Invalid(format!(
+                    "group `{}`: collective #{seq} ({what}): rank {to} expected a piece of {} \
+                     bytes from rank {from}'s fan-out, got {}",
+                    self.name,
+                    dst.len(),
+                    slot.len
+                )));
+            }
+            dst.copy_from_slice(slot.bytes());
+        }
+        consumed.fetch_add(1, Ordering::SeqCst);
+        self.ring(from);
+        Ok(())
+    }
+
+    fn send(&self, from: usize, to: usize, seq: u64, what: &str, src: &[u8]) -> Result<()> {
+        let mut slot = self.send_slot(from, to, seq, what)?;
+        slot.fill(src);
+        self.sent(slot, from, to);
+        Ok(())
+    }
+
+    fn recv(&self, from: usize, to: usize, seq: u64, what: &str, dst: &mut [u8]) -> Result<()> {
+        let slot = self.recv_slot(from, to, seq, what)?;
+        if slot.len != dst.len() {
+            return Err(CommError::Invalid(format!(
+                "group `{}`: collective #{seq} ({what}): rank {to} expected a piece of {} bytes \
+                 from rank {from}, got {}",
+                self.name,
+                dst.len(),
+                slot.len
+            )));
+        }
+        dst.copy_from_slice(slot.bytes());
+        self.taken(slot, from, to);
+        Ok(())
+    }
+
+    /// Rank `rank`'s all-to-all after the barrier: piece by piece, each
+    /// block for a peer goes into that peer's ring and each block from a
+    /// peer comes out of its ring, in rotated order (rank r first serves
+    /// r+1), so no two ranks start on the same peer.
+    fn stream_all_to_all(
+        &self,
+        rank: usize,
+        seq: u64,
+        bytes: usize,
+        send: &[u8],
+        recv: &mut [u8],
+    ) -> Result<()> {
+        let p = self.world;
+        let b = bytes / p;
+        let q = self.piece_bytes;
+        let what = "all_to_all";
+        for k in 0..b.div_ceil(q) {
+            let r = k * q..((k + 1) * q).min(b);
+            let at = |i: usize| i * b + r.start..i * b + r.end;
+            for d in 1..p {
+                let j = (rank + d) % p;
+                self.send(rank, j, seq, what, &send[at(j)])?;
+            }
+            recv[at(rank)].copy_from_slice(&send[at(rank)]);
+            for d in 1..p {
+                let i = (rank + p - d) % p;
+                self.recv(i, rank, seq, what, &mut recv[at(i)])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rank `rank`'s all-reduce after the barrier. Rank r owns slice r of
+    /// the elements ([`part`]); round k: send piece k of slice j to rank j
+    /// (its ring), reduce piece k of slice r from every rank in rank order
+    /// in place and into the fan-out, then copy piece k of every other
+    /// slice from its owner's fan-out. A rank never waits on a later round
+    /// of a peer than its own, so the rounds cannot deadlock.
+    fn stream_all_reduce(
+        &self,
+        rank: usize,
+        seq: u64,
+        n: usize,
+        dtype: DType,
+        op: ReduceOp,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let p = self.world;
+        if p == 1 {
+            // One rank: the reduction of one buffer is the buffer (x / 1 is
+            // exact for Avg).
+            return Ok(());
+        }
+        let size = dtype.size();
+        let qe = (self.piece_bytes / size).max(1);
+        let what = "all_reduce";
+        // Byte range of piece k of slice j, or None past its end.
+        let piece = |j: usize, k: usize| -> Option<Range<usize>> {
+            let e = part(j, p, n, 1);
+            let s = e.start + k * qe;
+            (s < e.end).then(|| s * size..(s + qe).min(e.end) * size)
+        };
+        let rounds = (0..p)
+            .map(|j| part(j, p, n, 1).len().div_ceil(qe))
+            .max()
+            .unwrap_or(0);
+        for k in 0..rounds {
+            for d in 1..p {
+                let j = (rank + d) % p;
+                if let Some(r) = piece(j, k) {
+                    self.send(rank, j, seq, what, &buf[r])?;
+                }
+            }
+            if let Some(r) = piece(rank, k) {
+                let mut inbound = Vec::with_capacity(p - 1);
+                for i in (0..p).filter(|&i| i != rank) {
+                    inbound.push((i, self.recv_slot(i, rank, seq, what)?));
+                }
+                let mut out = self.fan_slot(rank, seq, what)?;
+                {
+                    let others: Vec<&[u8]> = inbound.iter().map(|(_, s)| s.bytes()).collect();
+                    let len = r.len();
+                    reduce_in_place(dtype, op, &others, rank, &mut buf[r], out.bytes_mut(len))?;
+                }
+                self.fanned(out, rank);
+                for (i, s) in inbound {
+                    self.taken(s, i, rank);
+                }
+            }
+            for d in 1..p {
+                let i = (rank + p - d) % p;
+                if let Some(r) = piece(i, k) {
+                    self.fan_recv(i, rank, seq, what, &mut buf[r])?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn record_error(&self, rank: usize, e: &CommError) {
@@ -357,6 +817,7 @@ impl Shared {
                 st.broken = Some(b);
                 drop(st);
                 self.cv.notify_all();
+                self.ring_all();
                 return Err(e);
             }
             st = self
@@ -379,17 +840,16 @@ impl Shared {
         if let Some(e) = self.broken() {
             return Err(e);
         }
-        let p = self.world;
         let set = &self.sets[(seq & 1) as usize];
         let me = &set[rank];
         *lock(&me.op) = Some(op.clone());
         match op {
-            Op::AllToAll { .. } | Op::AllToAllV { .. } | Op::ReduceScatter { .. } => {
+            Op::AllToAllV { .. } | Op::ReduceScatter { .. } | Op::AllGather { .. } => {
                 fill(&me.data, ins[0])
             }
-            Op::AllGather { .. } => fill(&me.data, ins[0]),
-            Op::AllReduce { .. } => fill(&me.data, outs[0]),
             Op::Broadcast { root, .. } if *root == rank => fill(&me.data, outs[0]),
+            // These two stream through the rings after the barrier.
+            Op::AllToAll { .. } | Op::AllReduce { .. } => {}
             Op::Broadcast { .. } | Op::Barrier => {}
         }
         self.wait(rank, seq, op.name())?;
@@ -405,18 +865,7 @@ impl Shared {
             })?;
         validate(seq, op, &ops)?;
         match op {
-            Op::AllToAll { bytes } => {
-                let b = bytes / p;
-                let recv = &mut *outs[0];
-                for i in 0..p {
-                    let dst = &mut recv[i * b..(i + 1) * b];
-                    if i == rank {
-                        dst.copy_from_slice(&ins[0][rank * b..(rank + 1) * b]);
-                    } else {
-                        dst.copy_from_slice(&read(&set[i].data)[rank * b..(rank + 1) * b]);
-                    }
-                }
-            }
+            Op::AllToAll { bytes } => self.stream_all_to_all(rank, seq, *bytes, ins[0], outs[0])?,
             Op::AllToAllV { recv: my_recv, .. } => {
                 let recv = &mut *outs[0];
                 let mut at = 0;
@@ -436,20 +885,7 @@ impl Shared {
                 }
             }
             Op::AllReduce { bytes, dtype, op } => {
-                let n = bytes / dtype.size();
-                let mine = part(rank, p, n, dtype.size());
-                {
-                    let guards: Vec<_> = set.iter().map(|s| read(&s.data)).collect();
-                    let srcs: Vec<&[u8]> = guards.iter().map(|g| &g[mine.clone()]).collect();
-                    let mut red = write(&me.reduced);
-                    red.resize(mine.len(), 0);
-                    reduce_into(*dtype, *op, &srcs, &mut red)?;
-                }
-                self.wait(rank, seq, "all_reduce, gather phase")?;
-                let buf = &mut *outs[0];
-                for (i, s) in set.iter().enumerate() {
-                    buf[part(i, p, n, dtype.size())].copy_from_slice(&read(&s.reduced));
-                }
+                self.stream_all_reduce(rank, seq, bytes / dtype.size(), *dtype, *op, outs[0])?
             }
             Op::ReduceScatter {
                 recv_bytes,
@@ -771,6 +1207,79 @@ mod tests {
                 assert_eq!(next, n * 4);
             }
         }
+    }
+
+    fn shared(world: usize, timeout: Duration) -> Shared {
+        Shared::new(
+            GroupConfig {
+                name: "g".into(),
+                timeout,
+                piece_bytes: 4,
+                ring_depth: 2,
+            },
+            world,
+        )
+    }
+
+    #[test]
+    fn a_piece_that_never_comes_times_out_naming_the_peer_and_breaks_the_group() {
+        let g = shared(2, Duration::from_millis(50));
+        let t = Instant::now();
+        let e = g.recv(1, 0, 7, "all_to_all", &mut [0u8; 4]).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let s = e.to_string();
+        assert!(
+            s.contains("timed out after 0.05 s waiting for rank 1 of group `g` to send piece 0 of collective #7 (all_to_all) to or from rank 0"),
+            "{s}"
+        );
+        // Broken now: the other rank, waiting in turn, fails at once.
+        let t = Instant::now();
+        let again = g.recv(0, 1, 7, "all_to_all", &mut [0u8; 4]).unwrap_err();
+        assert!(
+            again.to_string().contains("rank 1 of group `g` to send"),
+            "{again}"
+        );
+        assert!(t.elapsed() < Duration::from_millis(40), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_full_ring_waits_for_its_receiver_and_an_abort_releases_the_sender() {
+        let g = shared(2, Duration::from_secs(20));
+        // Depth 2: two pieces fit without a receiver.
+        g.send(0, 1, 0, "all_to_all", &[1, 2, 3, 4]).unwrap();
+        g.send(0, 1, 0, "all_to_all", &[5, 6, 7, 8]).unwrap();
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(|| g.send(0, 1, 0, "all_to_all", &[9, 9, 9, 9]));
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                !sender.is_finished(),
+                "a third piece must wait for a free slot"
+            );
+            let mut got = [0u8; 4];
+            g.recv(0, 1, 0, "all_to_all", &mut got).unwrap();
+            assert_eq!(got, [1, 2, 3, 4]);
+            assert!(
+                sender.join().unwrap().is_ok(),
+                "taking a piece frees a slot"
+            );
+            g.recv(0, 1, 0, "all_to_all", &mut got).unwrap();
+            assert_eq!(got, [5, 6, 7, 8]);
+            g.recv(0, 1, 0, "all_to_all", &mut got).unwrap();
+            assert_eq!(got, [9, 9, 9, 9]);
+            // Full again; the abort from another rank ends the wait.
+            g.send(0, 1, 1, "all_to_all", &[0; 4]).unwrap();
+            g.send(0, 1, 1, "all_to_all", &[0; 4]).unwrap();
+            let t = Instant::now();
+            let sender = scope.spawn(|| g.send(0, 1, 1, "all_to_all", &[0; 4]));
+            std::thread::sleep(Duration::from_millis(20));
+            g.abort(1, "rank 1 failed");
+            let e = sender.join().unwrap().unwrap_err();
+            assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+            assert!(
+                e.to_string().contains("aborted by rank 1: rank 1 failed"),
+                "{e}"
+            );
+        });
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -
     if dtype == DType::F32 && reduce_f32_aligned(op, srcs, out) {
         return Ok(());
     }
+    if dtype == DType::Bf16 && reduce_bf16_aligned(op, srcs, out) {
+        return Ok(());
+    }
     match dtype {
         DType::F32 => {
             reduce_typed::<4, f32>(op, srcs, out, f32::from_le_bytes, |x| x.to_le_bytes())
@@ -128,9 +131,97 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -
     Ok(())
 }
 
-/// The f32 path where every slice is 4-byte aligned (the usual case): plain
-/// slices the compiler vectorizes, same order and NaN rules as
-/// [`reduce_typed`]. False (nothing written) where a slice is misaligned.
+/// [`reduce_into`] where the source of rank `own_at` is `own` itself:
+/// `others` are the other sources in rank order, and the result is written
+/// over `own` and into `copy` (the in-process all-reduce reduces its slice
+/// in place and hands the same bytes to its peers). For aligned f32 and
+/// bf16 this is one pass; otherwise `own` is copied first.
+pub(crate) fn reduce_in_place(
+    dtype: DType,
+    op: ReduceOp,
+    others: &[&[u8]],
+    own_at: usize,
+    own: &mut [u8],
+    copy: &mut [u8],
+) -> Result<()> {
+    if own_at > others.len() {
+        return Err(CommError::Invalid(format!(
+            "reduce: own source at rank {own_at}, but there are only {} sources",
+            others.len() + 1
+        )));
+    }
+    if let Some((i, s)) = others
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() != own.len())
+    {
+        return Err(CommError::Invalid(format!(
+            "reduce: other source {i} has {} bytes, the own one {}",
+            s.len(),
+            own.len()
+        )));
+    }
+    if copy.len() != own.len() || own.len() % dtype.size() != 0 {
+        return Err(CommError::Invalid(format!(
+            "reduce: the copy has {} bytes and the own source {}; both must be equal and a \
+             whole number of {dtype} elements",
+            copy.len(),
+            own.len()
+        )));
+    }
+    let done = match dtype {
+        DType::F32 => in_place_aligned::<f32>(op, others, own_at, own, copy, |x| x, |x| x),
+        DType::Bf16 => {
+            in_place_aligned::<u16>(op, others, own_at, own, copy, bf16_to_f32, f32_to_bf16)
+        }
+        DType::F64 | DType::F16 => false,
+    };
+    if !done {
+        let mine = own.to_vec();
+        let mut srcs = others.to_vec();
+        srcs.insert(own_at, &mine);
+        reduce_into(dtype, op, &srcs, copy)?;
+        own.copy_from_slice(copy);
+    }
+    Ok(())
+}
+
+/// [`reduce_in_place`] over slices of `T`, when every one is aligned for
+/// it; false (nothing written) otherwise.
+fn in_place_aligned<T: bytemuck::Pod>(
+    op: ReduceOp,
+    others: &[&[u8]],
+    own_at: usize,
+    own: &mut [u8],
+    copy: &mut [u8],
+    load: impl Fn(T) -> f32 + Copy,
+    store: impl Fn(f32) -> T + Copy,
+) -> bool {
+    let (Ok(own), Ok(copy)) = (
+        bytemuck::try_cast_slice_mut::<u8, T>(own),
+        bytemuck::try_cast_slice_mut::<u8, T>(copy),
+    ) else {
+        return false;
+    };
+    let mut typed = Vec::with_capacity(others.len());
+    for s in others {
+        match bytemuck::try_cast_slice::<u8, T>(s) {
+            Ok(t) => typed.push(t),
+            Err(_) => return false,
+        }
+    }
+    let dst = Dst {
+        out: own,
+        own_at: Some(own_at),
+        copy: Some(copy),
+    };
+    reduce_lanes_op(op, &typed, dst, load, store);
+    true
+}
+
+/// The f32 path where every slice is 4-byte aligned (the usual case):
+/// [`reduce_lanes`], same order and NaN rules as [`reduce_typed`]. False
+/// (nothing written) where a slice is misaligned.
 fn reduce_f32_aligned(op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -> bool {
     let Ok(o) = bytemuck::try_cast_slice_mut::<u8, f32>(out) else {
         return false;
@@ -142,27 +233,201 @@ fn reduce_f32_aligned(op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -> bool {
             Err(_) => return false,
         }
     }
-    o.copy_from_slice(typed[0]);
-    for t in &typed[1..] {
-        match op {
-            ReduceOp::Sum | ReduceOp::Avg => o.iter_mut().zip(*t).for_each(|(a, x)| *a += x),
-            ReduceOp::Max => o.iter_mut().zip(*t).for_each(|(a, x)| {
-                if !a.is_nan() && (x.is_nan() || *x > *a) {
-                    *a = *x
-                }
-            }),
-            ReduceOp::Min => o.iter_mut().zip(*t).for_each(|(a, x)| {
-                if !a.is_nan() && (x.is_nan() || *x < *a) {
-                    *a = *x
-                }
-            }),
+    let dst = Dst {
+        out: o,
+        own_at: None,
+        copy: None,
+    };
+    reduce_lanes_op(op, &typed, dst, |x| x, |x| x);
+    true
+}
+
+/// The bf16 path where every slice is 2-byte aligned (the usual case):
+/// [`reduce_lanes`] widening each element to f32 (a shift) and narrowing
+/// the result once; the same bits as [`reduce_typed`] over `half::bf16`.
+/// False (nothing written) where a slice is misaligned.
+fn reduce_bf16_aligned(op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -> bool {
+    let Ok(o) = bytemuck::try_cast_slice_mut::<u8, u16>(out) else {
+        return false;
+    };
+    let mut typed = Vec::with_capacity(srcs.len());
+    for s in srcs {
+        match bytemuck::try_cast_slice::<u8, u16>(s) {
+            Ok(t) => typed.push(t),
+            Err(_) => return false,
         }
     }
-    if op == ReduceOp::Avg {
-        let p = typed.len() as f32;
-        o.iter_mut().for_each(|a| *a /= p);
-    }
+    let dst = Dst {
+        out: o,
+        own_at: None,
+        copy: None,
+    };
+    reduce_lanes_op(op, &typed, dst, bf16_to_f32, f32_to_bf16);
     true
+}
+
+/// bf16 bits to f32: exact, a shift.
+fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// f32 to bf16 bits, rounding to nearest even; a NaN stays a (quiet) NaN.
+/// The same bits as `half::bf16::from_f32`, written without branches so
+/// that the narrowing vectorizes.
+fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    // Wraps only for NaN patterns, whose rounded value is not used.
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+    let quiet_nan = (b >> 16) | 0x0040;
+    let is_nan = b & 0x7FFF_FFFF > 0x7F80_0000;
+    (if is_nan { quiet_nan } else { rounded }) as u16
+}
+
+/// [`reduce_lanes`] with the combining step of `op`, chosen once outside
+/// the loops. A NaN on any rank wins for Max and Min, whatever the rank
+/// order (as in [`reduce_typed`]).
+fn reduce_lanes_op<T: Copy>(
+    op: ReduceOp,
+    srcs: &[&[T]],
+    out: Dst<'_, T>,
+    load: impl Fn(T) -> f32 + Copy,
+    store: impl Fn(f32) -> T + Copy,
+) {
+    let p = (srcs.len() + usize::from(out.own_at.is_some())) as f32;
+    match op {
+        ReduceOp::Sum => reduce_lanes(srcs, out, load, store, |a, x| a + x, |a| a),
+        ReduceOp::Avg => reduce_lanes(srcs, out, load, store, |a, x| a + x, |a| a / p),
+        ReduceOp::Max => reduce_lanes(
+            srcs,
+            out,
+            load,
+            store,
+            |a, x| {
+                if !a.is_nan() && (x.is_nan() || x > a) {
+                    x
+                } else {
+                    a
+                }
+            },
+            |a| a,
+        ),
+        ReduceOp::Min => reduce_lanes(
+            srcs,
+            out,
+            load,
+            store,
+            |a, x| {
+                if !a.is_nan() && (x.is_nan() || x < a) {
+                    x
+                } else {
+                    a
+                }
+            },
+            |a| a,
+        ),
+    }
+}
+
+/// Elements one step of [`reduce_lanes`] keeps in registers: two AVX2
+/// vectors of f32.
+const LANES: usize = 16;
+
+/// Where [`reduce_lanes`] writes.
+struct Dst<'a, T> {
+    /// The result.
+    out: &'a mut [T],
+    /// Where `out` is also a source: its rank (the other sources are
+    /// `srcs` in rank order, around it).
+    own_at: Option<usize>,
+    /// A second copy of the result.
+    copy: Option<&'a mut [T]>,
+}
+
+/// `out[i] = store(finish(((load(x0[i]) c load(x1[i])) c load(x2[i])) ...))`
+/// in f32, over the sources in rank order, `LANES` elements at a time: the
+/// accumulators stay in registers while each source streams past once, so
+/// there is one pass over memory whatever the number of sources. With
+/// `own_at`, each group of `out` is read as a source before it is
+/// overwritten. Every slice has `out.len()` elements.
+fn reduce_lanes<T: Copy>(
+    srcs: &[&[T]],
+    dst: Dst<'_, T>,
+    load: impl Fn(T) -> f32 + Copy,
+    store: impl Fn(f32) -> T + Copy,
+    combine: impl Fn(f32, f32) -> f32 + Copy,
+    finish: impl Fn(f32) -> f32 + Copy,
+) {
+    let Dst {
+        out,
+        own_at,
+        mut copy,
+    } = dst;
+    let (before, after) = srcs.split_at(own_at.unwrap_or(srcs.len()).min(srcs.len()));
+    let own = own_at.is_some();
+    // Full groups work on arrays, so the loops have a constant length and
+    // become a few vector instructions.
+    let start = |acc: &mut [f32; LANES], x: &[T]| {
+        acc.iter_mut().zip(x).for_each(|(a, x)| *a = load(*x));
+    };
+    let fold = |acc: &mut [f32; LANES], x: &[T]| {
+        acc.iter_mut()
+            .zip(x)
+            .for_each(|(a, x)| *a = combine(*a, load(*x)));
+    };
+    let n = out.len();
+    let full = n / LANES * LANES;
+    for c in 0..full / LANES {
+        let at = c * LANES..(c + 1) * LANES;
+        let mut acc = [0.0f32; LANES];
+        // The first source in rank order starts the sums, the rest fold in.
+        let rest_after = match (before.split_first(), own) {
+            (Some((x0, rest)), _) => {
+                start(&mut acc, &x0[at.clone()]);
+                for s in rest {
+                    fold(&mut acc, &s[at.clone()]);
+                }
+                if own {
+                    fold(&mut acc, &out[at.clone()]);
+                }
+                after
+            }
+            (None, true) => {
+                start(&mut acc, &out[at.clone()]);
+                after
+            }
+            (None, false) => {
+                let Some((x0, rest)) = after.split_first() else {
+                    return;
+                };
+                start(&mut acc, &x0[at.clone()]);
+                rest
+            }
+        };
+        for s in rest_after {
+            fold(&mut acc, &s[at.clone()]);
+        }
+        for (o, a) in out[at.clone()].iter_mut().zip(&acc) {
+            *o = store(finish(*a));
+        }
+        if let Some(c) = copy.as_deref_mut() {
+            c[at.clone()].copy_from_slice(&out[at]);
+        }
+    }
+    for i in full..n {
+        let mine = own.then(|| load(out[i]));
+        let mut xs = before
+            .iter()
+            .map(|s| load(s[i]))
+            .chain(mine)
+            .chain(after.iter().map(|s| load(s[i])));
+        let Some(x0) = xs.next() else {
+            return;
+        };
+        out[i] = store(finish(xs.fold(x0, combine)));
+        if let Some(c) = copy.as_deref_mut() {
+            c[i] = out[i];
+        }
+    }
 }
 
 /// Accumulator arithmetic of [`reduce_typed`].
@@ -310,6 +575,150 @@ mod tests {
                 .collect();
             assert_eq!(f, g, "{op}");
         }
+    }
+
+    #[test]
+    fn bf16_narrowing_matches_half_bit_for_bit() {
+        let mut patterns: Vec<u32> = vec![
+            0,
+            0x8000_0000,
+            0x7F80_0000, // inf
+            0xFF80_0000, // -inf
+            0x7F7F_FFFF, // f32::MAX rounds to inf
+            0x7F7F_7FFF, // just below the tie
+            0x3F80_8000, // tie, even below: stays
+            0x3F81_8000, // tie, odd below: rounds up
+            0x3F80_8001, // above the tie
+            0x0000_0001, // smallest subnormal
+            0x807F_FFFF, // negative subnormal rounding to a normal
+            0x7F80_0001, // signalling NaN with low payload only
+            0x7FC0_0000, // quiet NaN
+            0xFFFF_FFFF, // negative NaN, all ones
+        ];
+        let mut x: u32 = 0x1234_5678;
+        for _ in 0..200_000 {
+            // xorshift32: a spread of bit patterns, every exponent.
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            patterns.push(x);
+        }
+        for b in patterns {
+            let f = f32::from_bits(b);
+            assert_eq!(f32_to_bf16(f), bf16::from_f32(f).to_bits(), "{b:#010x}");
+            // Widening is exact; half also quiets a signalling NaN there,
+            // which the shift leaves to the arithmetic and the narrowing
+            // (the blocked-path test shows the reduced bits agree).
+            let h = (b >> 16) as u16;
+            let (w, want) = (bf16_to_f32(h), bf16::from_bits(h).to_f32());
+            if want.is_nan() {
+                assert!(w.is_nan(), "{h:#06x}");
+            } else {
+                assert_eq!(w.to_bits(), want.to_bits(), "{h:#06x}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_blocked_path_equals_the_generic_one_for_every_op() {
+        // 2500 elements: two full blocks of the fast path and a partial one;
+        // NaNs (quiet and signalling), infinities, and sums that round.
+        let n = 2500;
+        let src = |seed: u32| -> Vec<u8> {
+            let mut x = seed;
+            let v: Vec<bf16> = (0..n)
+                .map(|i| match i % 97 {
+                    0 => bf16::NAN,
+                    1 => bf16::INFINITY,
+                    2 => bf16::NEG_INFINITY,
+                    3 => bf16::from_bits(0xFF81), // a signalling NaN
+                    _ => {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        bf16::from_f32((x % 20_001) as f32 / 64.0 - 150.0)
+                    }
+                })
+                .collect();
+            bytes(&v)
+        };
+        let srcs = [src(1), src(2), src(3)];
+        for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min] {
+            let refs: Vec<&[u8]> = srcs.iter().map(|s| &s[..]).collect();
+            let mut fast = vec![0u8; 2 * n];
+            reduce_into(DType::Bf16, op, &refs, &mut fast).unwrap();
+            let shifted: Vec<Vec<u8>> = srcs
+                .iter()
+                .map(|s| {
+                    let mut v = vec![0u8; 2 * n + 1];
+                    v[1..].copy_from_slice(s);
+                    v
+                })
+                .collect();
+            let refs1: Vec<&[u8]> = shifted.iter().map(|s| &s[1..]).collect();
+            let mut slow = vec![0u8; 2 * n + 1];
+            assert!(
+                bytemuck::try_cast_slice::<u8, u16>(&slow[1..]).is_err(),
+                "the shifted output must be misaligned to force the generic path"
+            );
+            reduce_into(DType::Bf16, op, &refs1, &mut slow[1..]).unwrap();
+            assert_eq!(fast, slow[1..], "{op}");
+        }
+    }
+
+    #[test]
+    fn in_place_reduction_equals_reduce_into_for_every_rank_position() {
+        // 37 elements: two full groups of lanes and a tail; NaNs included.
+        let n = 37;
+        let vals = |seed: u32| -> Vec<f64> {
+            let mut x = seed;
+            (0..n)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    if i == 5 {
+                        f64::NAN
+                    } else {
+                        (x % 100_001) as f64 / 977.0 - 50.0
+                    }
+                })
+                .collect()
+        };
+        for dtype in [DType::F32, DType::Bf16, DType::F16, DType::F64] {
+            let enc = |v: &[f64]| -> Vec<u8> {
+                match dtype {
+                    DType::F32 => bytes(&v.iter().map(|x| *x as f32).collect::<Vec<_>>()),
+                    DType::F64 => bytes(v),
+                    DType::Bf16 => bytes(&v.iter().map(|x| bf16::from_f64(*x)).collect::<Vec<_>>()),
+                    DType::F16 => bytes(&v.iter().map(|x| f16::from_f64(*x)).collect::<Vec<_>>()),
+                }
+            };
+            for p in 1..=4usize {
+                let srcs: Vec<Vec<u8>> = (0..p).map(|r| enc(&vals(r as u32 + 7))).collect();
+                for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min] {
+                    let refs: Vec<&[u8]> = srcs.iter().map(|s| &s[..]).collect();
+                    let mut want = vec![0u8; srcs[0].len()];
+                    reduce_into(dtype, op, &refs, &mut want).unwrap();
+                    for at in 0..p {
+                        let others: Vec<&[u8]> =
+                            (0..p).filter(|&r| r != at).map(|r| &srcs[r][..]).collect();
+                        let mut own = srcs[at].clone();
+                        let mut copy = vec![0u8; own.len()];
+                        reduce_in_place(dtype, op, &others, at, &mut own, &mut copy).unwrap();
+                        assert_eq!(own, want, "{dtype} {op} P = {p}, own at {at}");
+                        assert_eq!(copy, want, "{dtype} {op} P = {p}, own at {at}");
+                    }
+                }
+            }
+        }
+        let mut own = vec![0u8; 8];
+        let mut copy = vec![0u8; 4];
+        let e = reduce_in_place(DType::F32, ReduceOp::Sum, &[], 0, &mut own, &mut copy);
+        assert!(e.unwrap_err().to_string().contains("the copy has 4 bytes"));
+        let mut copy8 = vec![0u8; 8];
+        let e = reduce_in_place(DType::F32, ReduceOp::Sum, &[], 1, &mut own, &mut copy8);
+        assert!(e.unwrap_err().to_string().contains("own source at rank 1"));
     }
 
     #[test]

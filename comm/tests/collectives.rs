@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{download, group, upload, zeros};
+use common::{download, group, group_with_pieces, upload, zeros};
 use fpdt_comm::{Communicator, DType, ReduceOp};
 use fpdt_runtime::Work;
 use half::bf16;
@@ -312,9 +312,11 @@ fn barrier_holds_every_rank_until_the_slowest_arrives() {
 #[test]
 fn long_mixed_sequences_stay_matched_with_one_host_thread_per_rank() {
     // Alternating collectives of different sizes exercise both mailbox sets
-    // and a fast rank running ahead of a slow one.
+    // and a fast rank running ahead of a slow one; 8-byte pieces two deep
+    // make the all-reduce and all-to-all streams take several pieces and
+    // wait on each other's rings.
     let p = 3;
-    let ranks = group(p);
+    let ranks = group_with_pieces(p, 8, 2);
     std::thread::scope(|scope| {
         for c in &ranks {
             scope.spawn(move || {
@@ -349,4 +351,149 @@ fn long_mixed_sequences_stay_matched_with_one_host_thread_per_rank() {
             });
         }
     });
+}
+
+/// Uploads `data`, padded to at least one byte (a device buffer is never
+/// empty); the callers view the first `data.len()` bytes.
+fn padded(c: &fpdt_comm::InProcessComm, data: &[u8]) -> fpdt_runtime::DeviceBuffer {
+    let mut d = data.to_vec();
+    d.resize(data.len().max(1), 0);
+    upload(c, &d)
+}
+
+#[test]
+fn all_to_all_streams_in_any_piece_size_and_back_to_back_calls() {
+    for p in 1..=4 {
+        for (piece, depth) in [(1, 1), (3, 2), (5, 3), (64, 4)] {
+            let ranks = group_with_pieces(p, piece, depth);
+            // Three calls enqueued before one synchronize: the rings'
+            // counters carry over from one call to the next, and a 0-byte
+            // call sends no piece at all.
+            let blocks = [7usize, 0, 13];
+            let mut calls = Vec::new();
+            for (t, &block) in blocks.iter().enumerate() {
+                let sends: Vec<Vec<u8>> = (0..p)
+                    .map(|r| (0..p * block).map(|i| byte(r, i + 31 * t)).collect())
+                    .collect();
+                let bufs: Vec<_> = ranks
+                    .iter()
+                    .map(|c| {
+                        let recv = padded(c, &vec![0u8; p * block]);
+                        (padded(c, &sends[c.rank()]), recv)
+                    })
+                    .collect();
+                calls.push((block, sends, bufs));
+            }
+            for (block, _, bufs) in &calls {
+                for (c, (s, r)) in ranks.iter().zip(bufs) {
+                    let n = p * block;
+                    c.all_to_all(
+                        c.device().compute(),
+                        s.bytes(0..n).unwrap(),
+                        r.bytes(0..n).unwrap(),
+                    )
+                    .unwrap();
+                }
+            }
+            sync_all(&ranks);
+            for (block, sends, bufs) in &calls {
+                for (c, (_, r)) in ranks.iter().zip(bufs) {
+                    let me = c.rank();
+                    let got: Vec<u8> = download(c, r);
+                    let want: Vec<u8> = (0..p)
+                        .flat_map(|i| sends[i][me * block..(me + 1) * block].to_vec())
+                        .collect();
+                    assert_eq!(
+                        &got[..p * block],
+                        &want[..],
+                        "P = {p}, piece {piece}, depth {depth}, block {block}, rank {me}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Values spread over 2^-12..2^12 in magnitude, so that sums of a few of
+/// them round and their order shows in the bits ([`f32_data`]'s values
+/// share one fine grid, and their sums are exact in any order).
+fn f32_data_wide(rank: usize, n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 100 + rank as u64);
+    (0..n)
+        .map(|_| rng.random_range(-1.0f32..1.0) * 2f32.powi(rng.random_range(-12..=12)))
+        .collect()
+}
+
+/// Rank-order bf16 reduction in f32, rounded once: the oracle.
+fn serial_bf16(inputs: &[Vec<bf16>], op: ReduceOp) -> Vec<bf16> {
+    let wide: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|v| v.iter().map(|x| x.to_f32()).collect())
+        .collect();
+    serial_f32(&wide, op)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect()
+}
+
+#[test]
+fn all_reduce_streams_in_any_piece_size_for_f32_and_bf16() {
+    let ops = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min];
+    for p in 1..=4 {
+        // 1 byte: one element per piece; 12 and 40 bytes: 3 and 10 f32 (6
+        // and 20 bf16), neither dividing the slices; 4096: one piece.
+        for (piece, depth) in [(1, 1), (12, 2), (40, 3), (4096, 4)] {
+            let ranks = group_with_pieces(p, piece, depth);
+            // Not multiples of P; 1 element leaves some ranks' slices empty.
+            for n in [1usize, 5, 13, 1031] {
+                // Every op in both dtypes enqueued before one synchronize.
+                let mut f32_calls = Vec::new();
+                let mut bf16_calls = Vec::new();
+                for (k, &op) in ops.iter().enumerate() {
+                    let inputs: Vec<Vec<f32>> =
+                        (0..p).map(|r| f32_data_wide(r, n, 20 + k as u64)).collect();
+                    let halves: Vec<Vec<bf16>> = (0..p)
+                        .map(|r| {
+                            let v = f32_data_wide(r, n, 40 + k as u64);
+                            v.into_iter().map(bf16::from_f32).collect()
+                        })
+                        .collect();
+                    let fb: Vec<_> = ranks.iter().map(|c| upload(c, &inputs[c.rank()])).collect();
+                    let hb: Vec<_> = ranks.iter().map(|c| upload(c, &halves[c.rank()])).collect();
+                    for (c, (f, h)) in ranks.iter().zip(fb.iter().zip(&hb)) {
+                        let s = c.device().compute();
+                        c.all_reduce(s, f.view(), DType::F32, op).unwrap();
+                        c.all_reduce(s, h.view(), DType::Bf16, op).unwrap();
+                    }
+                    f32_calls.push((op, serial_f32(&inputs, op), fb));
+                    bf16_calls.push((op, serial_bf16(&halves, op), hb));
+                }
+                sync_all(&ranks);
+                for (op, want, bufs) in &f32_calls {
+                    for (c, b) in ranks.iter().zip(bufs) {
+                        let got: Vec<f32> = download(c, b);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&got),
+                            bits(want),
+                            "f32 {op}, P = {p}, piece {piece}, n {n}, rank {}",
+                            c.rank()
+                        );
+                    }
+                }
+                for (op, want, bufs) in &bf16_calls {
+                    for (c, b) in ranks.iter().zip(bufs) {
+                        let got: Vec<bf16> = download(c, b);
+                        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&got),
+                            bits(want),
+                            "bf16 {op}, P = {p}, piece {piece}, n {n}, rank {}",
+                            c.rank()
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

@@ -312,4 +312,26 @@ fn groups_refuse_bad_configurations() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("timeout must be positive"), "{e}");
+    for (piece_bytes, ring_depth) in [(0, 4), (64, 0)] {
+        let e = InProcessGroup::cpu(
+            2,
+            &CpuConfig {
+                device_memory: 1 << 20,
+                host_memory: 1 << 20,
+                ..CpuConfig::default()
+            },
+            GroupConfig {
+                piece_bytes,
+                ring_depth,
+                ..GroupConfig::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "piece_bytes and ring_depth must be positive, got {piece_bytes} and {ring_depth}"
+            )),
+            "{e}"
+        );
+    }
 }

@@ -244,6 +244,7 @@ fn ulysses_refuses_heads_not_divisible_by_p_and_bad_chunks() {
         GroupConfig {
             name: "u".into(),
             timeout: Duration::from_secs(20),
+            ..GroupConfig::default()
         },
     )
     .unwrap();

@@ -32,6 +32,24 @@ pub fn group_with_timeout(p: usize, timeout: Duration) -> Vec<InProcessComm> {
         GroupConfig {
             name: format!("test-p{p}"),
             timeout,
+            ..GroupConfig::default()
+        },
+    )
+    .expect("group")
+}
+
+/// A cpu group of `p` ranks whose all-to-all and all-reduce stream in
+/// pieces of `piece_bytes`, at most `ring_depth` pieces ahead: tiny pieces
+/// make the tests' small buffers take many pieces and wrap every ring.
+pub fn group_with_pieces(p: usize, piece_bytes: usize, ring_depth: usize) -> Vec<InProcessComm> {
+    InProcessGroup::cpu(
+        p,
+        &cpu_config(),
+        GroupConfig {
+            name: format!("test-p{p}-q{piece_bytes}-d{ring_depth}"),
+            timeout: Duration::from_secs(20),
+            piece_bytes,
+            ring_depth,
         },
     )
     .expect("group")
