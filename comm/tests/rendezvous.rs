@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 use fpdt_comm::rendezvous::{fetch, RendezvousEnv, RendezvousServer};
 use fpdt_comm::CommError;
 
-const CHILD_VAR: &str = "FPDT_TEST_RENDEZVOUS_CHILD";
-
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -26,40 +24,17 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Run by `child_processes_fetch_the_id_from_rank_0` in child processes
-/// (the test binary re-invokes itself); does nothing otherwise.
-#[test]
-#[ignore = "helper: run as a child process by the multi-process rendezvous test"]
-fn rendezvous_child() {
-    if std::env::var(CHILD_VAR).as_deref() != Ok("1") {
-        return;
-    }
-    let env = RendezvousEnv::from_env().expect("rendezvous environment");
-    let got = env
-        .share_from_rank0(Duration::from_secs(20), || {
-            Err(CommError::Invalid("only rank 0 makes the payload".into()))
-        })
-        .expect("fetch");
-    println!("RANK {} ID {}", env.rank, hex(&got));
-}
-
 #[test]
 fn child_processes_fetch_the_id_from_rank_0() {
     let world = 4;
     let server = RendezvousServer::bind("127.0.0.1", 0, world).unwrap();
     let port = server.port().unwrap();
-    let exe = std::env::current_exe().unwrap();
+    // The ranks are real processes: the crate's `fpdt-rendezvous-check`.
+    let exe = env!("CARGO_BIN_EXE_fpdt-rendezvous-check");
     let mut children = Vec::new();
     for rank in 1..world {
-        let child = Command::new(&exe)
-            .args([
-                "--exact",
-                "rendezvous_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_VAR, "1")
+        let child = Command::new(exe)
+            .args(["--timeout-secs", "20"])
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", world.to_string())
             .env("LOCAL_RANK", rank.to_string())
@@ -198,4 +173,65 @@ fn a_world_of_one_needs_no_server() {
         .share_from_rank0(Duration::from_millis(200), || Ok(payload()))
         .unwrap();
     assert_eq!(got, payload());
+}
+
+/// Every rank a process of `fpdt-rendezvous-check`, rank 0 serving.
+#[test]
+fn the_check_binary_runs_every_rank() {
+    let world = 3;
+    let port = free_port();
+    let exe = env!("CARGO_BIN_EXE_fpdt-rendezvous-check");
+    let kids: Vec<_> = (0..world)
+        .map(|rank| {
+            Command::new(exe)
+                .args(["--timeout-secs", "20", "--payload", "c0ffee01"])
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env_remove("SLURM_PROCID")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (rank, k) in kids.into_iter().enumerate() {
+        let out = k.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "rank {rank}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("RANK {rank} ID c0ffee01")),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn the_check_binary_names_a_bad_argument() {
+    let exe = env!("CARGO_BIN_EXE_fpdt-rendezvous-check");
+    for (args, want) in [
+        (vec!["--payload", "xyz"], "--payload `xyz`"),
+        (vec!["--timeout-secs", "-1"], "--timeout-secs `-1`"),
+        (vec!["--frobnicate"], "unknown argument `--frobnicate`"),
+    ] {
+        let out = Command::new(exe).args(&args).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // Without launcher variables: the variable that is missing is named.
+    let out = Command::new(exe)
+        .env_remove("RANK")
+        .env_remove("SLURM_PROCID")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RANK") || err.contains("SLURM"), "{err}");
 }
