@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod interp;
 pub mod kernels;
 pub mod launch;
+pub mod matmul;
 pub mod reference;
 
 pub use error::PtxError;

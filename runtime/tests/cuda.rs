@@ -519,6 +519,7 @@ fn cublaslt_gemm_matches_the_host_product() {
             d: dd.view(),
             out: OutDType::F32,
             bias: Some(biasd.view()),
+            accumulate: false,
         },
     )
     .unwrap();

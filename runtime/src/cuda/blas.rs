@@ -41,6 +41,8 @@ pub struct Gemm<'a> {
     pub out: OutDType,
     /// A bias over D's columns, in D's element type.
     pub bias: Option<View<'a>>,
+    /// Add into D instead of overwriting it (cuBLASLt's beta = 1).
+    pub accumulate: bool,
 }
 
 /// Checks the views hold the matrices the shapes describe (dense, row
@@ -105,7 +107,7 @@ pub fn column_major(g: &Gemm<'_>, workspace: u64, workspace_bytes: usize) -> Mat
         workspace,
         workspace_bytes,
         alpha: 1.0,
-        beta: 0.0,
+        beta: if g.accumulate { 1.0 } else { 0.0 },
     }
 }
 
@@ -170,6 +172,8 @@ impl Blas {
         args.validate()?;
         let mut reads = vec![g.a, g.b];
         reads.extend(g.bias);
+        // Accumulating reads D too; it is declared written, which the
+        // stream treats as read and write.
         let flops = 2.0 * g.m as f64 * g.n as f64 * g.k as f64;
         let bytes = (g.a.len() + g.b.len() + g.d.len()) as u64;
         let ws = self.workspace.view();
@@ -259,8 +263,22 @@ mod tests {
                 d: d_buf.view(),
                 out: OutDType::F32,
                 bias: None,
+                accumulate: false,
             };
             let c = column_major(&g, 0, 0);
+            assert_eq!(c.beta, 0.0);
+            assert_eq!(
+                column_major(
+                    &Gemm {
+                        accumulate: true,
+                        ..g
+                    },
+                    0,
+                    0
+                )
+                .beta,
+                1.0
+            );
             // cuBLASLt: D (cm, rows c.m, ld c.ldd) = op(A') op(B'), A' at
             // `b` stored cm with ld c.lda, B' at `a` with ld c.ldb.
             let (ap, bp) = (&b, &a);
