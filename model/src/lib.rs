@@ -1,6 +1,7 @@
 //! fpdt-model: GPT and Llama with hand-written backward, the FPDT layer
 //! schedule, the optimizer, data and checkpoints.
 
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod fpdt;

@@ -1,8 +1,9 @@
-//! The `fpdt` command line: `train`, `prepare`, `plan`, `info`.
+//! The `fpdt` command line: `train`, `prepare`, `plan`, `info`, `bench`.
 //!
 //! The binary (`src/bin/fpdt.rs`) only calls [`main`]; everything is here
 //! so that the parsing and the checks are testable as a library.
 
+mod bench;
 mod info;
 mod plan;
 mod train;
@@ -16,6 +17,7 @@ use clap::{Parser, Subcommand};
 use crate::error::ModelError;
 use crate::tokenizer::{prepare, PrepareOptions};
 
+pub use bench::{BenchArgs, BenchCommand, MemoryArgs, OverlapArgs};
 pub use plan::PlanArgs;
 pub use train::{TrainArgs, TrainPlan};
 
@@ -48,6 +50,9 @@ pub enum Command {
     Plan(Box<PlanArgs>),
     /// Devices, NUMA topology, the host arena, NCCL.
     Info(InfoArgs),
+    /// Benchmarks that print tables: `overlap` (offload cost and copy time
+    /// hidden, cpu) and `memory` (peak device memory, FPDT vs Ulysses).
+    Bench(Box<BenchArgs>),
 }
 
 /// `fpdt prepare`.
@@ -189,6 +194,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, ModelError> {
         }
         Command::Train(a) => train::train(&a),
         Command::Plan(a) => plan::plan(&a),
+        Command::Bench(a) => bench::bench(&a),
     }
 }
 
