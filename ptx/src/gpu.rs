@@ -30,6 +30,17 @@ fn kernel_args(args: &[Arg]) -> Vec<KernelArg> {
 }
 
 impl KernelLaunch {
+    /// The checks the cuda device makes before launching, without a GPU:
+    /// the arguments against the `.entry`'s parameter list in the module
+    /// text. The interpreter backend of [`Runner`] makes them on every
+    /// launch, so each kernel test also shows the launch would be accepted.
+    pub fn check_for_cuda(&self) -> Result<(), PtxError> {
+        let params =
+            fpdt_runtime::cuda::launch::entry_params(self.module, &self.entry).map_err(dev_err)?;
+        fpdt_runtime::cuda::launch::check_args(&self.entry, &params, &kernel_args(&self.args))
+            .map_err(dev_err)
+    }
+
     /// Enqueues the kernel on `stream` (cuda: launched; meta: costed as
     /// `work`); `reads` and `writes` are the views its pointers lie in.
     pub fn enqueue(
@@ -278,7 +289,10 @@ impl Runner {
     /// Runs a launcher's kernel to completion.
     pub fn run(&mut self, l: &KernelLaunch) -> Result<(), PtxError> {
         match self {
-            Runner::Interp(r) => r.run(l).map(|_| ()),
+            Runner::Interp(r) => {
+                l.check_for_cuda()?;
+                r.run(l).map(|_| ())
+            }
             Runner::Gpu(r) => r.run(l),
         }
     }
@@ -337,5 +351,23 @@ mod tests {
         let ev = dev.trace().events();
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].name, "residual_add_f32");
+    }
+}
+
+#[cfg(test)]
+mod cuda_checks {
+    use crate::cpu::DType;
+    use crate::kernels;
+
+    #[test]
+    fn a_launch_with_a_wrong_argument_fails_the_cuda_check() {
+        let mut l = kernels::residual_add(64, DType::F32, 256, 512, 768).unwrap();
+        l.check_for_cuda().unwrap();
+        l.args[3] = crate::Arg::F32(64.0);
+        let e = l.check_for_cuda().unwrap_err().to_string();
+        assert!(e.contains("argument 3"), "{e}");
+        l.args.pop();
+        let e = l.check_for_cuda().unwrap_err().to_string();
+        assert!(e.contains("3 arguments given, the entry takes 4"), "{e}");
     }
 }
