@@ -69,7 +69,9 @@ pub fn report(arena_bytes: usize) -> String {
             }
         }
         Err(e) => {
-            let _ = writeln!(s, "  cuda: unavailable: {e}");
+            let e = e.to_string();
+            let why = e.strip_prefix("cuda: ").unwrap_or(&e);
+            let _ = writeln!(s, "  cuda: unavailable: {why}");
         }
     }
 
@@ -134,7 +136,16 @@ pub fn report(arena_bytes: usize) -> String {
             let _ = writeln!(s, "  loaded `{}`, version {}", n.path(), n.version_string());
         }
         Err(e) => {
-            let _ = writeln!(s, "  not available: {e}");
+            // The search's full list of places is under `libraries:`.
+            let e = e.to_string();
+            if e.len() <= 200 {
+                let _ = writeln!(s, "  not available: {e}");
+            } else {
+                let _ = writeln!(
+                    s,
+                    "  not available: not found (the places tried are listed under libraries:)"
+                );
+            }
         }
     }
 
