@@ -74,7 +74,7 @@ fn copy_rows() -> Result<(), String> {
                     println!("| {what} | {gbps:.1} | {of} |");
                     println!(
                         "RESULT copy_{} gbps={gbps:.2}",
-                        what.replace([' ', ','], "_")
+                        what.split(" (").next().unwrap_or(what).replace(' ', "_")
                     );
                 }
                 None => println!("| {what} | failed: {:?} |  |", s.failure()),

@@ -555,3 +555,49 @@ fn cublaslt_gemm_matches_the_host_product() {
         .iter()
         .any(|e| e.name.starts_with("gemm 67x40x96")));
 }
+
+#[test]
+fn more_device_memory_than_is_free_is_refused_by_name() {
+    if let Err(e) = fpdt_runtime::cuda::probe() {
+        eprintln!("more_device_memory_than_is_free_is_refused_by_name: skipped, no GPU: {e}");
+        return;
+    }
+    let e = Device::cuda_with(CudaConfig {
+        device_memory: Some(1 << 50),
+        host_memory: 1 << 20,
+        ..CudaConfig::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("device_memory") && e.contains("is free"), "{e}");
+}
+
+#[test]
+fn a_kernel_missing_from_its_module_is_named_and_nothing_runs() {
+    let Some(dev) = gpu("a_kernel_missing_from_its_module_is_named_and_nothing_runs") else {
+        return;
+    };
+    let y = dev.alloc(16, "y").unwrap();
+    let e = dev
+        .compute()
+        .launch_ptx(
+            "nope",
+            Work::kernel(0.0, 0),
+            &PtxKernel {
+                ptx: ADD_ONE,
+                entry: "add_two_f32",
+                grid: [1, 1, 1],
+                block: [1, 1, 1],
+                shared_bytes: 0,
+                args: &[],
+            },
+            &[],
+            &[y.view()],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("add_two_f32"), "{e}");
+    assert_eq!(dev.compute().in_flight(), 0);
+    // The stream is still usable.
+    dev.synchronize().unwrap();
+}
