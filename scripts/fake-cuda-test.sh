@@ -23,4 +23,12 @@ if grep -q "skipped, no GPU" "$log"; then
   exit 1
 fi
 rm -f "$log"
-echo "fake-cuda-test: the cuda backend's tests passed against the fake driver"
+# fpdt info lists the GPU the driver reports.
+cargo build -q -p fpdt-model --bin fpdt
+info=$(target/debug/fpdt info)
+if ! grep -q "cuda0: Fake GPU, sm_90" <<<"$info"; then
+  echo "fake-cuda-test: fpdt info did not list the fake GPU:" >&2
+  echo "$info" | head -8 >&2
+  exit 1
+fi
+echo "fake-cuda-test: the cuda backend's tests and fpdt info passed against the fake driver"

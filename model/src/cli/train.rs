@@ -26,7 +26,8 @@ use super::parse_bytes_arg;
 /// Where to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {
-    /// cuda when a driver and a GPU are found, else cpu.
+    /// The best device the trainer runs on: cpu for now (its layers do
+    /// not run on cuda yet); says so when a GPU is present.
     Auto,
     /// The cpu backend.
     Cpu,
@@ -545,6 +546,18 @@ fn step_line(r: &StepRecord) -> String {
 /// `fpdt train`.
 pub fn train(args: &TrainArgs) -> Result<ExitCode> {
     let plan = args.check()?;
+    if args.device == DeviceChoice::Auto {
+        if let Ok(gpus) = fpdt_runtime::cuda::probe() {
+            if let Some(g) = gpus.first() {
+                eprintln!(
+                    "fpdt train: note: {} GPU(s) found ({}), but the trainer runs on the cpu \
+                     device: its layers are host kernels, and their cuda dispatch is not built yet",
+                    gpus.len(),
+                    g.name
+                );
+            }
+        }
+    }
     let s = plan.schedule;
     let what = match (&plan.data, &plan.task) {
         (Some(d), _) => format!("token data {}", d.describe()),
