@@ -24,7 +24,8 @@ if grep -q "skipped, no GPU" "$log"; then
 fi
 rm -f "$log"
 # fpdt info lists the GPU the driver reports.
-cargo build -q -p fpdt-model --bin fpdt
+# The test profile: what `cargo test --workspace` already built for the CLI tests.
+cargo build -q --profile test -p fpdt-model --bin fpdt
 info=$(target/debug/fpdt info)
 if ! grep -q "cuda0: Fake GPU, sm_90" <<<"$info"; then
   echo "fake-cuda-test: fpdt info did not list the fake GPU:" >&2
