@@ -16,6 +16,23 @@ fn payload() -> Vec<u8> {
     (0..128u32).map(|i| (i * 7 + 3) as u8).collect()
 }
 
+/// Rank `rank` of `world` as a process of `fpdt-rendezvous-check`, with
+/// torchrun's variables pointing at `port` on loopback.
+fn rank_process(rank: usize, world: usize, port: u16, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_fpdt-rendezvous-check"))
+        .args(args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env_remove("SLURM_PROCID")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// A port that was free a moment ago.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -30,21 +47,9 @@ fn child_processes_fetch_the_id_from_rank_0() {
     let server = RendezvousServer::bind("127.0.0.1", 0, world).unwrap();
     let port = server.port().unwrap();
     // The ranks are real processes: the crate's `fpdt-rendezvous-check`.
-    let exe = env!("CARGO_BIN_EXE_fpdt-rendezvous-check");
     let mut children = Vec::new();
     for rank in 1..world {
-        let child = Command::new(exe)
-            .args(["--timeout-secs", "20"])
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", world.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env_remove("SLURM_PROCID")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = rank_process(rank, world, port, &["--timeout-secs", "20"]);
         children.push((rank, child));
     }
     let served = server.serve(&payload(), Duration::from_secs(30));
@@ -180,21 +185,14 @@ fn a_world_of_one_needs_no_server() {
 fn the_check_binary_runs_every_rank() {
     let world = 3;
     let port = free_port();
-    let exe = env!("CARGO_BIN_EXE_fpdt-rendezvous-check");
     let kids: Vec<_> = (0..world)
         .map(|rank| {
-            Command::new(exe)
-                .args(["--timeout-secs", "20", "--payload", "c0ffee01"])
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
-                .env_remove("SLURM_PROCID")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+            rank_process(
+                rank,
+                world,
+                port,
+                &["--timeout-secs", "20", "--payload", "c0ffee01"],
+            )
         })
         .collect();
     for (rank, k) in kids.into_iter().enumerate() {

@@ -110,6 +110,24 @@ WAIT:
 }
 "#;
 
+/// A launch of `entry` of the test module.
+fn kernel<'a>(
+    entry: &'a str,
+    grid: u32,
+    block: u32,
+    shared_bytes: u32,
+    args: &'a [KernelArg],
+) -> PtxKernel<'a> {
+    PtxKernel {
+        ptx: ADD_ONE,
+        entry,
+        grid: [grid, 1, 1],
+        block: [block, 1, 1],
+        shared_bytes,
+        args,
+    }
+}
+
 /// The name the test double of `runtime/tests/fake_cuda` gives its GPU:
 /// these tests run against it in CI (`scripts/fake-cuda-test.sh`), where
 /// only what needs real concurrency is skipped.
@@ -190,14 +208,7 @@ fn ptx_launches_are_costed_on_meta_and_refused_on_cpu() {
         KernelArg::Ptr(x.view().addr() as u64),
         KernelArg::U32(256),
     ];
-    let k = PtxKernel {
-        ptx: ADD_ONE,
-        entry: "add_one_f32",
-        grid: [1, 1, 1],
-        block: [256, 1, 1],
-        shared_bytes: 0,
-        args: &args,
-    };
+    let k = kernel("add_one_f32", 1, 256, 0, &args);
     meta.compute()
         .launch_ptx(
             "add one",
@@ -289,14 +300,7 @@ fn ptx_kernels_run_and_bad_launches_are_refused() {
         KernelArg::Ptr(xd.view().addr() as u64),
         KernelArg::U32(n),
     ];
-    let k = PtxKernel {
-        ptx: ADD_ONE,
-        entry: "add_one_f32",
-        grid: [n.div_ceil(128), 1, 1],
-        block: [128, 1, 1],
-        shared_bytes: 0,
-        args: &args,
-    };
+    let k = kernel("add_one_f32", n.div_ceil(128), 128, 0, &args);
     let s = dev.compute();
     s.launch_ptx(
         "add one",
@@ -368,14 +372,7 @@ fn ptx_kernels_run_and_bad_launches_are_refused() {
     s.launch_ptx(
         "reverse",
         Work::kernel(0.0, 0),
-        &PtxKernel {
-            ptx: ADD_ONE,
-            entry: "reverse_shared",
-            grid: [1, 1, 1],
-            block: [256, 1, 1],
-            shared_bytes: m * 4,
-            args: &rargs,
-        },
+        &kernel("reverse_shared", 1, 256, m * 4, &rargs),
         &[vd.view()],
         &[rd.view()],
     )
@@ -421,14 +418,7 @@ fn copies_overlap_a_kernel_in_the_trace() {
         .launch_ptx(
             "spin",
             Work::kernel(0.0, 0),
-            &PtxKernel {
-                ptx: ADD_ONE,
-                entry: "spin",
-                grid: [1, 1, 1],
-                block: [1, 1, 1],
-                shared_bytes: 0,
-                args: &args,
-            },
+            &kernel("spin", 1, 1, 0, &args),
             &[],
             &[flag.view()],
         )
@@ -583,14 +573,7 @@ fn a_kernel_missing_from_its_module_is_named_and_nothing_runs() {
         .launch_ptx(
             "nope",
             Work::kernel(0.0, 0),
-            &PtxKernel {
-                ptx: ADD_ONE,
-                entry: "add_two_f32",
-                grid: [1, 1, 1],
-                block: [1, 1, 1],
-                shared_bytes: 0,
-                args: &[],
-            },
+            &kernel("add_two_f32", 1, 1, 0, &[]),
             &[],
             &[y.view()],
         )
