@@ -100,10 +100,12 @@ pub fn reduce_into(dtype: DType, op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -
             out.len()
         )));
     }
-    if dtype == DType::F32 && reduce_f32_aligned(op, srcs, out) {
-        return Ok(());
-    }
-    if dtype == DType::Bf16 && reduce_bf16_aligned(op, srcs, out) {
+    let aligned = match dtype {
+        DType::F32 => reduce_aligned::<f32>(op, srcs, out, |x| x, |x| x),
+        DType::Bf16 => reduce_aligned::<u16>(op, srcs, out, bf16_to_f32, f32_to_bf16),
+        _ => false,
+    };
+    if aligned {
         return Ok(());
     }
     match dtype {
@@ -203,13 +205,9 @@ fn in_place_aligned<T: bytemuck::Pod>(
     ) else {
         return false;
     };
-    let mut typed = Vec::with_capacity(others.len());
-    for s in others {
-        match bytemuck::try_cast_slice::<u8, T>(s) {
-            Ok(t) => typed.push(t),
-            Err(_) => return false,
-        }
-    }
+    let Some(typed) = typed_slices::<T>(others) else {
+        return false;
+    };
     let dst = Dst {
         out: own,
         own_at: Some(own_at),
@@ -219,50 +217,37 @@ fn in_place_aligned<T: bytemuck::Pod>(
     true
 }
 
-/// The f32 path where every slice is 4-byte aligned (the usual case):
-/// [`reduce_lanes`], same order and NaN rules as [`reduce_typed`]. False
-/// (nothing written) where a slice is misaligned.
-fn reduce_f32_aligned(op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -> bool {
-    let Ok(o) = bytemuck::try_cast_slice_mut::<u8, f32>(out) else {
-        return false;
-    };
-    let mut typed = Vec::with_capacity(srcs.len());
-    for s in srcs {
-        match bytemuck::try_cast_slice::<u8, f32>(s) {
-            Ok(t) => typed.push(t),
-            Err(_) => return false,
-        }
-    }
-    let dst = Dst {
-        out: o,
-        own_at: None,
-        copy: None,
-    };
-    reduce_lanes_op(op, &typed, dst, |x| x, |x| x);
-    true
+/// Every byte slice as a slice of `T`, or None where one is misaligned.
+fn typed_slices<'a, T: bytemuck::Pod>(srcs: &[&'a [u8]]) -> Option<Vec<&'a [T]>> {
+    srcs.iter()
+        .map(|s| bytemuck::try_cast_slice::<u8, T>(s).ok())
+        .collect()
 }
 
-/// The bf16 path where every slice is 2-byte aligned (the usual case):
-/// [`reduce_lanes`] widening each element to f32 (a shift) and narrowing
-/// the result once; the same bits as [`reduce_typed`] over `half::bf16`.
-/// False (nothing written) where a slice is misaligned.
-fn reduce_bf16_aligned(op: ReduceOp, srcs: &[&[u8]], out: &mut [u8]) -> bool {
-    let Ok(o) = bytemuck::try_cast_slice_mut::<u8, u16>(out) else {
+/// The path where every slice is aligned for `T` (the usual case):
+/// [`reduce_lanes`] loading each element to f32 and storing the result
+/// once (f32 as is; bf16 as `u16` bits, the same bits as [`reduce_typed`]
+/// over `half::bf16`), same order and NaN rules as [`reduce_typed`]. False
+/// (nothing written) where a slice is misaligned.
+fn reduce_aligned<T: bytemuck::Pod>(
+    op: ReduceOp,
+    srcs: &[&[u8]],
+    out: &mut [u8],
+    load: impl Fn(T) -> f32 + Copy,
+    store: impl Fn(f32) -> T + Copy,
+) -> bool {
+    let Ok(o) = bytemuck::try_cast_slice_mut::<u8, T>(out) else {
         return false;
     };
-    let mut typed = Vec::with_capacity(srcs.len());
-    for s in srcs {
-        match bytemuck::try_cast_slice::<u8, u16>(s) {
-            Ok(t) => typed.push(t),
-            Err(_) => return false,
-        }
-    }
+    let Some(typed) = typed_slices::<T>(srcs) else {
+        return false;
+    };
     let dst = Dst {
         out: o,
         own_at: None,
         copy: None,
     };
-    reduce_lanes_op(op, &typed, dst, bf16_to_f32, f32_to_bf16);
+    reduce_lanes_op(op, &typed, dst, load, store);
     true
 }
 

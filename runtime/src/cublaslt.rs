@@ -730,35 +730,46 @@ impl Drop for Owned<'_> {
 }
 
 impl CublasLt {
-    fn desc_attr<T>(&self, desc: &Owned<'_>, attr: c_int, name: &'static str, v: &T) -> Result<()> {
+    /// Sets attribute `attr` (named `name` in errors) of a descriptor
+    /// through `set`, the library's `cublasLt<what>SetAttribute`.
+    fn set_attr<T>(
+        &self,
+        set: unsafe extern "C" fn(*mut c_void, c_int, *const c_void, usize) -> sys::Status,
+        what: &'static str,
+        obj: &Owned<'_>,
+        attr: c_int,
+        name: &'static str,
+        v: &T,
+    ) -> Result<()> {
         // SAFETY: `v` is a live value of the type cublasLt.h gives `attr`,
-        // and its size is passed; the descriptor is live.
+        // and its size is passed; the descriptor is live and of the kind
+        // `set` takes.
         let s = unsafe {
-            (self.fns.desc_set)(
-                desc.raw,
+            set(
+                obj.raw,
                 attr,
                 (v as *const T).cast(),
                 std::mem::size_of_val(v),
             )
         };
-        self.check("cublasLtMatmulDescSetAttribute", s, &|| {
-            format!("setting {name}")
-        })
+        self.check(what, s, &|| format!("setting {name}"))
+    }
+
+    fn desc_attr<T>(&self, desc: &Owned<'_>, attr: c_int, name: &'static str, v: &T) -> Result<()> {
+        let set = self.fns.desc_set;
+        self.set_attr(set, "cublasLtMatmulDescSetAttribute", desc, attr, name, v)
     }
 
     fn pref_attr<T>(&self, pref: &Owned<'_>, attr: c_int, name: &'static str, v: &T) -> Result<()> {
-        // SAFETY: as in desc_attr, for a preference descriptor.
-        let s = unsafe {
-            (self.fns.pref_set)(
-                pref.raw,
-                attr,
-                (v as *const T).cast(),
-                std::mem::size_of_val(v),
-            )
-        };
-        self.check("cublasLtMatmulPreferenceSetAttribute", s, &|| {
-            format!("setting {name}")
-        })
+        let set = self.fns.pref_set;
+        self.set_attr(
+            set,
+            "cublasLtMatmulPreferenceSetAttribute",
+            pref,
+            attr,
+            name,
+            v,
+        )
     }
 
     fn layout(

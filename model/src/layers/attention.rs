@@ -27,7 +27,6 @@ use fpdt_comm::ulysses::Heads;
 use fpdt_comm::{Communicator, UlyssesAllToAll, UlyssesConfig};
 use fpdt_ptx::cpu::{
     attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, matmul, rope_bwd, rope_fwd, AttnShape,
-    MatmulSpec, Transpose,
 };
 use fpdt_runtime::DoubleBuffer;
 
@@ -170,14 +169,7 @@ fn linear_rope_fwd(
 ) -> Result<()> {
     let (t, inp, d, theta) = (pos.len(), dims.h, dims.d, dims.theta);
     let out = heads * d;
-    let spec = MatmulSpec {
-        m: t,
-        n: out,
-        k: inp,
-        trans_a: Transpose::No,
-        trans_b: Transpose::Yes,
-        accumulate: false,
-    };
+    let spec = super::linear_spec(t, inp, out, false);
     let flops = 2.0 * (t * inp * out) as f64 + 6.0 * (t * out) as f64;
     let mut reads = vec![x, w];
     let has_b = b.is_some();

@@ -4,9 +4,7 @@
 //! activation `[rows, intermediate]` never exists for more than one
 //! sub-chunk; backward recomputes it from the block input.
 
-use fpdt_ptx::cpu::{
-    gelu_tanh_bwd, gelu_tanh_fwd, matmul, swiglu_bwd, swiglu_fwd, MatmulSpec, Transpose,
-};
+use fpdt_ptx::cpu::{gelu_tanh_bwd, gelu_tanh_fwd, matmul, swiglu_bwd, swiglu_fwd};
 
 use super::{
     kernel, linear_bwd, linear_dgrad_sum, linear_residual_fwd, missing, norm, Buf, Ctx, Tv,
@@ -94,14 +92,7 @@ fn wide(ctx: &Ctx<'_>, lp: &LayerParams, hn: Tv<'_>, n: usize, aux: bool) -> Res
     let mut writes = vec![act.view()];
     writes.extend(z1.as_ref().map(Buf::view));
     writes.extend(z3.as_ref().map(Buf::view));
-    let spec = MatmulSpec {
-        m: n,
-        n: inter,
-        k: h,
-        trans_a: Transpose::No,
-        trans_b: Transpose::Yes,
-        accumulate: false,
-    };
+    let spec = super::linear_spec(n, h, inter, false);
     let gemms = if w3_at.is_some() { 2.0 } else { 1.0 };
     let flops = gemms * 2.0 * (n * h * inter) as f64 + 8.0 * (n * inter) as f64;
     let (name, len) = match w3_at {

@@ -279,6 +279,19 @@ pub(crate) fn fill(s: &Stream, v: Tv<'_>, x: f32) -> Result<()> {
     })
 }
 
+/// The product of a linear layer, `x[t, inp] W[out, inp]^T`, onto the
+/// output or added to it.
+pub(crate) fn linear_spec(t: usize, inp: usize, out: usize, accumulate: bool) -> MatmulSpec {
+    MatmulSpec {
+        m: t,
+        n: out,
+        k: inp,
+        trans_a: Transpose::No,
+        trans_b: Transpose::Yes,
+        accumulate,
+    }
+}
+
 /// `y = r + x W^T (+ b)`: a projection with the residual add fused into
 /// its epilogue (the GEMM accumulates onto the residual in f32, as
 /// cuBLASLt's `D = A B + C` does), so the block's output is rounded to
@@ -295,14 +308,7 @@ pub(crate) fn linear_residual_fwd(
     inp: usize,
     out: usize,
 ) -> Result<()> {
-    let spec = MatmulSpec {
-        m: t,
-        n: out,
-        k: inp,
-        trans_a: Transpose::No,
-        trans_b: Transpose::Yes,
-        accumulate: true,
-    };
+    let spec = linear_spec(t, inp, out, true);
     let flops = 2.0 * (t * inp * out) as f64 + (t * out) as f64;
     let mut reads = vec![x, w, r];
     let has_b = b.is_some();
@@ -334,14 +340,7 @@ pub(crate) fn linear_fwd(
     inp: usize,
     out: usize,
 ) -> Result<()> {
-    let spec = MatmulSpec {
-        m: t,
-        n: out,
-        k: inp,
-        trans_a: Transpose::No,
-        trans_b: Transpose::Yes,
-        accumulate: false,
-    };
+    let spec = linear_spec(t, inp, out, false);
     let flops = 2.0 * (t * inp * out) as f64;
     let mut reads = vec![x, w];
     let has_b = b.is_some();

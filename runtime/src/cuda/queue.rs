@@ -87,13 +87,7 @@ impl Gpu {
     /// When a completed event completed, in nanoseconds on the device's
     /// clock.
     pub(crate) fn time_ns(&self, ev: sys::CUevent) -> Result<u64> {
-        let mut ms = 0f32;
-        // SAFETY: both events were recorded in this context and completed.
-        check(
-            unsafe { sys::cuEventElapsedTime(&mut ms, self.epoch, ev) },
-            || "cuEventElapsedTime".into(),
-        )?;
-        Ok(self.epoch_host_ns + (f64::from(ms.max(0.0)) * 1e6) as u64)
+        Ok(self.epoch_host_ns + self.elapsed_ns(self.epoch, ev)?)
     }
 
     /// Nanoseconds between two completed events of this context.
