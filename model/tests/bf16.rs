@@ -17,24 +17,40 @@ use fpdt_runtime::{MetaConfig, Space};
 /// gradient `||g - ref||_2 / ||ref||_2`.
 const TOL: f64 = 2e-2;
 
-/// The same metric per parameter tensor. It is not 2e-2 because of how
-/// these tiny models amplify rounding, not because of a bf16 defect
-/// (measured, issue #6):
-/// - the f32 path's worst tensor is off by 1.3e-6..1.4e-6, about 22 times
-///   f32's unit roundoff (2^-24); the bf16 path's by 3.5e-2, about 18 times
-///   bf16's (2^-9): both paths amplify their rounding alike;
-/// - rounding only the weights to bf16 moves the f64 reference's own
-///   gradients by up to 2.9e-2 (GPT) and 3.9e-2 (Llama) per tensor here;
-///   by 1.7e-2..3.6e-2 at widths 32 and 64, and only at weight std 0.05,
-///   where attention is near uniform and GeLU near linear, below 1e-2;
-/// - the worst tensors (norm gains, q/k biases, layer 0's q/k weights)
-///   have gradients summed over few tokens with cancellation.
+/// The models of the gradient comparison: width 32 (GPT 4 heads of 8,
+/// Llama 8 query heads over 4 kv heads, so P = 4 splits both), weights at GPT-2's initial scale (std 0.02 at width 768, that is
+/// 0.55 / sqrt(width)), biases and norm gains random as everywhere else.
 ///
-/// Over 6 seeds x 10 configs the worst tensor averages 2.6e-2 (GPT) and
-/// 2.9e-2 (Llama) and reaches 6e-2, while the whole gradient stays at
-/// 1.1e-2 and 1.6e-2 on average. So per tensor the bound is 4e-2 (this
-/// seed's worst is 3.5e-2); the whole gradient keeps the issue's 2e-2.
-const TENSOR_TOL: f64 = 4e-2;
+/// Why not the width-16, std-0.3 models of the f32 tests (measured, issue
+/// #6): their per-tensor error is set by how much the model amplifies
+/// rounding, not by the bf16 path. The f32 path's worst tensor there is off
+/// by about 22 times f32's unit roundoff; the bf16 path's by about 18 times
+/// bf16's (2.6e-2 GPT, 2.9e-2 Llama on average over 6 seeds x 10 configs,
+/// up to 6e-2). At a fixed std 0.3 the error grows with width (each matmul
+/// grows activations by 0.3 * sqrt(width): at width 64 even the whole
+/// gradient is 4e-2..1e-1 off); with the std scaled as models are really
+/// initialised it shrinks. At width 32 and GPT-2's scale, over 7 seeds x
+/// the 7 schedules below, the worst tensor is 1.71e-2 (GPT) and 1.34e-2
+/// (Llama), 1.2e-2 and 1.0e-2 on average, the whole gradient at most
+/// 7.6e-3: the issue's 2e-2 holds for every tensor.
+fn bf16_models() -> [ModelConfig; 2] {
+    let h = 32;
+    [
+        ModelConfig {
+            intermediate: 3 * h,
+            ..ModelConfig::gpt(61, h, 2, 4)
+        },
+        ModelConfig {
+            rope_theta: 10_000.0,
+            ..ModelConfig::llama(61, h, 2, 8, 4, 3 * h)
+        },
+    ]
+}
+
+/// [`random_params_std`] at GPT-2's initial scale for `cfg`'s width.
+fn gpt2_scale_params(cfg: &ModelConfig, seed: u64) -> Vec<f64> {
+    random_params_std(cfg, seed, 0.55 / (cfg.hidden as f64).sqrt())
+}
 
 fn bf16(sched: Schedule) -> Schedule {
     Schedule {
@@ -76,14 +92,14 @@ fn compare(
             e.name
         );
         let err = rel_l2(&g, gr);
-        if err >= TENSOR_TOL {
+        if err >= TOL {
             bad.push(format!("{} off by {err:.3e}", e.name));
         }
         worst = worst.max(err);
     }
     assert!(
         bad.is_empty(),
-        "{what}: gradients off (relative L2, tolerance {TENSOR_TOL}): {}",
+        "{what}: gradients off (relative L2, tolerance {TOL}): {}",
         bad.join(", ")
     );
     let all: Vec<f64> = grads[..r.grads.len()]
@@ -101,22 +117,23 @@ fn compare(
 
 #[test]
 fn bf16_loss_and_every_gradient_equal_the_reference() {
-    // (S, P, u, offload, checkpoint): u in 1..=3, P in 1..=2, offload and
-    // checkpointing on and off, S = 18, 20, 30 not powers of two.
+    // (S, P, u, offload, checkpoint): u in 1..=4, P in {1, 2, 4}, offload
+    // and checkpointing on and off, S = 18, 20, 30, 40 not powers of two.
     let cases = [
         (12, 1, 1, false, false),
         (18, 1, 3, true, true),
         (20, 2, 2, true, false),
         (24, 2, 3, false, true),
         (30, 2, 3, true, true),
+        (32, 4, 4, true, true),
+        (40, 4, 2, false, false),
     ];
-    for cfg in [tiny_gpt(), tiny_llama()] {
+    for cfg in bf16_models() {
         // bf16-representable weights, so the model and the reference see the
-        // same values (as the f32 tests round to f32): rounding these
-        // weights alone moves the reference's gradients by 2-4% (measured),
-        // more than the tolerance, which is for the bf16 compute path.
+        // same values (as the f32 tests round to f32): the tolerance is for
+        // the bf16 compute path, not for rounding the weights.
         let p32 = round_bf16(
-            &random_params(&cfg, 7)
+            &gpt2_scale_params(&cfg, 7)
                 .iter()
                 .map(|&x| x as f32)
                 .collect::<Vec<_>>(),

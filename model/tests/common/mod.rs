@@ -107,9 +107,14 @@ pub fn tiny_llama() -> ModelConfig {
 /// Parameters with every kind of value exercised: weights of std `0.3`,
 /// norm gains around 1 and non-zero biases.
 pub fn random_params(cfg: &ModelConfig, seed: u64) -> Vec<f64> {
+    random_params_std(cfg, seed, 0.3)
+}
+
+/// [`random_params`] with weights of std `std`.
+pub fn random_params_std(cfg: &ModelConfig, seed: u64, std: f64) -> Vec<f64> {
     let layout = cfg.layout();
     let mut p: Vec<f64> = layout
-        .init(seed, 0.3)
+        .init(seed, std)
         .iter()
         .map(|&x| f64::from(x))
         .collect();
