@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the cuda backend's tests (runtime/tests/cuda.rs) against a fake
+# Runs the cuda backend's tests (runtime/tests/cuda.rs, comm/tests/cuda.rs) against a fake
 # libcuda.so.1 (runtime/tests/fake_cuda/fake_cuda.c: host memory, memcpy,
 # events that complete when recorded, the test kernels run natively), so
 # every driver call the backend makes, its error paths, retirement, events
@@ -15,6 +15,8 @@ ln -sf libcuda.so.1 "$out/libcuda.so"
 export LD_LIBRARY_PATH="$PWD/$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 log=$(mktemp)
 cargo test -p fpdt-runtime --test cuda -- --test-threads=1 2>&1 | tee "$log"
+# The in-process group's collectives on cuda (two ranks sharing the GPU).
+cargo test -p fpdt-comm --test cuda -- --test-threads=1 2>&1 | tee -a "$log"
 # The fake must have been used: a test that skipped for want of a driver
 # would pass without exercising anything.
 if grep -q "skipped, no GPU" "$log"; then

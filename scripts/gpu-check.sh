@@ -49,6 +49,9 @@ for t in "$BIN"/fpdt-runtime-*; do
   run "$(basename "$t")" "$t" --test-threads=1
 done
 
+step "In-process group on the GPU (two ranks sharing it; collectives staged through the host)"
+[ -x "$BIN/fpdt-comm-cuda" ] && run "fpdt-comm-cuda" "$BIN/fpdt-comm-cuda" --test-threads=1
+
 step "PTX kernels on the GPU against their CPU twins (FPDT_PTX_BACKEND=cuda)"
 for t in "$BIN"/fpdt-ptx-ptx_kernels "$BIN"/fpdt-ptx-fpdt_ptx; do
   [ -x "$t" ] && FPDT_PTX_BACKEND=cuda run "$(basename "$t") on cuda" "$t" --test-threads=1

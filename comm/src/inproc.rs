@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use fpdt_runtime::{CpuConfig, Device, DeviceKind, MetaConfig, Stream, View, Work};
+use fpdt_runtime::{CpuConfig, Device, DeviceKind, HostBuffer, MetaConfig, Stream, View, Work};
 
 use crate::communicator::{check, traffic, work, Communicator};
 use crate::error::{duplicate, CommError, Result};
@@ -85,7 +85,8 @@ pub struct InProcessGroup;
 
 impl InProcessGroup {
     /// A group of `devices.len()` ranks; rank `r` runs on `devices[r]`.
-    /// The devices must be of one kind (cpu or meta). Several ranks may share
+    /// The devices must be of one kind (cpu, meta or cuda; on cuda the
+    /// collectives are staged through the host, see `run_staged`). Several ranks may share
     /// one device if each issues its collectives on its own stream.
     pub fn create(devices: Vec<Device>, cfg: GroupConfig) -> Result<Vec<InProcessComm>> {
         let world = devices.len();
@@ -103,13 +104,6 @@ impl InProcessGroup {
                 d.name(),
                 d.kind(),
                 devices[0].name()
-            )));
-        }
-        if kind == DeviceKind::Cuda {
-            return Err(CommError::Invalid(format!(
-                "in-process group `{}`: cuda devices are not supported yet (device-to-device \
-                 exchange needs the cuda backend's peer copies)",
-                cfg.name
             )));
         }
         if cfg.timeout.is_zero() {
@@ -1053,6 +1047,9 @@ impl InProcessComm {
             )));
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        if self.device.kind() == DeviceKind::Cuda {
+            return self.run_staged(stream, seq, op, reads, writes);
+        }
         let name = format!("{} #{seq}", op.name());
         let shared = self.shared.clone();
         let rank = self.rank;
@@ -1073,6 +1070,76 @@ impl InProcessComm {
                 },
             ),
         )?;
+        Ok(())
+    }
+}
+
+impl InProcessComm {
+    /// A collective on cuda, staged through pinned host buffers: the host
+    /// waits for the stream, copies what the collective reads to the host,
+    /// runs the same body as on cpu (barrier, checks, rings) on the calling
+    /// thread, and enqueues the copies of the results back to the device.
+    /// So on cuda a collective blocks its caller until every rank has
+    /// called it: each rank must enqueue from its own thread (as
+    /// `FpdtGroup` does). Exact, but synchronous and two trips over the
+    /// host link; a GPU-side path (peer copies on the streams, a reduction
+    /// kernel) is what would make it fast.
+    fn run_staged(
+        &self,
+        stream: &Stream,
+        seq: u64,
+        op: Op,
+        reads: &[View<'_>],
+        writes: &[View<'_>],
+    ) -> Result<()> {
+        // In-place collectives read what their output holds now.
+        let reads_writes = matches!(op, Op::AllReduce { .. } | Op::Broadcast { .. });
+        let stage = |v: &View<'_>, copy_in: bool| -> Result<HostBuffer> {
+            let h = self
+                .device
+                .alloc_host(v.len().max(1), "collective staging")?;
+            if copy_in && !v.is_empty() {
+                stream.copy(*v, h.bytes(0..v.len())?)?;
+            }
+            Ok(h)
+        };
+        let ins: Vec<HostBuffer> = reads
+            .iter()
+            .map(|v| stage(v, true))
+            .collect::<Result<_>>()?;
+        let mut outs: Vec<HostBuffer> = writes
+            .iter()
+            .map(|v| stage(v, reads_writes))
+            .collect::<Result<_>>()?;
+        stream.synchronize()?;
+        let in_bytes: Vec<Vec<u8>> = ins
+            .iter()
+            .zip(reads)
+            .map(|(h, v)| h.to_vec::<u8>(v.len()))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut out_bytes: Vec<Vec<u8>> = outs
+            .iter()
+            .zip(writes)
+            .map(|(h, v)| h.to_vec::<u8>(v.len()))
+            .collect::<std::result::Result<_, _>>()?;
+        let in_refs: Vec<&[u8]> = in_bytes.iter().map(|b| b.as_slice()).collect();
+        let mut out_refs: Vec<&mut [u8]> = out_bytes.iter_mut().map(|b| b.as_mut_slice()).collect();
+        if let Err(e) = self
+            .shared
+            .run(self.rank, seq, &op, &in_refs, &mut out_refs)
+        {
+            self.shared.record_error(self.rank, &e);
+            self.shared.abort(self.rank, &e.to_string());
+            return Err(e);
+        }
+        // The staging buffers may drop at once: the stream holds them until
+        // its copies have run.
+        for ((h, v), b) in outs.iter_mut().zip(writes).zip(&out_bytes) {
+            if !v.is_empty() {
+                h.copy_from(b)?;
+                stream.copy(h.bytes(0..v.len())?, *v)?;
+            }
+        }
         Ok(())
     }
 }
