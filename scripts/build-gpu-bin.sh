@@ -40,6 +40,7 @@ cargo test --no-run --message-format=json -p fpdt-runtime --lib --tests 2>/dev/n
 cargo test --no-run --message-format=json -p fpdt-comm --test cuda 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
 cargo test --no-run --message-format=json -p fpdt-ptx --lib --test ptx_kernels 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
 echo "==> GPU bench"
+cargo bench -p fpdt-comm --bench gpu --no-run --message-format=json 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
 cargo bench -p fpdt-ptx --bench gpu --no-run --message-format=json 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
 echo "==> fpdt"
 cargo build --release -p fpdt-model --bin fpdt --message-format=json 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }

@@ -17,6 +17,13 @@ log=$(mktemp)
 cargo test -p fpdt-runtime --test cuda -- --test-threads=1 2>&1 | tee "$log"
 # The in-process group's collectives on cuda (two ranks sharing the GPU).
 cargo test -p fpdt-comm --test cuda -- --test-threads=1 2>&1 | tee -a "$log"
+# Its GPU bench runs end to end (tiny sizes; the numbers mean nothing here).
+bench=$(FPDT_BENCH_MAX_MIB=1 cargo test -q -p fpdt-comm --bench gpu 2>&1)
+if ! grep -q "RESULT comm_a2a_vs_copy" <<<"$bench"; then
+  echo "fake-cuda-test: the comm gpu bench did not run:" >&2
+  echo "$bench" | tail -8 >&2
+  exit 1
+fi
 # The fake must have been used: a test that skipped for want of a driver
 # would pass without exercising anything.
 if grep -q "skipped, no GPU" "$log"; then

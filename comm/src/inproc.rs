@@ -41,7 +41,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use fpdt_runtime::{CpuConfig, Device, DeviceKind, HostBuffer, MetaConfig, Stream, View, Work};
+use fpdt_runtime::{
+    CpuConfig, Device, DeviceKind, Event, HostBuffer, MetaConfig, SharedView, Stream, View, Work,
+};
 
 use crate::communicator::{check, traffic, work, Communicator};
 use crate::error::{duplicate, CommError, Result};
@@ -257,6 +259,19 @@ struct BarrierState {
 struct Slot {
     op: Mutex<Option<Op>>,
     data: RwLock<Vec<u8>>,
+    /// On cuda: what the rank's stream offers its peers.
+    gpu: Mutex<Option<GpuPost>>,
+}
+
+/// A rank's part of a collective on cuda: the event after which its
+/// buffers are ready, the buffers, and the event after which it has
+/// finished reading its peers'.
+#[derive(Clone)]
+struct GpuPost {
+    ready: Event,
+    send: Option<SharedView>,
+    recv: Option<SharedView>,
+    done: Option<Event>,
 }
 
 /// One piece of a ring. The words keep the bytes 8-byte aligned, so the
@@ -1048,7 +1063,17 @@ impl InProcessComm {
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         if self.device.kind() == DeviceKind::Cuda {
-            return self.run_staged(stream, seq, op, reads, writes);
+            let r = match op {
+                Op::AllReduce { .. } | Op::ReduceScatter { .. } => {
+                    self.run_staged(stream, seq, op, reads, writes)
+                }
+                _ => self.run_on_gpu(stream, seq, &op, reads, writes),
+            };
+            if let Err(e) = &r {
+                self.shared.record_error(self.rank, e);
+                self.shared.abort(self.rank, &e.to_string());
+            }
+            return r;
         }
         let name = format!("{} #{seq}", op.name());
         let shared = self.shared.clone();
@@ -1124,20 +1149,142 @@ impl InProcessComm {
             .collect::<std::result::Result<_, _>>()?;
         let in_refs: Vec<&[u8]> = in_bytes.iter().map(|b| b.as_slice()).collect();
         let mut out_refs: Vec<&mut [u8]> = out_bytes.iter_mut().map(|b| b.as_mut_slice()).collect();
-        if let Err(e) = self
-            .shared
-            .run(self.rank, seq, &op, &in_refs, &mut out_refs)
-        {
-            self.shared.record_error(self.rank, &e);
-            self.shared.abort(self.rank, &e.to_string());
-            return Err(e);
-        }
+        self.shared
+            .run(self.rank, seq, &op, &in_refs, &mut out_refs)?;
         // The staging buffers may drop at once: the stream holds them until
         // its copies have run.
         for ((h, v), b) in outs.iter_mut().zip(writes).zip(&out_bytes) {
             if !v.is_empty() {
                 h.copy_from(b)?;
                 stream.copy(h.bytes(0..v.len())?, *v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl InProcessComm {
+    /// A copy collective on cuda, on the GPU's streams: each rank records
+    /// when its buffers are ready and posts them; after the host barrier
+    /// its stream waits for its peers' ready events and pulls what it
+    /// receives straight from their buffers (device-to-device copies, peer
+    /// copies between GPUs); it records when it is done reading, and after
+    /// a second barrier waits for its peers' done events, so later work
+    /// cannot overwrite a buffer a peer still reads. The host only
+    /// exchanges events and handles: the copies run in stream order, and
+    /// the caller does not wait for the GPU. Each rank must enqueue from
+    /// its own thread.
+    fn run_on_gpu(
+        &self,
+        stream: &Stream,
+        seq: u64,
+        op: &Op,
+        reads: &[View<'_>],
+        writes: &[View<'_>],
+    ) -> Result<()> {
+        let sh = &*self.shared;
+        let (me, world) = (self.rank, self.world);
+        if let Some(e) = sh.broken() {
+            return Err(e);
+        }
+        let set = &sh.sets[(seq & 1) as usize];
+        *lock(&set[me].op) = Some(op.clone());
+        *lock(&set[me].gpu) = Some(GpuPost {
+            ready: stream.record()?,
+            send: reads.first().map(View::share),
+            recv: writes.first().map(View::share),
+            done: None,
+        });
+        sh.wait(me, seq, op.name())?;
+        let missing_call = || {
+            CommError::Invalid(format!(
+                "group `{}`: collective #{seq}: a rank passed the barrier without its call",
+                sh.name
+            ))
+        };
+        let ops = set
+            .iter()
+            .map(|s| lock(&s.op).clone())
+            .collect::<Option<Vec<Op>>>()
+            .ok_or_else(missing_call)?;
+        validate(seq, op, &ops)?;
+        let posts = set
+            .iter()
+            .map(|s| lock(&s.gpu).clone())
+            .collect::<Option<Vec<GpuPost>>>()
+            .ok_or_else(missing_call)?;
+        for (p, post) in posts.iter().enumerate() {
+            if p != me {
+                stream.wait(&post.ready)?;
+            }
+        }
+        let of = |v: &Option<SharedView>, what: &str| {
+            v.clone().ok_or_else(|| {
+                CommError::Invalid(format!(
+                    "group `{}`: collective #{seq}: a rank posted no {what} buffer",
+                    sh.name
+                ))
+            })
+        };
+        // (source rank, byte range in its buffer, byte offset in mine)
+        let mut pulls: Vec<(usize, Range<usize>, usize)> = Vec::new();
+        match op {
+            Op::AllToAll { bytes } => {
+                let b = bytes / world;
+                pulls.extend((0..world).map(|p| (p, me * b..(me + 1) * b, p * b)));
+            }
+            Op::AllToAllV { recv: my_recv, .. } => {
+                let mut at = 0;
+                for (p, peer) in ops.iter().enumerate() {
+                    if let Op::AllToAllV { send, .. } = peer {
+                        let from: usize = send[..me].iter().sum();
+                        pulls.push((p, from..from + my_recv[p], at));
+                        at += my_recv[p];
+                    }
+                }
+            }
+            Op::AllGather { send_bytes } => {
+                let b = *send_bytes;
+                pulls.extend((0..world).map(|p| (p, 0..b, p * b)));
+            }
+            Op::Broadcast { bytes, root } if *root != me => pulls.push((*root, 0..*bytes, 0)),
+            Op::Broadcast { .. } | Op::Barrier => {}
+            Op::AllReduce { .. } | Op::ReduceScatter { .. } => {
+                return Err(CommError::Invalid(format!(
+                    "group `{}`: internal: {} is not a copy collective",
+                    sh.name,
+                    op.name()
+                )))
+            }
+        }
+        if !pulls.is_empty() {
+            let dst = of(&posts[me].recv, "receive")?;
+            for (p, range, at) in pulls {
+                if range.is_empty() {
+                    continue;
+                }
+                // A broadcast reads the root's buffer, the others a send.
+                let src = match op {
+                    Op::Broadcast { .. } => of(&posts[p].recv, "broadcast")?,
+                    _ => of(&posts[p].send, "send")?,
+                };
+                let n = range.len();
+                stream.copy_peer(src.view().bytes(range)?, dst.view().bytes(at..at + n)?)?;
+            }
+        }
+        let done = stream.record()?;
+        if let Some(post) = lock(&set[me].gpu).as_mut() {
+            post.done = Some(done);
+        }
+        sh.wait(me, seq, &format!("{}, copies enqueued", op.name()))?;
+        for (p, s) in set.iter().enumerate() {
+            if p == me {
+                continue;
+            }
+            let done = lock(&s.gpu).as_ref().and_then(|g| g.done.clone());
+            match done {
+                Some(ev) => stream.wait(&ev)?,
+                None => return Err(missing_call()),
             }
         }
         Ok(())

@@ -30,12 +30,16 @@ fn gpu(test: &str) -> Option<Device> {
 }
 
 fn group(dev: &Device, timeout: Duration) -> Vec<InProcessComm> {
+    group_of(vec![dev.clone(); P], timeout)
+}
+
+fn group_of(devices: Vec<Device>, timeout: Duration) -> Vec<InProcessComm> {
     let cfg = GroupConfig {
         name: "cuda-test".into(),
         timeout,
         ..GroupConfig::default()
     };
-    InProcessGroup::create(vec![dev.clone(); P], cfg).expect("a cuda group")
+    InProcessGroup::create(devices, cfg).expect("a cuda group")
 }
 
 /// Runs `f(rank, comm, stream)` on one thread per rank.
@@ -76,14 +80,43 @@ fn every_collective_on_a_shared_gpu_equals_the_serial_result() {
     let Some(dev) = gpu("every_collective_on_a_shared_gpu_equals_the_serial_result") else {
         return;
     };
-    let ranks = group(&dev, Duration::from_secs(30));
+    every_collective_equals_the_serial_result(&group(&dev, Duration::from_secs(30)));
+}
+
+#[test]
+fn every_collective_between_two_devices_equals_the_serial_result() {
+    // Two devices (on one GPU here, or on two): each rank's buffers belong
+    // to its own device, so its peers' are copied with copy_peer.
+    let test = "every_collective_between_two_devices_equals_the_serial_result";
+    let Some(a) = gpu(test) else {
+        return;
+    };
+    let Some(b) = gpu(test) else {
+        return;
+    };
+    every_collective_equals_the_serial_result(&group_of(vec![a, b], Duration::from_secs(30)));
+}
+
+fn every_collective_equals_the_serial_result(ranks: &[InProcessComm]) {
     let n = 6; // elements per rank block
-    let got = on_ranks(&ranks, |r, c, s| {
+               // all_to_all_v: rank i sends split(i, j) f32 to rank j (a zero included).
+    let split = |i: usize, j: usize| (i * 3 + j * 2) % 4;
+    let got = on_ranks(ranks, |r, c, s| {
+        let dev = c.device();
         let mine: Vec<f32> = (0..P * n).map(|i| value(r, i)).collect();
         let send = dev.upload(&mine, "send").expect("upload");
         let a2a = dev.alloc(4 * P * n, "a2a").expect("alloc");
         c.all_to_all(s, send.view(), a2a.view())
             .expect("all_to_all");
+        let sends: Vec<usize> = (0..P).map(|j| 4 * split(r, j)).collect();
+        let recvs: Vec<usize> = (0..P).map(|i| 4 * split(i, r)).collect();
+        let v_send = send.bytes(0..sends.iter().sum()).expect("view");
+        let v_recv = dev
+            .alloc(recvs.iter().sum::<usize>().max(4), "a2av")
+            .expect("alloc");
+        let v_recv_view = v_recv.bytes(0..recvs.iter().sum()).expect("view");
+        c.all_to_all_v(s, v_send, &sends, v_recv_view, &recvs)
+            .expect("all_to_all_v");
         let gathered = dev.alloc(4 * P * n, "gathered").expect("alloc");
         let first = send.elems::<f32>(0..n).expect("view");
         c.all_gather(s, first, gathered.view()).expect("all_gather");
@@ -97,13 +130,29 @@ fn every_collective_on_a_shared_gpu_equals_the_serial_result() {
         c.broadcast(s, bcast.view(), 1).expect("broadcast");
         c.barrier(s).expect("barrier");
         c.synchronize(s).expect("synchronize");
-        [a2a, gathered, summed, scattered, bcast].map(|b| f32s(&dev, &b))
+        let mut a2av = f32s(dev, &v_recv);
+        a2av.truncate(recvs.iter().sum::<usize>() / 4);
+        [a2a, gathered, summed, scattered, bcast]
+            .map(|b| f32s(dev, &b))
+            .into_iter()
+            .chain([a2av])
+            .collect::<Vec<_>>()
     });
-    for (r, [a2a, gathered, summed, scattered, bcast]) in got.iter().enumerate() {
+    for (r, v) in got.iter().enumerate() {
+        let [a2a, gathered, summed, scattered, bcast, a2av] = &v[..] else {
+            panic!("six results");
+        };
         let want_a2a: Vec<f32> = (0..P)
             .flat_map(|p| (r * n..(r + 1) * n).map(move |i| value(p, i)))
             .collect();
         assert_eq!(a2a, &want_a2a, "all_to_all, rank {r}");
+        let want_a2av: Vec<f32> = (0..P)
+            .flat_map(|i| {
+                let from: usize = (0..r).map(|j| split(i, j)).sum();
+                (from..from + split(i, r)).map(move |k| value(i, k))
+            })
+            .collect();
+        assert_eq!(a2av, &want_a2av, "all_to_all_v, rank {r}");
         let want_gather: Vec<f32> = (0..P)
             .flat_map(|p| (0..n).map(move |i| value(p, i)))
             .collect();
@@ -133,8 +182,14 @@ fn work_before_and_after_a_collective_stays_ordered_on_the_stream() {
         s.copy(src.view(), buf.view()).expect("copy in");
         c.all_reduce(s, buf.view(), DType::F32, ReduceOp::Sum)
             .expect("all_reduce");
+        // The all-to-all reads what the all-reduce wrote, on the GPU path.
+        let moved = dev.alloc(16, "moved").expect("alloc");
+        c.all_to_all(s, buf.view(), moved.view())
+            .expect("all_to_all");
         let out = dev.alloc(16, "out").expect("alloc");
-        s.copy(buf.view(), out.view()).expect("copy out");
+        s.copy(moved.view(), out.view()).expect("copy out");
+        // Overwriting the send buffer right after must not reach the peer.
+        s.copy(src.view(), buf.view()).expect("overwrite");
         s.synchronize().expect("sync");
         f32s(&dev, &out)
     });

@@ -41,7 +41,8 @@ pub use cuda::{CudaConfig, GpuInfo, KernelArg, PtxKernel};
 pub use device::{CpuConfig, Device, DeviceKind, MetaConfig};
 pub use error::{Result, RuntimeError};
 pub use memory::{
-    AllocEvent, DeviceBuffer, HostBuffer, HostRead, MemoryLedger, Space, SpaceUsage, View,
+    AllocEvent, DeviceBuffer, HostBuffer, HostRead, MemoryLedger, SharedView, Space, SpaceUsage,
+    View,
 };
 pub use stream::{Event, HostFn, Stream, Work};
 pub use trace::{OpKind, Trace, TraceEvent};

@@ -443,6 +443,54 @@ impl<'a> View<'a> {
     pub(crate) fn inner(&self) -> &'a Arc<MemInner> {
         self.mem
     }
+
+    /// An owned handle on the same bytes, to hand to another thread (a
+    /// peer rank of an in-process group).
+    pub fn share(&self) -> SharedView {
+        SharedView {
+            mem: self.mem.clone(),
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+}
+
+/// An owned handle on a range of a buffer: what one rank gives another so
+/// that the other's stream can copy from it. It keeps the block allocated
+/// while it lives, as an enqueued operation does; ordering the accesses
+/// (events) is the holder's business. Take a [`View`] of it to use it.
+#[derive(Clone)]
+pub struct SharedView {
+    mem: Arc<MemInner>,
+    offset: usize,
+    len: usize,
+}
+
+impl SharedView {
+    /// The bytes as a view.
+    pub fn view(&self) -> View<'_> {
+        View {
+            mem: &self.mem,
+            offset: self.offset,
+            len: self.len,
+        }
+    }
+
+    /// Bytes in the view.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for SharedView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Shared{:?}", self.view())
+    }
 }
 
 /// Shared part of [`DeviceBuffer`] and [`HostBuffer`].

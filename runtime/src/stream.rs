@@ -579,6 +579,28 @@ impl Stream {
     /// Copies `src` to `dst` (same length; any of host and device memory).
     pub fn copy(&self, src: View<'_>, dst: View<'_>) -> Result<()> {
         self.check_device(&src, "copy source")?;
+        self.copy_checked(src, dst)
+    }
+
+    /// Copies `src`, device memory of this device or of another cuda device
+    /// of this process (a peer rank's, see [`View::share`]), to `dst` on
+    /// this device. Only on cuda, where one address space covers every GPU
+    /// of the process; elsewhere it is [`Stream::copy`].
+    pub fn copy_peer(&self, src: View<'_>, dst: View<'_>) -> Result<()> {
+        if self.inner.core.kind != DeviceKind::Cuda || self.inner.core.owns(src.inner()) {
+            return self.copy(src, dst);
+        }
+        if src.space() != Space::Device {
+            return Err(RuntimeError::Invalid(format!(
+                "copy_peer: source `{}` is host memory of another device than stream `{}`",
+                src.tag(),
+                self.inner.name
+            )));
+        }
+        self.copy_checked(src, dst)
+    }
+
+    fn copy_checked(&self, src: View<'_>, dst: View<'_>) -> Result<()> {
         self.check_device(&dst, "copy destination")?;
         if src.len() != dst.len() {
             return Err(RuntimeError::Invalid(format!(
