@@ -49,7 +49,7 @@ for t in "$BIN"/fpdt-runtime-*; do
   run "$(basename "$t")" "$t" --test-threads=1
 done
 
-step "In-process group on the GPU (two ranks sharing it; collectives staged through the host)"
+step "In-process group on the GPU (ranks sharing it; collectives on the streams, reductions by comm/kernels/reduce.ptx)"
 [ -x "$BIN/fpdt-comm-cuda" ] && run "fpdt-comm-cuda" "$BIN/fpdt-comm-cuda" --test-threads=1
 
 step "PTX kernels on the GPU against their CPU twins (FPDT_PTX_BACKEND=cuda)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Assembles every ptx/kernels/*.ptx with `ptxas -v` for sm_80 and sm_90,
+# Assembles every ptx/kernels/*.ptx and comm/kernels/*.ptx with `ptxas -v` for sm_80 and sm_90,
 # fails on an assembly error or on a spill or stack frame in an attention
 # kernel (entries attn_*), and regenerates ptx/RESOURCES.md, the table of
 # registers, stack, spills and shared memory per entry and architecture.
@@ -34,7 +34,7 @@ echo "ptxas: $PTXAS_BIN ($("$PTXAS_BIN" --version | tail -1))"
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 status=0
-for f in ptx/kernels/*.ptx; do
+for f in ptx/kernels/*.ptx comm/kernels/*.ptx; do
     for arch in sm_80 sm_90; do
         echo "### $f $arch" >>"$LOG"
         if ! "$PTXAS_BIN" -arch="$arch" -v "$f" -o /dev/null >>"$LOG" 2>&1; then

@@ -1,8 +1,8 @@
 //! The in-process group on one GPU (issue #5): two ranks sharing it, each
 //! on its own stream and thread. The all-to-all (device-to-device copies
 //! on the streams) against a plain device copy of the same bytes on each
-//! rank's stream at the same time; the all-reduce, which is staged through
-//! the host, against the same copy. Timed with CUDA events on the ranks'
+//! rank's stream at the same time; the all-reduce (pulls, the reduce
+//! kernel, the gather) against the same copy. Timed with CUDA events on the ranks'
 //! streams (the slower rank counts); medians of several rounds. Without a
 //! GPU it says why and exits 0.
 //!
@@ -123,7 +123,7 @@ fn main() {
     };
     println!("In-process group on {name}, P = {P} ranks sharing it (medians, slower rank)");
     println!(
-        "| bytes per rank | device copy GB/s | all-to-all GB/s | ratio | all-reduce f32 GB/s (host-staged) |"
+        "| bytes per rank | device copy GB/s | all-to-all GB/s | ratio | all-reduce f32 GB/s |"
     );
     println!("|---|---|---|---|---|");
     let mut mib = 16.min(max_mib).max(1);

@@ -35,6 +35,12 @@
 //! [`CommError::Timeout`] naming it; any failure aborts the group, so every
 //! later collective fails at once instead of waiting. On the meta device no
 //! job runs: each collective only advances the stream's clock.
+//!
+//! On cuda the exchange happens at enqueue time instead (`run_on_gpu`): the
+//! ranks swap events and buffer handles at the barrier, and each rank's
+//! stream pulls from its peers' buffers with device-to-device copies and
+//! reduces with a PTX kernel, ordered by the events, while the host goes
+//! on. So there a collective returns only once every rank has called it.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -88,7 +94,7 @@ pub struct InProcessGroup;
 impl InProcessGroup {
     /// A group of `devices.len()` ranks; rank `r` runs on `devices[r]`.
     /// The devices must be of one kind (cpu, meta or cuda; on cuda the
-    /// collectives are staged through the host, see `run_staged`). Several ranks may share
+    /// collectives run on the GPU's streams, see `run_on_gpu`). Several ranks may share
     /// one device if each issues its collectives on its own stream.
     pub fn create(devices: Vec<Device>, cfg: GroupConfig) -> Result<Vec<InProcessComm>> {
         let world = devices.len();
@@ -271,6 +277,8 @@ struct GpuPost {
     ready: Event,
     send: Option<SharedView>,
     recv: Option<SharedView>,
+    /// All-reduce: after the rank's slice is reduced.
+    mid: Option<Event>,
     done: Option<Event>,
 }
 
@@ -1063,11 +1071,14 @@ impl InProcessComm {
         }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         if self.device.kind() == DeviceKind::Cuda {
-            let r = match op {
-                Op::AllReduce { .. } | Op::ReduceScatter { .. } => {
-                    self.run_staged(stream, seq, op, reads, writes)
-                }
-                _ => self.run_on_gpu(stream, seq, &op, reads, writes),
+            // The reduce kernel takes up to MAX_REDUCE_INPUTS inputs; larger
+            // groups reduce on the host.
+            let staged = self.world > crate::kernels::MAX_REDUCE_INPUTS
+                && matches!(op, Op::AllReduce { .. } | Op::ReduceScatter { .. });
+            let r = if staged {
+                self.run_staged(stream, seq, op, reads, writes)
+            } else {
+                self.run_on_gpu(stream, seq, &op, reads, writes)
             };
             if let Err(e) = &r {
                 self.shared.record_error(self.rank, e);
@@ -1100,15 +1111,16 @@ impl InProcessComm {
 }
 
 impl InProcessComm {
-    /// A collective on cuda, staged through pinned host buffers: the host
+    /// A reduction on cuda in a group larger than the reduce kernel's
+    /// fan-in ([`MAX_REDUCE_INPUTS`](crate::kernels::MAX_REDUCE_INPUTS)
+    /// ranks), staged through pinned host buffers: the host
     /// waits for the stream, copies what the collective reads to the host,
     /// runs the same body as on cpu (barrier, checks, rings) on the calling
     /// thread, and enqueues the copies of the results back to the device.
     /// So on cuda a collective blocks its caller until every rank has
     /// called it: each rank must enqueue from its own thread (as
     /// `FpdtGroup` does). Exact, but synchronous and two trips over the
-    /// host link; a GPU-side path (peer copies on the streams, a reduction
-    /// kernel) is what would make it fast.
+    /// host link.
     fn run_staged(
         &self,
         stream: &Stream,
@@ -1164,16 +1176,19 @@ impl InProcessComm {
 }
 
 impl InProcessComm {
-    /// A copy collective on cuda, on the GPU's streams: each rank records
-    /// when its buffers are ready and posts them; after the host barrier
-    /// its stream waits for its peers' ready events and pulls what it
-    /// receives straight from their buffers (device-to-device copies, peer
-    /// copies between GPUs); it records when it is done reading, and after
-    /// a second barrier waits for its peers' done events, so later work
-    /// cannot overwrite a buffer a peer still reads. The host only
-    /// exchanges events and handles: the copies run in stream order, and
-    /// the caller does not wait for the GPU. Each rank must enqueue from
-    /// its own thread.
+    /// A collective on cuda, on the GPU's streams. Each rank records when
+    /// its buffers are ready and posts them with the event; after the host
+    /// barrier its stream waits for its peers' ready events and pulls what
+    /// it receives straight from their buffers (device-to-device copies,
+    /// peer copies between GPUs). Reductions pull the peers' part of the
+    /// rank's slice into a scratch buffer and reduce in rank order with
+    /// `comm/kernels/reduce.ptx`; the all-reduce then fences (an event per
+    /// rank, exchanged at a barrier) and gathers the reduced slices. At the
+    /// end each rank records when it is done reading, and after a last
+    /// barrier waits for its peers' done events, so later work cannot
+    /// overwrite a buffer a peer still reads. The host only exchanges
+    /// events and handles and never waits for the GPU; each rank must
+    /// enqueue from its own thread.
     fn run_on_gpu(
         &self,
         stream: &Stream,
@@ -1193,6 +1208,7 @@ impl InProcessComm {
             ready: stream.record()?,
             send: reads.first().map(View::share),
             recv: writes.first().map(View::share),
+            mid: None,
             done: None,
         });
         sh.wait(me, seq, op.name())?;
@@ -1226,68 +1242,153 @@ impl InProcessComm {
                 ))
             })
         };
-        // (source rank, byte range in its buffer, byte offset in mine)
-        let mut pulls: Vec<(usize, Range<usize>, usize)> = Vec::new();
+        // Records an event into the rank's post (`field`), meets the others
+        // at a barrier, and makes the stream wait for theirs.
+        let fence = |stage: &str, field: fn(&mut GpuPost) -> &mut Option<Event>| -> Result<()> {
+            let ev = stream.record()?;
+            if let Some(post) = lock(&set[me].gpu).as_mut() {
+                *field(post) = Some(ev);
+            }
+            sh.wait(me, seq, &format!("{}, {stage}", op.name()))?;
+            for (p, s) in set.iter().enumerate() {
+                if p == me {
+                    continue;
+                }
+                let ev = lock(&s.gpu).as_mut().and_then(|g| field(g).clone());
+                stream.wait(&ev.ok_or_else(missing_call)?)?;
+            }
+            Ok(())
+        };
+        // Pulls: (source buffer, byte range in it, byte offset in `dst`).
+        let pull = |dst: &View<'_>, pulls: Vec<(SharedView, Range<usize>, usize)>| -> Result<()> {
+            for (src, range, at) in pulls {
+                if range.is_empty() {
+                    continue;
+                }
+                let n = range.len();
+                stream.copy_peer(src.view().bytes(range)?, dst.bytes(at..at + n)?)?;
+            }
+            Ok(())
+        };
+        let sends =
+            || -> Result<Vec<SharedView>> { posts.iter().map(|p| of(&p.send, "send")).collect() };
+        let recvs = || -> Result<Vec<SharedView>> {
+            posts.iter().map(|p| of(&p.recv, "receive")).collect()
+        };
+        let mine = of(&posts[me].recv, "receive");
         match op {
             Op::AllToAll { bytes } => {
                 let b = bytes / world;
-                pulls.extend((0..world).map(|p| (p, me * b..(me + 1) * b, p * b)));
+                let s = sends()?;
+                let pulls = (0..world).map(|p| (s[p].clone(), me * b..(me + 1) * b, p * b));
+                pull(&mine?.view(), pulls.collect())?;
             }
             Op::AllToAllV { recv: my_recv, .. } => {
+                let s = sends()?;
+                let mut pulls = Vec::new();
                 let mut at = 0;
                 for (p, peer) in ops.iter().enumerate() {
                     if let Op::AllToAllV { send, .. } = peer {
                         let from: usize = send[..me].iter().sum();
-                        pulls.push((p, from..from + my_recv[p], at));
+                        pulls.push((s[p].clone(), from..from + my_recv[p], at));
                         at += my_recv[p];
                     }
                 }
+                pull(&mine?.view(), pulls)?;
             }
             Op::AllGather { send_bytes } => {
                 let b = *send_bytes;
-                pulls.extend((0..world).map(|p| (p, 0..b, p * b)));
+                let s = sends()?;
+                let pulls = (0..world).map(|p| (s[p].clone(), 0..b, p * b));
+                pull(&mine?.view(), pulls.collect())?;
             }
-            Op::Broadcast { bytes, root } if *root != me => pulls.push((*root, 0..*bytes, 0)),
-            Op::Broadcast { .. } | Op::Barrier => {}
-            Op::AllReduce { .. } | Op::ReduceScatter { .. } => {
-                return Err(CommError::Invalid(format!(
-                    "group `{}`: internal: {} is not a copy collective",
-                    sh.name,
-                    op.name()
-                )))
-            }
-        }
-        if !pulls.is_empty() {
-            let dst = of(&posts[me].recv, "receive")?;
-            for (p, range, at) in pulls {
-                if range.is_empty() {
-                    continue;
+            Op::Broadcast { bytes, root } => {
+                if *root != me {
+                    let r = recvs()?;
+                    pull(&mine?.view(), vec![(r[*root].clone(), 0..*bytes, 0)])?;
                 }
-                // A broadcast reads the root's buffer, the others a send.
-                let src = match op {
-                    Op::Broadcast { .. } => of(&posts[p].recv, "broadcast")?,
-                    _ => of(&posts[p].send, "send")?,
-                };
-                let n = range.len();
-                stream.copy_peer(src.view().bytes(range)?, dst.view().bytes(at..at + n)?)?;
+            }
+            Op::Barrier => {}
+            Op::ReduceScatter {
+                recv_bytes,
+                dtype,
+                op: rop,
+            } => {
+                let b = *recv_bytes;
+                let s = sends()?;
+                let out = mine?;
+                self.reduce_slices(stream, *dtype, *rop, &s, me * b..(me + 1) * b, &out.view())?;
+            }
+            Op::AllReduce {
+                bytes,
+                dtype,
+                op: rop,
+            } => {
+                let size = dtype.size();
+                let n = bytes / size;
+                let r = recvs()?;
+                let buf = mine?;
+                let slice = part(me, world, n, size);
+                let out = buf.view().bytes(slice.clone())?;
+                self.reduce_slices(stream, *dtype, *rop, &r, slice, &out)?;
+                // Every slice reduced before anyone gathers it.
+                fence("slices reduced", |g| &mut g.mid)?;
+                let pulls = (0..world)
+                    .filter(|&p| p != me)
+                    .map(|p| {
+                        let sl = part(p, world, n, size);
+                        let at = sl.start;
+                        (r[p].clone(), sl, at)
+                    })
+                    .collect();
+                pull(&buf.view(), pulls)?;
             }
         }
-        let done = stream.record()?;
-        if let Some(post) = lock(&set[me].gpu).as_mut() {
-            post.done = Some(done);
+        fence("copies enqueued", |g| &mut g.done)
+    }
+
+    /// `out = bufs[0][range] op bufs[1][range] op ...` in rank order: the
+    /// peers' ranges are pulled into a scratch buffer of this device, the
+    /// rank's own is read in place (`out` may be it).
+    fn reduce_slices(
+        &self,
+        stream: &Stream,
+        dtype: DType,
+        op: ReduceOp,
+        bufs: &[SharedView],
+        range: Range<usize>,
+        out: &View<'_>,
+    ) -> Result<()> {
+        let len = range.len();
+        if len == 0 {
+            return Ok(());
         }
-        sh.wait(me, seq, &format!("{}, copies enqueued", op.name()))?;
-        for (p, s) in set.iter().enumerate() {
+        let me = self.rank;
+        let scratch = self
+            .device
+            .alloc(len * (bufs.len() - 1), "collective scratch")?;
+        let mut at = 0;
+        let mut slots = Vec::with_capacity(bufs.len());
+        for (p, b) in bufs.iter().enumerate() {
             if p == me {
+                slots.push(None);
                 continue;
             }
-            let done = lock(&s.gpu).as_ref().and_then(|g| g.done.clone());
-            match done {
-                Some(ev) => stream.wait(&ev)?,
-                None => return Err(missing_call()),
-            }
+            stream.copy_peer(b.view().bytes(range.clone())?, scratch.bytes(at..at + len)?)?;
+            slots.push(Some(at));
+            at += len;
         }
-        Ok(())
+        let own = bufs[me].view();
+        let own = own.bytes(range)?;
+        let inputs: Vec<View<'_>> = slots
+            .iter()
+            .map(|s| match s {
+                Some(at) => scratch.bytes(*at..*at + len),
+                None => Ok(own),
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        // The scratch may drop now: the stream holds it until the kernel ran.
+        crate::kernels::launch_reduce(stream, dtype, op, &inputs, *out)
     }
 }
 

@@ -33,6 +33,7 @@
 mod communicator;
 mod error;
 mod inproc;
+pub mod kernels;
 pub mod layout;
 pub mod nccl;
 pub mod rendezvous;

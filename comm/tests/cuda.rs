@@ -229,3 +229,65 @@ fn a_mismatched_call_and_a_missing_rank_fail_every_rank_by_name() {
     assert!(matches!(e, CommError::Timeout { .. }), "{e:?}");
     assert!(e.to_string().contains("[1]"), "names rank 1: {e}");
 }
+
+/// Bytes of `n` values of `dtype` for rank `r` (varied magnitudes, so the
+/// rank order of the sums matters).
+fn typed_values(dtype: DType, r: usize, n: usize) -> Vec<u8> {
+    (0..n)
+        .flat_map(|i| {
+            let x = ((r * 7 + i * 13) % 29) as f64 * 10f64.powi((i % 5) as i32 - 2) - 3.0;
+            match dtype {
+                DType::F32 => (x as f32).to_le_bytes().to_vec(),
+                DType::F64 => x.to_le_bytes().to_vec(),
+                DType::Bf16 => half::bf16::from_f64(x).to_le_bytes().to_vec(),
+                DType::F16 => half::f16::from_f64(x).to_le_bytes().to_vec(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn reductions_on_the_gpu_and_past_its_fan_in_equal_the_host_reduction() {
+    let Some(dev) = gpu("reductions_on_the_gpu_and_past_its_fan_in_equal_the_host_reduction")
+    else {
+        return;
+    };
+    // 3 ranks reduce with the kernel; 9, more than it takes, on the host.
+    for p in [3usize, 9] {
+        let ranks = group_of(vec![dev.clone(); p], Duration::from_secs(30));
+        let n = 2 * p + 1; // not a multiple of P: the slices differ in size
+        for dtype in [DType::F32, DType::F64, DType::Bf16, DType::F16] {
+            for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min] {
+                let ins: Vec<Vec<u8>> = (0..p).map(|r| typed_values(dtype, r, n)).collect();
+                let srcs: Vec<&[u8]> = ins.iter().map(|v| v.as_slice()).collect();
+                let mut want = vec![0u8; n * dtype.size()];
+                fpdt_comm::reduce_into(dtype, op, &srcs, &mut want).expect("host reduce");
+                let got = on_ranks(&ranks, |r, c, s| {
+                    let dev = c.device();
+                    let buf = dev.upload(&ins[r], "buf").expect("upload");
+                    c.all_reduce(s, buf.view(), dtype, op).expect("all_reduce");
+                    // reduce_scatter of p blocks of 2 elements each.
+                    let b = 2 * dtype.size();
+                    let send = dev.upload(&ins[r][..p * b], "send").expect("upload");
+                    let recv = dev.alloc(b, "recv").expect("alloc");
+                    c.reduce_scatter(s, send.view(), recv.view(), dtype, op)
+                        .expect("reduce_scatter");
+                    c.synchronize(s).expect("sync");
+                    let all: Vec<u8> = dev.download(buf.view()).expect("download");
+                    let mine: Vec<u8> = dev.download(recv.view()).expect("download");
+                    (all, mine)
+                });
+                for (r, (all, mine)) in got.iter().enumerate() {
+                    assert_eq!(all, &want, "P = {p}, {dtype} {op}: all_reduce, rank {r}");
+                    // Each block reduced alone equals the same elements of
+                    // the whole reduction (element-wise, same order).
+                    let b = 2 * dtype.size();
+                    let blocks: Vec<&[u8]> = ins.iter().map(|v| &v[r * b..(r + 1) * b]).collect();
+                    let mut w = vec![0u8; b];
+                    fpdt_comm::reduce_into(dtype, op, &blocks, &mut w).expect("host reduce");
+                    assert_eq!(mine, &w, "P = {p}, {dtype} {op}: reduce_scatter, rank {r}");
+                }
+            }
+        }
+    }
+}

@@ -1,7 +1,8 @@
 /* A fake libcuda.so.1 for testing fpdt's cuda backend on machines without a
  * GPU: "device" memory is host memory, copies are memcpy, events complete
  * when recorded (timestamped with the host clock), and cuLaunchKernel runs
- * the few test kernels of runtime/tests/cuda.rs natively (others are
+ * the few test kernels of runtime/tests/cuda.rs and comm's reductions
+ * (comm/kernels/reduce.ptx) natively (others are
  * no-ops). It checks what a real driver would refuse where that is cheap:
  * unknown handles, frees of unknown pointers, a launch asking for more
  * dynamic shared memory than its function's attribute allows, no current
@@ -158,6 +159,52 @@ CUresult cuFuncSetAttribute(void *f, int attr, int v) {
     if (attr == 8) { if (v > 227 * 1024) return INVALID_VALUE; x->shared_allowed = v; }
     return OK;
 }
+/* comm/kernels/reduce.ptx's entries, natively: out = in0 op in1 op ... in
+ * rank order, in float (double for f64), rounded once; op 0 sum, 1 avg,
+ * 2 max, 3 min, a NaN wins for max and min. */
+static float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static uint16_t float_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static double fake_load(const char *dt, const void *p, unsigned i) {
+    if (!strcmp(dt, "f32")) return ((const float *)p)[i];
+    if (!strcmp(dt, "f64")) return ((const double *)p)[i];
+    if (!strcmp(dt, "bf16")) return bf16_to_float(((const uint16_t *)p)[i]);
+    return (float)((const _Float16 *)p)[i];
+}
+static int fake_reduce(const char *dt, void **params) {
+    void *out = *(void **)params[0];
+    unsigned n = *(unsigned *)params[1], count = *(unsigned *)params[2], op = *(unsigned *)params[3];
+    int wide = !strcmp(dt, "f64");
+    if (count < 1 || count > 8 || op > 3) return INVALID_VALUE;
+    for (unsigned i = 0; i < n; i++) {
+        double a = fake_load(dt, *(void **)params[4], i);
+        float af = (float)a;
+        for (unsigned k = 1; k < count; k++) {
+            double x = fake_load(dt, *(void **)params[4 + k], i);
+            float xf = (float)x;
+            if (wide) {
+                if (op <= 1) a = a + x;
+                else if (a == a && (x != x || (op == 2 ? x > a : x < a))) a = x;
+            } else {
+                if (op <= 1) af = af + xf;
+                else if (af == af && (xf != xf || (op == 2 ? xf > af : xf < af))) af = xf;
+            }
+        }
+        if (op == 1) { if (wide) a = a / (double)count; else af = af / (float)count; }
+        if (!strcmp(dt, "f32")) ((float *)out)[i] = af;
+        else if (wide) ((double *)out)[i] = a;
+        else if (!strcmp(dt, "bf16")) ((uint16_t *)out)[i] = float_to_bf16(af);
+        else ((_Float16 *)out)[i] = (_Float16)af;
+    }
+    return OK;
+}
+
 CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared, void *s, void **params, void **extra) {
     (void)gy; (void)gz; (void)by; (void)bz; (void)extra;
@@ -174,6 +221,8 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
         unsigned n = *(unsigned *)params[2];
         if ((size_t)n * 4 > shared) return LAUNCH_OUT_OF_RESOURCES;
         for (unsigned i = 0; i < n; i++) out[i] = in[n - 1 - i];
+    } else if (!strncmp(x->name, "reduce_", 7)) {
+        return fake_reduce(x->name + 7, params);
     } else if (!strcmp(x->name, "spin")) {
         float *out = *(float **)params[0]; out[0] = 1.0f;
     }
