@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the cuda backend's tests (runtime/tests/cuda.rs, comm/tests/cuda.rs) against a fake
+# Runs the cuda tests (runtime/, comm/ and model/tests/cuda.rs) against a fake
 # libcuda.so.1 (runtime/tests/fake_cuda/fake_cuda.c: host memory, memcpy,
 # events that complete when recorded, the test kernels run natively), so
 # every driver call the backend makes, its error paths, retirement, events
@@ -17,6 +17,8 @@ log=$(mktemp)
 cargo test -p fpdt-runtime --test cuda -- --test-threads=1 2>&1 | tee "$log"
 # The in-process group's collectives on cuda (two ranks sharing the GPU).
 cargo test -p fpdt-comm --test cuda -- --test-threads=1 2>&1 | tee -a "$log"
+# The model's step and AdamW on cuda (P ranks sharing the GPU) equal the cpu device's.
+cargo test -p fpdt-model --test cuda -- --test-threads=1 2>&1 | tee -a "$log"
 # Its GPU bench runs end to end (tiny sizes; the numbers mean nothing here).
 bench=$(FPDT_BENCH_MAX_MIB=1 cargo test -q -p fpdt-comm --bench gpu 2>&1)
 if ! grep -q "RESULT comm_a2a_vs_copy" <<<"$bench"; then
@@ -41,4 +43,18 @@ if ! grep -q "cuda0: Fake GPU, sm_90" <<<"$info"; then
   echo "$info" | head -8 >&2
   exit 1
 fi
-echo "fake-cuda-test: the cuda backend's tests and fpdt info passed against the fake driver"
+# fpdt train runs on the cuda device (a few steps of the default task).
+run_dir=$(mktemp -d)
+train=$(target/debug/fpdt train --device cuda --steps 4 --warmup 1 --eval-every 2 --no-progress --out "$run_dir" 2>&1) || {
+  echo "fake-cuda-test: fpdt train --device cuda failed:" >&2
+  echo "$train" | tail -8 >&2
+  rm -rf "$run_dir"
+  exit 1
+}
+rm -rf "$run_dir"
+if ! grep -q "on the cuda device" <<<"$train" || ! grep -q "done: 4 steps" <<<"$train"; then
+  echo "fake-cuda-test: fpdt train --device cuda did not train on the cuda device:" >&2
+  echo "$train" | tail -8 >&2
+  exit 1
+fi
+echo "fake-cuda-test: the cuda tests, fpdt info and fpdt train --device cuda passed against the fake driver"

@@ -14,7 +14,9 @@
 use fpdt_comm::GroupConfig;
 use fpdt_comm::{Communicator, DType, FpdtLayout, InProcessComm, InProcessGroup, ReduceOp};
 use fpdt_ptx::cpu::{adamw_step, AdamW};
-use fpdt_runtime::{ChunkMover, CpuConfig, Device, DeviceBuffer, HostBuffer, MetaConfig};
+use fpdt_runtime::{
+    ChunkMover, CpuConfig, CudaConfig, Device, DeviceBuffer, HostBuffer, MetaConfig,
+};
 
 use crate::config::{ModelConfig, ParamLayout, Precision, Schedule};
 use crate::error::{ModelError, Result};
@@ -739,6 +741,47 @@ impl FpdtGroup {
     ) -> Result<Self> {
         sched.validate(cfg)?;
         let comms = InProcessGroup::cpu(sched.ranks, cpu, GroupConfig::default())?;
+        Self::from_comms(cfg, sched, Some(params), comms)
+    }
+
+    /// P ranks on the GPU of `cuda` (its `ordinal`), one cuda device each,
+    /// sharing it: with `device_memory` None each rank takes 1/P of
+    /// `memory_fraction` of the memory free now. The layers run as host
+    /// kernels staged through each rank's pinned arena (see
+    /// `Stream::launch_host`), the copies, offloads and collectives on the
+    /// GPU's streams.
+    pub fn cuda(
+        cfg: &ModelConfig,
+        sched: Schedule,
+        params: &[f32],
+        cuda: &CudaConfig,
+    ) -> Result<Self> {
+        sched.validate(cfg)?;
+        let p = sched.ranks;
+        let f = cuda.memory_fraction;
+        let base = cuda
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("cuda{}", cuda.ordinal));
+        let devices = (0..p)
+            .map(|r| {
+                Device::cuda_with(CudaConfig {
+                    name: Some(if p == 1 {
+                        base.clone()
+                    } else {
+                        format!("{base}-r{r}")
+                    }),
+                    // Rank r sees what ranks 0..r left: (1 - r f / P) of it.
+                    memory_fraction: if cuda.device_memory.is_none() && f > 0.0 {
+                        f / (p as f64 - r as f64 * f)
+                    } else {
+                        f
+                    },
+                    ..cuda.clone()
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let comms = InProcessGroup::create(devices, GroupConfig::default())?;
         Self::from_comms(cfg, sched, Some(params), comms)
     }
 

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fpdt_ptx::cpu::AdamW;
-use fpdt_runtime::{CpuConfig, Space};
+use fpdt_runtime::{CpuConfig, CudaConfig, Space};
 use serde::Serialize;
 
 use crate::checkpoint::{self, config_fields, Checkpoint, Tensor, TrainState};
@@ -272,13 +272,22 @@ pub fn measured_cpu_peak() -> f64 {
     2.0 * (n * n * n) as f64 / best.max(1e-9)
 }
 
+/// Where the trainer's ranks run.
+#[derive(Debug, Clone)]
+pub enum TrainDevice {
+    /// P cpu devices made from this config.
+    Cpu(CpuConfig),
+    /// P cuda devices sharing the GPU of this config ([`FpdtGroup::cuda`]).
+    Cuda(CudaConfig),
+}
+
 impl Trainer {
-    /// P ranks of `cfg` under `sched` on cpu devices made from `cpu`, with
-    /// `weights` (the flat layout) or seeded ones.
+    /// P ranks of `cfg` under `sched` on `device`, with `weights` (the flat
+    /// layout) or seeded ones.
     pub fn new(
         cfg: &ModelConfig,
         sched: Schedule,
-        cpu: &CpuConfig,
+        device: &TrainDevice,
         source: Source,
         opts: TrainOptions,
         weights: Option<Vec<f32>>,
@@ -287,7 +296,10 @@ impl Trainer {
             Some(w) => w,
             None => cfg.layout().init(opts.seed, opts.init_std),
         };
-        let group = FpdtGroup::cpu(cfg, sched, &w, cpu)?;
+        let group = match device {
+            TrainDevice::Cpu(cpu) => FpdtGroup::cpu(cfg, sched, &w, cpu)?,
+            TrainDevice::Cuda(cuda) => FpdtGroup::cuda(cfg, sched, &w, cuda)?,
+        };
         Ok(Trainer {
             cfg: cfg.clone(),
             sched,

@@ -99,6 +99,9 @@ pub(crate) struct Core {
     /// On cuda: the device's streams, whose completed work a host wait
     /// retires.
     pub(crate) cuda_streams: Mutex<Vec<Weak<StreamInner>>>,
+    /// The host arena's allocator (a handle on the device's), for the
+    /// staging buffers of host kernels on cuda streams.
+    pub(crate) host_mem: SlabAllocator,
 }
 
 impl Core {
@@ -112,6 +115,51 @@ impl Core {
 
     pub(crate) fn advance_meta_host(&self, t: u64) {
         self.meta_host_ns.fetch_max(t, Ordering::Relaxed);
+    }
+
+    /// A block of `slab` (this device's, of `space`); when it is full but
+    /// the ledger says the request fits, waits (up to `wait_timeout`) for
+    /// in-flight work to give blocks back.
+    pub(crate) fn alloc_block(
+        &self,
+        slab: &SlabAllocator,
+        space: Space,
+        bytes: usize,
+        tag: &'static str,
+    ) -> Result<fpdt_alloc::SlabBlock> {
+        let deadline = Instant::now() + self.wait_timeout;
+        loop {
+            match slab.alloc(bytes, tag) {
+                Ok(b) => return Ok(b),
+                Err(e @ AllocError::OutOfMemory { .. }) => {
+                    // Blocks the program already released may still be held
+                    // by in-flight work (an offload's copy). If the program's
+                    // own accounting says the request fits, wait for them.
+                    let logical = self.ledger.usage(space).in_use;
+                    let fits = logical + rounded(bytes) <= slab.budget();
+                    let now = Instant::now();
+                    if !fits || now >= deadline {
+                        return Err(e.into());
+                    }
+                    // On cuda, completed work gives its blocks back only
+                    // when retired.
+                    retire_cuda_streams(self);
+                    slab.wait_for_free((deadline - now).min(Duration::from_millis(50)));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// A pinned host buffer from this device's arena.
+    pub(crate) fn alloc_host(&self, bytes: usize, tag: &'static str) -> Result<HostBuffer> {
+        let block = self.alloc_block(&self.host_mem, Space::Host, bytes, tag)?;
+        Ok(HostBuffer::new(
+            block,
+            self.kind != DeviceKind::Meta,
+            self.ledger.clone(),
+            self.id,
+        ))
     }
 
     pub(crate) fn owns(&self, mem: &Arc<MemInner>) -> bool {
@@ -184,9 +232,8 @@ impl Default for MetaConfig {
 struct DeviceInner {
     core: Arc<Core>,
     device_mem: SlabAllocator,
-    host_mem: SlabAllocator,
-    /// The pinned arena behind `host_mem` (None on meta, whose host memory
-    /// is a virtual range).
+    /// The pinned arena behind the host allocator (`core.host_mem`; None on
+    /// meta, whose host memory is a virtual range).
     arena: Option<HostArena>,
     compute: Stream,
     h2d: Stream,
@@ -363,6 +410,7 @@ impl Device {
             meta_host_ns: AtomicU64::new(0),
             gpu,
             cuda_streams: Mutex::new(Vec::new()),
+            host_mem,
         });
         let compute = Stream::new(core.clone(), 0, "compute")?;
         let h2d = Stream::new(core.clone(), 1, "h2d")?;
@@ -371,7 +419,6 @@ impl Device {
             inner: Arc::new(DeviceInner {
                 core,
                 device_mem,
-                host_mem,
                 arena,
                 streams: Mutex::new(vec![compute.clone(), h2d.clone(), d2h.clone()]),
                 compute,
@@ -465,30 +512,9 @@ impl Device {
     ) -> Result<fpdt_alloc::SlabBlock> {
         let slab = match space {
             Space::Device => &self.inner.device_mem,
-            Space::Host => &self.inner.host_mem,
+            Space::Host => &self.inner.core.host_mem,
         };
-        let deadline = Instant::now() + self.inner.core.wait_timeout;
-        loop {
-            match slab.alloc(bytes, tag) {
-                Ok(b) => return Ok(b),
-                Err(e @ AllocError::OutOfMemory { .. }) => {
-                    // Blocks the program already released may still be held
-                    // by in-flight work (an offload's copy). If the program's
-                    // own accounting says the request fits, wait for them.
-                    let logical = self.inner.core.ledger.usage(space).in_use;
-                    let fits = logical + rounded(bytes) <= slab.budget();
-                    let now = Instant::now();
-                    if !fits || now >= deadline {
-                        return Err(e.into());
-                    }
-                    // On cuda, completed work gives its blocks back only
-                    // when retired.
-                    retire_cuda_streams(&self.inner.core);
-                    slab.wait_for_free((deadline - now).min(Duration::from_millis(50)));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.inner.core.alloc_block(slab, space, bytes, tag)
     }
 
     /// Allocates device memory.
@@ -504,13 +530,7 @@ impl Device {
 
     /// Allocates host memory from the arena.
     pub fn alloc_host(&self, bytes: usize, tag: &'static str) -> Result<HostBuffer> {
-        let block = self.alloc_in(Space::Host, bytes, tag)?;
-        Ok(HostBuffer::new(
-            block,
-            self.has_data(),
-            self.inner.core.ledger.clone(),
-            self.inner.core.id,
-        ))
+        self.inner.core.alloc_host(bytes, tag)
     }
 
     /// Allocates device memory and copies `data` into it, on the compute
@@ -588,7 +608,7 @@ impl Device {
 
     /// Statistics of the host arena (physical blocks).
     pub fn host_stats(&self) -> SlabStats {
-        self.inner.host_mem.stats()
+        self.inner.core.host_mem.stats()
     }
 
     /// Device memory budget, bytes.
@@ -615,7 +635,7 @@ impl Device {
 
     /// Host memory budget, bytes.
     pub fn host_budget(&self) -> usize {
-        self.inner.host_mem.budget()
+        self.inner.core.host_mem.budget()
     }
 
     /// The device's trace.

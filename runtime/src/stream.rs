@@ -10,18 +10,18 @@
 //! error reaches whoever waits, on any stream, instead of being lost.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Receiver, Sender};
 
-use crate::cuda::queue::{CudaQueue, OwnedKernel};
+use crate::cuda::queue::{CudaQueue, HostCall, OwnedKernel};
 use crate::cuda::PtxKernel;
 use crate::device::{Core, DeviceKind};
 use crate::error::{Result, RuntimeError};
-use crate::memory::{MemRef, Space, View};
+use crate::memory::{HostBuffer, MemRef, Space, View};
 use crate::trace::{OpKind, TraceEvent};
 
 /// What an operation costs: the meta device turns it into a predicted time;
@@ -100,6 +100,9 @@ struct GpuEvent {
     raw: usize,
     /// The stream's failure when the event was recorded.
     failure: Option<Failure>,
+    /// The stream's late failures and how many host kernels preceded the
+    /// event: one of those failing is the event's failure too.
+    late: (LateFailure, u64),
 }
 
 impl Drop for EventState {
@@ -143,12 +146,23 @@ impl Event {
         }
     }
 
-    fn new_gpu(stream: Arc<str>, core: Arc<Core>, raw: usize, failure: Option<Failure>) -> Event {
+    fn new_gpu(
+        stream: Arc<str>,
+        core: Arc<Core>,
+        raw: usize,
+        failure: Option<Failure>,
+        late: (LateFailure, u64),
+    ) -> Event {
         Event {
             inner: Arc::new(EventState {
                 stream,
                 meta: None,
-                gpu: Some(GpuEvent { core, raw, failure }),
+                gpu: Some(GpuEvent {
+                    core,
+                    raw,
+                    failure,
+                    late,
+                }),
                 done: Mutex::new(None),
                 cv: Condvar::new(),
             }),
@@ -183,7 +197,13 @@ impl Event {
             Ok(true) => match gpu.time_ns(raw) {
                 Ok(t) => Completion {
                     time_ns: t,
-                    failure: g.failure.clone(),
+                    failure: g.failure.clone().or_else(|| {
+                        let (late, before) = &g.late;
+                        lock(late)
+                            .as_ref()
+                            .filter(|(i, _)| i < before)
+                            .map(|(_, f)| f.clone())
+                    }),
                 },
                 Err(e) => Completion {
                     time_ns: 0,
@@ -324,8 +344,16 @@ pub(crate) struct StreamInner {
     name: Arc<str>,
     core: Arc<Core>,
     failure: Arc<Mutex<Option<Failure>>>,
+    /// On cuda: the first failure of a host kernel (which the driver runs
+    /// later, on its thread) with the kernel's index among the stream's
+    /// host kernels, so only events recorded after it report it.
+    late: LateFailure,
+    /// Host kernels enqueued so far.
+    host_calls: AtomicU64,
     exec: Exec,
 }
+
+type LateFailure = Arc<Mutex<Option<(u64, Failure)>>>;
 
 /// An ordered queue of operations on a device. Cheap to clone (a handle).
 #[derive(Clone)]
@@ -385,6 +413,8 @@ impl Stream {
             name,
             core,
             failure,
+            late: Arc::new(Mutex::new(None)),
+            host_calls: AtomicU64::new(0),
             exec,
         });
         if let Exec::Cuda(..) = inner.exec {
@@ -515,11 +545,13 @@ impl Stream {
                 return Err(e);
             }
             let failure = lock(&self.inner.failure).clone();
+            let before = self.inner.host_calls.load(Ordering::SeqCst);
             return Ok(Event::new_gpu(
                 self.inner.name.clone(),
                 self.inner.core.clone(),
                 raw as usize,
                 failure,
+                (self.inner.late.clone(), before),
             ));
         }
         let meta = (self.inner.core.kind == DeviceKind::Meta).then(|| self.inner.core.clone());
@@ -664,15 +696,6 @@ impl Stream {
         f: HostFn,
     ) -> Result<()> {
         let name = name.into();
-        if self.inner.core.kind == DeviceKind::Cuda {
-            return Err(RuntimeError::Unsupported {
-                device: "cuda",
-                what: format!(
-                    "host kernel `{name}` (a host function cannot read GPU memory; launch the \
-                     kernel's PTX with Stream::launch_ptx)"
-                ),
-            });
-        }
         for v in reads.iter().chain(writes) {
             self.check_device(v, &name)?;
         }
@@ -694,6 +717,9 @@ impl Stream {
                 }
             }
         }
+        if self.inner.core.kind == DeviceKind::Cuda {
+            return self.launch_host_staged(name, work, reads, writes, f);
+        }
         self.submit(Job {
             name,
             work,
@@ -701,6 +727,87 @@ impl Stream {
             writes: writes.iter().map(|v| v.to_ref(true)).collect(),
             body: Body::Host(f),
         })
+    }
+
+    /// A host kernel on cuda: its views are copied into pinned staging
+    /// buffers of the device's arena, the driver runs `f` over those in
+    /// stream order (`cuLaunchHostFunc`), and what it wrote is copied back.
+    /// Correct and asynchronous, but each call crosses the host link twice
+    /// and the host computes: the fallback for work without a PTX kernel.
+    fn launch_host_staged(
+        &self,
+        name: Cow<'static, str>,
+        work: Work,
+        reads: &[View<'_>],
+        writes: &[View<'_>],
+        f: HostFn,
+    ) -> Result<()> {
+        let Some(q) = self.cuda()? else {
+            return Err(RuntimeError::Cuda(format!(
+                "stream `{}` has no CUstream",
+                self.inner.name
+            )));
+        };
+        self.retire();
+        if self.has_failed() {
+            return Ok(());
+        }
+        let core = &self.inner.core;
+        let stage = |v: &View<'_>| core.alloc_host(v.len().max(1), "host kernel staging");
+        let ins = reads
+            .iter()
+            .map(stage)
+            .collect::<Result<Vec<HostBuffer>>>()?;
+        let outs = writes
+            .iter()
+            .map(stage)
+            .collect::<Result<Vec<HostBuffer>>>()?;
+        // Outputs too: a kernel may read what it accumulates into.
+        for (v, h) in reads.iter().zip(&ins).chain(writes.iter().zip(&outs)) {
+            if !v.is_empty() {
+                self.copy(*v, h.bytes(0..v.len())?)?;
+            }
+        }
+        let index = self.inner.host_calls.fetch_add(1, Ordering::SeqCst);
+        let (late, failure) = (self.inner.late.clone(), self.inner.failure.clone());
+        let (stream, op) = (self.inner.name.to_string(), name.to_string());
+        let call = HostCall {
+            f,
+            ins: ins
+                .iter()
+                .zip(reads)
+                .map(|(h, v)| (h.view().addr(), v.len()))
+                .collect(),
+            outs: outs
+                .iter()
+                .zip(writes)
+                .map(|(h, v)| (h.view().addr(), v.len()))
+                .collect(),
+            report: Box::new(move |message| {
+                let f = Failure {
+                    stream,
+                    op,
+                    message,
+                };
+                lock(&late).get_or_insert((index, f.clone()));
+                lock(&failure).get_or_insert(f);
+            }),
+        };
+        let refs: Vec<MemRef> = ins
+            .iter()
+            .map(|h| h.view().to_ref(false))
+            .chain(outs.iter().map(|h| h.view().to_ref(true)))
+            .collect();
+        if let Err(e) = q.host(name.clone(), work, refs, call) {
+            self.set_failure(&name, &e);
+            return Err(e);
+        }
+        for (v, h) in writes.iter().zip(&outs) {
+            if !v.is_empty() {
+                self.copy(h.bytes(0..v.len())?, *v)?;
+            }
+        }
+        Ok(())
     }
 
     /// Launches a PTX kernel on a cuda stream. `reads` and `writes` are the

@@ -439,22 +439,84 @@ fn copies_overlap_a_kernel_in_the_trace() {
 }
 
 #[test]
-fn host_kernels_are_refused_on_cuda() {
-    let Some(dev) = gpu("host_kernels_are_refused_on_cuda") else {
+fn host_kernels_run_on_cuda_in_stream_order_through_staging() {
+    let Some(dev) = gpu("host_kernels_run_on_cuda_in_stream_order_through_staging") else {
         return;
     };
-    let x = dev.alloc(16, "x").unwrap();
-    let e = dev
-        .compute()
-        .launch_host(
-            "double",
-            Work::kernel(0.0, 0),
-            &[],
-            &[x.view()],
-            Box::new(|_, _| Ok(())),
+    let s = dev.compute();
+    let a = dev.upload(&[1.0f32, 2.0, 3.0, 4.0], "a").unwrap();
+    let acc = dev.upload(&[10.0f32; 4], "acc").unwrap();
+    let host_before = dev.ledger().usage(fpdt_runtime::Space::Host).in_use;
+    // acc += 2 a, twice: the kernel reads what it accumulates into, and the
+    // second call sees the first's result (stream order through staging).
+    for _ in 0..2 {
+        s.launch_host(
+            "axpy",
+            Work::kernel(8.0, 48),
+            &[a.view()],
+            &[acc.view()],
+            Box::new(|ins, outs| {
+                let x: &[f32] = bytemuck::cast_slice(ins[0]);
+                let y: &mut [f32] = bytemuck::cast_slice_mut(&mut *outs[0]);
+                y.iter_mut().zip(x).for_each(|(y, x)| *y += 2.0 * x);
+                Ok(())
+            }),
         )
-        .unwrap_err();
-    assert!(e.to_string().contains("launch_ptx"), "{e}");
+        .unwrap();
+    }
+    // A device copy queued after it reads the result.
+    let out = dev.alloc(16, "out").unwrap();
+    s.copy(acc.view(), out.view()).unwrap();
+    s.synchronize().unwrap();
+    let got: Vec<f32> = dev.download(out.view()).unwrap();
+    assert_eq!(got, vec![14.0, 18.0, 22.0, 26.0]);
+    // The staging buffers went back to the arena.
+    dev.synchronize().unwrap();
+    assert_eq!(
+        dev.ledger().usage(fpdt_runtime::Space::Host).in_use,
+        host_before,
+        "staging buffers leaked"
+    );
+    // The trace shows the copies around the host kernel.
+    let ev = dev.trace().events();
+    assert_eq!(ev.iter().filter(|e| e.name == "axpy").count(), 2);
+    assert!(ev.iter().any(|e| e.kind == OpKind::CopyD2H));
+}
+
+#[test]
+fn a_failing_host_kernel_on_cuda_fails_the_stream_from_then_on() {
+    let Some(dev) = gpu("a_failing_host_kernel_on_cuda_fails_the_stream_from_then_on") else {
+        return;
+    };
+    let s = dev.new_stream("failing").unwrap();
+    let x = dev.alloc(16, "x").unwrap();
+    let before = s.record().unwrap();
+    s.launch_host(
+        "bad",
+        Work::kernel(0.0, 0),
+        &[],
+        &[x.view()],
+        Box::new(|_, _| Err("bad input at row 3".into())),
+    )
+    .unwrap();
+    let e = s.synchronize().unwrap_err().to_string();
+    assert!(e.contains("bad") && e.contains("row 3"), "{e}");
+    // An event recorded before the kernel completed cleanly.
+    before.wait_timeout(Duration::from_secs(5)).unwrap();
+    // A panic is a failure too, not an abort across the driver's thread.
+    let t = dev.new_stream("panicking").unwrap();
+    t.launch_host(
+        "panics",
+        Work::kernel(0.0, 0),
+        &[x.view()],
+        &[],
+        Box::new(|_, _| panic!("boom")),
+    )
+    .unwrap();
+    let e = t.synchronize().unwrap_err().to_string();
+    assert!(e.contains("panicked"), "{e}");
+    // Other streams are unaffected.
+    dev.compute().synchronize().unwrap();
 }
 
 #[test]

@@ -12,26 +12,29 @@ use crate::hf;
 use std::io::IsTerminal;
 
 use fpdt_ptx::cpu::AdamW;
-use fpdt_runtime::{fmt_bytes, CpuConfig};
+use fpdt_runtime::{fmt_bytes, CpuConfig, CudaConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::data::{DataSplit, PackedLoader, TokenDataset, TokenWidth};
 use crate::error::{ModelError, Result};
 use crate::passkey::PasskeyGen;
 use crate::passkey::{PasskeyTask, DEFAULT_DIGITS};
-use crate::train::{LrShape, Source, StepRecord, TrainOptions, Trainer};
+use crate::train::{LrShape, Source, StepRecord, TrainDevice, TrainOptions, Trainer};
 
 use super::parse_bytes_arg;
 
 /// Where to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {
-    /// The best device the trainer runs on: cpu for now (its layers do
-    /// not run on cuda yet); says so when a GPU is present.
+    /// The best device the trainer runs on: cpu for now (on cuda its layers
+    /// still run as host kernels, staged through pinned memory, which is
+    /// slower than the cpu device); says so when a GPU is present.
     Auto,
     /// The cpu backend.
     Cpu,
-    /// NVIDIA GPUs.
+    /// An NVIDIA GPU: the P ranks share it (memory, streams, copies and
+    /// collectives on the GPU; the layers as host kernels staged through
+    /// each rank's pinned arena until their PTX dispatch lands).
     Cuda,
 }
 
@@ -262,16 +265,13 @@ pub(super) fn finite_in(flag: &str, v: f64, lo: f64, hi: f64, rule: &str) -> Res
 impl TrainArgs {
     /// Checks every flag (and the files they name); errors name the flag.
     pub fn check(&self) -> Result<TrainPlan> {
-        match self.device {
-            DeviceChoice::Cuda => {
+        if self.device == DeviceChoice::Cuda {
+            if let Err(e) = fpdt_runtime::cuda::probe() {
                 return Err(usage(
                     "--device",
-                    "cuda: the runtime's cuda device (memory, streams, copies, PTX kernels) is \
-                     built, but the trainer's layers still run as host kernels, which a GPU \
-                     cannot run (their cuda dispatch is not built yet); run with --device cpu",
-                ))
+                    format!("cuda: {e}; or run with --device cpu"),
+                ));
             }
-            DeviceChoice::Auto | DeviceChoice::Cpu => {}
         }
         if self.ranks == 0 {
             return Err(usage("--ranks", "0 must be at least 1"));
@@ -551,7 +551,8 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
             if let Some(g) = gpus.first() {
                 eprintln!(
                     "fpdt train: note: {} GPU(s) found ({}), but the trainer runs on the cpu \
-                     device: its layers are host kernels, and their cuda dispatch is not built yet",
+                     device: on cuda its layers still run as host kernels staged through pinned \
+                     memory (slower); --device cuda runs there anyway",
                     gpus.len(),
                     g.name
                 );
@@ -567,8 +568,12 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         ),
         (None, None) => "nothing".into(),
     };
+    let device_name = match args.device {
+        DeviceChoice::Cuda => "the cuda device (layers as host kernels)",
+        DeviceChoice::Auto | DeviceChoice::Cpu => "the cpu device",
+    };
     println!(
-        "fpdt train: {} ({} parameters) on the cpu device, S = {} tokens over P = {} ranks in {} \
+        "fpdt train: {} ({} parameters) on {device_name}, S = {} tokens over P = {} ranks in {} \
          chunks of {} tokens ({} per rank), offload {}, checkpointing {}, {}; {what}",
         match &args.init_from {
             Some(d) => d.display().to_string(),
@@ -587,17 +592,24 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
             Precision::Bf16 => "bf16 (fp32 master)",
         },
     );
-    let cpu = CpuConfig {
-        name: "cpu".into(),
-        device_memory: args.device_memory,
-        host_memory: args.host_memory,
-        ..CpuConfig::default()
+    let device = match args.device {
+        DeviceChoice::Cuda => TrainDevice::Cuda(CudaConfig {
+            device_memory: Some(args.device_memory),
+            host_memory: args.host_memory,
+            ..CudaConfig::default()
+        }),
+        DeviceChoice::Auto | DeviceChoice::Cpu => TrainDevice::Cpu(CpuConfig {
+            name: "cpu".into(),
+            device_memory: args.device_memory,
+            host_memory: args.host_memory,
+            ..CpuConfig::default()
+        }),
     };
     let opts = train_options(args, &plan);
     let mut trainer = Trainer::new(
         &plan.config,
         s,
-        &cpu,
+        &device,
         source(args, &plan)?,
         opts.clone(),
         plan.init.as_ref().map(|h| h.params.clone()),

@@ -237,6 +237,29 @@ impl CudaQueue {
         self.bracketed(name, work, refs, || op(self.raw))
     }
 
+    /// Enqueues a host function that the driver runs in stream order on
+    /// its own thread (`cuLaunchHostFunc`), between the op's two events.
+    pub(crate) fn host(
+        &self,
+        name: Cow<'static, str>,
+        work: Work,
+        refs: Vec<MemRef>,
+        call: HostCall,
+    ) -> Result<()> {
+        self.bracketed(name, work, refs, || {
+            let user = Box::into_raw(Box::new(call));
+            // SAFETY: a valid stream of this context; `run_host_call` takes
+            // back the box exactly once, when the driver runs it.
+            let r = unsafe { sys::cuLaunchHostFunc(self.raw, Some(run_host_call), user.cast()) };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                // SAFETY: the driver refused the call, so it never runs it:
+                // the box is still ours, and freed once, here.
+                drop(unsafe { Box::from_raw(user) });
+            }
+            check(r, || "cuLaunchHostFunc".into())
+        })
+    }
+
     /// Checks and enqueues a PTX kernel.
     pub(crate) fn launch(
         &self,
@@ -365,5 +388,50 @@ impl Drop for CudaQueue {
             self.gpu.ctx.recycle(w.start);
             self.gpu.ctx.recycle(w.end);
         }
+    }
+}
+
+/// A host kernel on a cuda stream: the function, the pinned staging blocks
+/// it reads and writes (address, bytes), and where its failure goes.
+pub(crate) struct HostCall {
+    pub(crate) f: crate::stream::HostFn,
+    pub(crate) ins: Vec<(usize, usize)>,
+    pub(crate) outs: Vec<(usize, usize)>,
+    pub(crate) report: Box<dyn FnOnce(String) + Send>,
+}
+
+/// Runs a [`HostCall`] on the driver's callback thread. It must not call
+/// CUDA (the driver forbids it there) and must not unwind into C.
+unsafe extern "C" fn run_host_call(user: *mut std::ffi::c_void) {
+    // SAFETY: `user` is the `Box<HostCall>` that `CudaQueue::host` leaked
+    // for this one call; the driver calls this function once with it.
+    let call = unsafe { Box::from_raw(user.cast::<HostCall>()) };
+    let HostCall {
+        f,
+        ins,
+        outs,
+        report,
+    } = *call;
+    // SAFETY: each (address, bytes) is a pinned staging block of at least
+    // that many bytes, allocated for this call alone and held by the op's
+    // memory references until the op's end event, which the stream records
+    // after this function; the copies that fill and drain the blocks are
+    // ordered before and after it on the same stream, so nothing else
+    // touches them while these slices live, and inputs and outputs are
+    // distinct blocks.
+    let ins: Vec<&[u8]> = ins
+        .iter()
+        .map(|&(a, n)| unsafe { std::slice::from_raw_parts(a as *const u8, n) })
+        .collect();
+    // SAFETY: as above.
+    let mut outs: Vec<&mut [u8]> = outs
+        .iter()
+        .map(|&(a, n)| unsafe { std::slice::from_raw_parts_mut(a as *mut u8, n) })
+        .collect();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || f(&ins, &mut outs)));
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(m)) => report(m),
+        Err(_) => report("the host kernel panicked".into()),
     }
 }

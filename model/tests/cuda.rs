@@ -1,0 +1,122 @@
+//! The model on the cuda device: the FPDT step on P ranks sharing one GPU
+//! gives the cpu device's loss and gradients exactly (the layers are the
+//! same host kernels, staged through the pinned arena; the collectives run
+//! on the GPU's streams, the reductions in the same rank order), so it
+//! equals the dense reference too; AdamW steps follow the cpu group's.
+//! Without a GPU each test prints why it skipped; `scripts/fake-cuda-test.sh`
+//! runs them against the fake driver, where they must not skip.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fpdt_model::config::Precision;
+use fpdt_model::{reference, FpdtGroup, ModelConfig, Schedule};
+use fpdt_ptx::cpu::AdamW;
+use fpdt_runtime::{CudaConfig, DeviceKind};
+
+fn cuda_config() -> CudaConfig {
+    CudaConfig {
+        device_memory: Some(64 << 20),
+        host_memory: 64 << 20,
+        wait_timeout: Duration::from_secs(60),
+        ..CudaConfig::default()
+    }
+}
+
+/// The group on the GPU, or None after saying why the test skips.
+fn gpu_group(test: &str, cfg: &ModelConfig, sched: Schedule, p32: &[f32]) -> Option<FpdtGroup> {
+    if let Err(e) = fpdt_runtime::cuda::probe() {
+        eprintln!("{test}: skipped, no GPU: {e}");
+        return None;
+    }
+    Some(FpdtGroup::cuda(cfg, sched, p32, &cuda_config()).expect("a cuda group"))
+}
+
+#[test]
+fn the_step_on_cuda_equals_the_cpu_step_and_the_reference() {
+    let test = "the_step_on_cuda_equals_the_cpu_step_and_the_reference";
+    // (S, P, u, offload, checkpoint, precision)
+    let cases = [
+        (24, 2, 3, true, true, Precision::F32),
+        (20, 2, 2, true, false, Precision::Bf16),
+        (12, 1, 1, false, false, Precision::F32),
+    ];
+    for cfg in [tiny_gpt(), tiny_llama()] {
+        let params = random_params(&cfg, 7);
+        let p32: Vec<f32> = params.iter().map(|&x| x as f32).collect();
+        for (seq, ranks, chunks, offload, checkpoint, precision) in cases {
+            let what = format!(
+                "{:?} S={seq} P={ranks} u={chunks} offload={offload} checkpoint={checkpoint} {precision:?}",
+                cfg.family
+            );
+            let sched = Schedule {
+                offload,
+                checkpoint,
+                precision,
+                ..Schedule::fpdt(seq, ranks, chunks)
+            };
+            let Some(mut g) = gpu_group(test, &cfg, sched, &p32) else {
+                return;
+            };
+            assert!(g
+                .ranks()
+                .iter()
+                .all(|r| r.device().kind() == DeviceKind::Cuda));
+            let (tokens, targets) = random_batch(&cfg, seq, 3);
+            let out = g.step(&tokens, &targets).expect("the cuda step");
+            let mut c = FpdtGroup::cpu(&cfg, sched, &p32, &cpu()).expect("a cpu group");
+            let want = c.step(&tokens, &targets).expect("the cpu step");
+            assert_eq!(out.loss.to_bits(), want.loss.to_bits(), "{what}: loss");
+            assert_eq!(out.grads, want.grads, "{what}: gradients");
+            if precision == Precision::F32 {
+                let r =
+                    reference::loss_and_grads(&cfg, &params, &tokens, &targets).expect("reference");
+                let rel = (out.loss - r.loss).abs() / r.loss;
+                assert!(rel < 1e-4, "{what}: loss {} vs {}", out.loss, r.loss);
+            }
+            // The offloaded activations went through the GPU's copy engines.
+            if offload {
+                let ev = g.ranks()[0].device().trace().events();
+                assert!(
+                    ev.iter().any(|e| e.kind == fpdt_runtime::OpKind::CopyD2H)
+                        && ev.iter().any(|e| e.kind == fpdt_runtime::OpKind::CopyH2D),
+                    "{what}: no copies in the trace"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn adamw_steps_on_cuda_follow_the_cpu_group() {
+    let test = "adamw_steps_on_cuda_follow_the_cpu_group";
+    let cfg = tiny_llama();
+    let p32: Vec<f32> = random_params(&cfg, 21).iter().map(|&x| x as f32).collect();
+    let sched = Schedule::fpdt(24, 2, 3);
+    let Some(mut g) = gpu_group(test, &cfg, sched, &p32) else {
+        return;
+    };
+    let mut c = FpdtGroup::cpu(&cfg, sched, &p32, &cpu()).expect("a cpu group");
+    let opt = AdamW {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    for step in 1..=3u64 {
+        let (tokens, targets) = random_batch(&cfg, 24, 100 + step);
+        let a = g.step(&tokens, &targets).expect("cuda step");
+        let b = c.step(&tokens, &targets).expect("cpu step");
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "step {step}: loss");
+        g.adamw_step(&opt).expect("cuda adamw");
+        c.adamw_step(&opt).expect("cpu adamw");
+        assert_eq!(
+            g.params().unwrap(),
+            c.params().unwrap(),
+            "step {step}: weights"
+        );
+    }
+}
