@@ -37,6 +37,7 @@ echo "==> test binaries (the test profile is optimised)"
 # cpu and meta devices still behave beside it) and the kernel tests that
 # take FPDT_PTX_BACKEND; the interpreter's own tests stay here.
 cargo test --no-run --message-format=json -p fpdt-runtime --lib --tests 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
+cargo test --no-run --message-format=json -p fpdt-model --test cuda 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
 cargo test --no-run --message-format=json -p fpdt-comm --test cuda 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
 cargo test --no-run --message-format=json -p fpdt-ptx --lib --test ptx_kernels 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
 echo "==> GPU bench"

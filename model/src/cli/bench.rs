@@ -118,8 +118,9 @@ pub struct MemoryArgs {
 fn cuda_not_supported() -> ModelError {
     usage(
         "--device",
-        "cuda: the model's layers still run as host kernels, which a GPU cannot run (their cuda \
-         dispatch is not built yet); use --device cpu (or --device meta for `bench memory`)",
+        "cuda: on cuda the model's layers still run as host kernels staged through pinned \
+         memory (fpdt train --device cuda), so a GPU measurement would time the host; their PTX \
+         dispatch is not built yet; use --device cpu (or --device meta for `bench memory`)",
     )
 }
 
