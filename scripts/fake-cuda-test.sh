@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the cuda tests (runtime/, comm/ and model/tests/cuda.rs) against a fake
 # libcuda.so.1 (runtime/tests/fake_cuda/fake_cuda.c: host memory, memcpy,
-# events that complete when recorded, the test kernels run natively), so
+# events that complete when recorded, the test kernels run natively, other
+# kernels in the PTX interpreter when FPDT_FAKE_CUDA_INTERP is set), so
 # every driver call the backend makes, its error paths, retirement, events
 # and teardown run on a machine without a GPU. What needs real concurrency
 # (copy/compute overlap) skips there and runs on a GPU (scripts/gpu-check.sh).
@@ -17,6 +18,10 @@ log=$(mktemp)
 cargo test -p fpdt-runtime --test cuda -- --test-threads=1 2>&1 | tee "$log"
 # The in-process group's collectives on cuda (two ranks sharing the GPU).
 cargo test -p fpdt-comm --test cuda -- --test-threads=1 2>&1 | tee -a "$log"
+# Every PTX kernel test through the cuda launch path (Stream::launch_ptx,
+# cuLaunchKernel), the fake handing the kernels to the PTX interpreter.
+FPDT_PTX_BACKEND=cuda FPDT_FAKE_CUDA_INTERP=1 \
+  cargo test -p fpdt-ptx --test ptx_kernels -- --test-threads=2 2>&1 | tee -a "$log"
 # The model's step and AdamW on cuda (P ranks sharing the GPU) equal the cpu device's.
 cargo test -p fpdt-model --test cuda -- --test-threads=1 2>&1 | tee -a "$log"
 # Its GPU bench runs end to end (tiny sizes; the numbers mean nothing here).

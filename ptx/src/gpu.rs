@@ -65,13 +65,60 @@ impl KernelLaunch {
     }
 }
 
-/// The process's GPU for kernel tests (made once: 1 GiB of device memory).
+/// Test support (`FPDT_FAKE_CUDA_INTERP=1`): on the fake driver of
+/// `runtime/tests/fake_cuda`, kernels launched on the "GPU" run in this
+/// crate's interpreter, over the fake's memory, so the whole cuda launch
+/// path (argument checks, marshalling, `cuLaunchKernel`) runs without a
+/// GPU. True when installed; false on a real driver, which it leaves alone.
+pub fn install_interpreter_on_fake_driver() -> Result<bool, PtxError> {
+    fpdt_runtime::cuda::fake::install_fake_executor(Box::new(|l| {
+        let mut it = Interpreter::new(l.ptx).map_err(|e| e.to_string())?;
+        for r in &l.regions {
+            it.map_at(r.base, &r.bytes).map_err(|e| e.to_string())?;
+        }
+        let args: Vec<Arg> = l
+            .args
+            .iter()
+            .map(|a| match *a {
+                KernelArg::Ptr(v) | KernelArg::U64(v) => Arg::U64(v),
+                KernelArg::U32(v) => Arg::U32(v),
+                KernelArg::I32(v) => Arg::I32(v),
+                KernelArg::F32(v) => Arg::F32(v),
+            })
+            .collect();
+        let [gx, gy, gz] = l.grid;
+        let [bx, by, bz] = l.block;
+        it.launch(l.entry, (gx, gy, gz), (bx, by, bz), l.shared_bytes, &args)
+            .map_err(|e| e.to_string())?;
+        for r in &mut l.regions {
+            r.bytes = it.read(r.base, r.bytes.len()).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }))
+    .map_err(dev_err)
+}
+
+/// The process's GPU for kernel tests (made once: 1 GiB of device memory;
+/// 64 MiB on the fake driver with the interpreter, which copies the region
+/// for every launch).
 fn test_device() -> Result<Device, PtxError> {
     static DEV: OnceLock<Result<Device, String>> = OnceLock::new();
     DEV.get_or_init(|| {
+        let fake = std::env::var_os("FPDT_FAKE_CUDA_INTERP").is_some();
+        if fake {
+            match install_interpreter_on_fake_driver() {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(
+                        "FPDT_FAKE_CUDA_INTERP is set but the loaded driver is not the fake".into(),
+                    )
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
         Device::cuda_with(CudaConfig {
-            device_memory: Some(1 << 30),
-            host_memory: 256 << 20,
+            device_memory: Some(if fake { 64 << 20 } else { 1 << 30 }),
+            host_memory: if fake { 64 << 20 } else { 256 << 20 },
             ..CudaConfig::default()
         })
         .map_err(|e| e.to_string())

@@ -25,23 +25,54 @@ const FULL: u32 = u32::MAX;
 const NO_BAR: u8 = u8::MAX;
 const NBARS: usize = 16;
 
-/// Simulated global memory: one byte vector, allocations at 256-byte
-/// aligned offsets from [`GLOBAL_BASE`] with gaps between them.
+/// Simulated global memory: one byte vector; allocations at 256-byte
+/// aligned offsets from [`GLOBAL_BASE`] with gaps between them, or mapped
+/// at addresses of the caller's choosing ([`Global::map_at`]).
 #[derive(Debug, Default)]
 pub(crate) struct Global {
     data: Vec<u8>,
-    /// (device address, length), sorted by address.
-    allocs: Vec<(u64, u64)>,
+    /// (device address, length, offset in `data`), sorted by address.
+    allocs: Vec<(u64, u64, usize)>,
     last: usize,
 }
 
 impl Global {
+    fn next_offset(&self) -> u64 {
+        (self.data.len() as u64 + GUARD).div_ceil(256) * 256
+    }
+
     pub(crate) fn alloc(&mut self, len: usize) -> u64 {
-        let start = (self.data.len() as u64 + GUARD).div_ceil(256) * 256;
+        let start = self.next_offset();
         self.data.resize((start + len as u64) as usize, 0);
-        let addr = GLOBAL_BASE + start;
-        self.allocs.push((addr, len as u64));
+        // Above every mapped range too, so the table stays sorted.
+        let top = self
+            .allocs
+            .last()
+            .map_or(0, |a| (a.0 + a.1 + GUARD).div_ceil(256) * 256);
+        let addr = (GLOBAL_BASE + start).max(top);
+        self.allocs.push((addr, len as u64, start as usize));
         addr
+    }
+
+    /// A new allocation of `len` bytes at device address `addr`, which
+    /// must not overlap another.
+    pub(crate) fn map_at(&mut self, addr: u64, len: usize) -> Result<usize, String> {
+        let end = addr
+            .checked_add(len as u64)
+            .ok_or_else(|| format!("{len} bytes at {addr:#x} overflow the address space"))?;
+        let i = self.allocs.partition_point(|a| a.0 < addr);
+        let before = i.checked_sub(1).and_then(|j| self.allocs.get(j));
+        if before.is_some_and(|a| a.0 + a.1 > addr) || self.allocs.get(i).is_some_and(|a| a.0 < end)
+        {
+            return Err(format!(
+                "{len} bytes at {addr:#x} overlap an allocation already there"
+            ));
+        }
+        let start = self.next_offset() as usize;
+        self.data.resize(start + len, 0);
+        self.allocs.insert(i, (addr, len as u64, start));
+        self.last = 0;
+        Ok(start)
     }
 
     /// Index of the allocation holding `[addr, addr + len)`.
@@ -80,8 +111,8 @@ impl Global {
     /// Offset into `data` of `[addr, addr + len)`, which must lie in one
     /// allocation (without updating the lookup cache).
     pub(crate) fn find_ro(&self, addr: u64, len: u64) -> Result<usize, String> {
-        self.locate(addr, len)
-            .map(|_| (addr - GLOBAL_BASE) as usize)
+        let a = self.allocs[self.locate(addr, len)?];
+        Ok(a.2 + (addr - a.0) as usize)
     }
 
     /// Offset into `data` of `[addr, addr + len)`, which must lie in one
@@ -90,12 +121,13 @@ impl Global {
     pub(crate) fn find(&mut self, addr: u64, len: u64) -> Result<usize, String> {
         if let Some(a) = self.allocs.get(self.last) {
             if addr >= a.0 && addr.checked_add(len).is_some_and(|e| e <= a.0 + a.1) {
-                return Ok((addr - GLOBAL_BASE) as usize);
+                return Ok(a.2 + (addr - a.0) as usize);
             }
         }
         let i = self.locate(addr, len)?;
         self.last = i;
-        Ok((addr - GLOBAL_BASE) as usize)
+        let a = self.allocs[i];
+        Ok(a.2 + (addr - a.0) as usize)
     }
 
     pub(crate) fn bytes(&self, off: usize, len: usize) -> &[u8] {

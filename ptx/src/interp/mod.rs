@@ -228,6 +228,23 @@ impl Interpreter {
         a
     }
 
+    /// Copies `bytes` into a new allocation at device address `addr` (for
+    /// running kernels over memory that lives elsewhere, as a fake driver
+    /// does); it must not overlap another allocation.
+    pub fn map_at(&mut self, addr: u64, bytes: &[u8]) -> Result<(), PtxError> {
+        let o = self
+            .global
+            .map_at(addr, bytes.len())
+            .map_err(|m| PtxError::Interp(format!("map_at: {m}")))?;
+        self.global.bytes_mut(o, bytes.len()).copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// Frees every allocation of global memory.
+    pub fn clear_memory(&mut self) {
+        self.global = exec::Global::default();
+    }
+
     /// A new zeroed allocation of `len` bytes.
     pub fn alloc_zeroed(&mut self, len: usize) -> u64 {
         self.global.alloc(len)

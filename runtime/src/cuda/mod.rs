@@ -18,6 +18,7 @@
 
 pub mod blas;
 mod driver;
+pub mod fake;
 pub mod launch;
 mod memory;
 pub(crate) mod queue;

@@ -25,6 +25,7 @@ typedef unsigned long long CUdeviceptr;
 #define INVALID_HANDLE 400
 #define NOT_FOUND 500
 #define LAUNCH_OUT_OF_RESOURCES 701
+#define LAUNCH_FAILED 719
 
 static int initialized;
 static __thread void *current_ctx;
@@ -39,6 +40,7 @@ CUresult cuGetErrorName(CUresult r, const char **s) {
     case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; return OK;
     case INVALID_CONTEXT: *s = "CUDA_ERROR_INVALID_CONTEXT"; return OK;
     case LAUNCH_OUT_OF_RESOURCES: *s = "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES"; return OK;
+    case LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; return OK;
     default: *s = "CUDA_ERROR_FAKE"; return OK;
     }
 }
@@ -82,18 +84,30 @@ CUresult cuMemGetInfo_v2(size_t *f, size_t *t) { NEED_CTX; *f = free_bytes; *t =
 /* Allocations: a short table, so a free of an unknown pointer fails. */
 #define MAXA 64
 static void *allocs[MAXA];
+static size_t alloc_len[MAXA];
 CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
     NEED_CTX;
     if (n > free_bytes) return OUT_OF_MEMORY;
     void *m = NULL;
     if (posix_memalign(&m, 4096, n) != 0) return OUT_OF_MEMORY;
-    for (int i = 0; i < MAXA; i++) if (!allocs[i]) { allocs[i] = m; *p = (CUdeviceptr)(uintptr_t)m; return OK; }
+    for (int i = 0; i < MAXA; i++) if (!allocs[i]) {
+        allocs[i] = m; alloc_len[i] = n; *p = (CUdeviceptr)(uintptr_t)m; return OK;
+    }
     free(m); return OUT_OF_MEMORY;
 }
 CUresult cuMemFree_v2(CUdeviceptr p) {
     NEED_CTX;
     for (int i = 0; i < MAXA; i++) if (allocs[i] == (void *)(uintptr_t)p) { free(allocs[i]); allocs[i] = NULL; return OK; }
     return INVALID_VALUE;
+}
+/* Test support: the device allocation holding `p` (its base and length),
+ * so a launch hook can run a kernel over the memory its pointers reach. */
+int fake_cuda_allocation(CUdeviceptr p, CUdeviceptr *base, size_t *len) {
+    for (int i = 0; i < MAXA; i++) {
+        uintptr_t b = (uintptr_t)allocs[i];
+        if (allocs[i] && p >= b && p < b + alloc_len[i]) { *base = b; *len = alloc_len[i]; return 1; }
+    }
+    return 0;
 }
 CUresult cuMemHostRegister_v2(void *p, size_t n, unsigned flags) { NEED_CTX; (void)p; (void)n; (void)flags; return OK; }
 CUresult cuMemHostUnregister(void *p) { NEED_CTX; (void)p; return OK; }
@@ -138,7 +152,14 @@ CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void *s) {
 }
 
 /* Modules and the test kernels. */
-typedef struct { int magic; char name[64]; int shared_allowed; } Function;
+typedef struct { int magic; char name[64]; int shared_allowed; const char *module; } Function;
+/* Test support: kernels other than the native ones go to this hook when a
+ * process installs one (fpdt_runtime::cuda::fake runs them in the PTX
+ * interpreter); it returns 0 on success. dims: grid x y z, block x y z. */
+typedef int (*LaunchHook)(const char *ptx, const char *entry, const unsigned *dims,
+                          unsigned shared, void **params);
+static LaunchHook launch_hook;
+void fake_cuda_set_launch_hook(LaunchHook h) { launch_hook = h; }
 #define FMAGIC 0x464e
 CUresult cuModuleLoadDataEx(void **m, const void *image, unsigned n, int *opts, void **vals) {
     NEED_CTX; (void)n; (void)opts; (void)vals;
@@ -152,7 +173,7 @@ CUresult cuModuleGetFunction(void **f, void *m, const char *name) {
     char pat[80]; snprintf(pat, sizeof pat, ".entry %s", name);
     if (!strstr((const char *)m, pat)) return NOT_FOUND;
     Function *x = calloc(1, sizeof *x); x->magic = FMAGIC; x->shared_allowed = 48 * 1024;
-    strncpy(x->name, name, sizeof x->name - 1); *f = x; return OK;
+    strncpy(x->name, name, sizeof x->name - 1); x->module = m; *f = x; return OK;
 }
 CUresult cuFuncSetAttribute(void *f, int attr, int v) {
     Function *x = f; if (!x || x->magic != FMAGIC) return INVALID_HANDLE;
@@ -214,7 +235,7 @@ CUresult cuLaunchHostFunc(void *s, void (*fn)(void *), void *user) {
 
 CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared, void *s, void **params, void **extra) {
-    (void)gy; (void)gz; (void)by; (void)bz; (void)extra;
+    (void)extra;
     Function *x = f;
     if (!x || x->magic != FMAGIC || bad_stream(s)) return INVALID_HANDLE;
     if ((int)shared > x->shared_allowed) return LAUNCH_OUT_OF_RESOURCES;
@@ -232,6 +253,9 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
         return fake_reduce(x->name + 7, params);
     } else if (!strcmp(x->name, "spin")) {
         float *out = *(float **)params[0]; out[0] = 1.0f;
+    } else if (launch_hook) {
+        unsigned dims[6] = {gx, gy, gz, bx, by, bz};
+        if (launch_hook(x->module, x->name, dims, shared, params) != 0) return LAUNCH_FAILED;
     }
     return OK;
 }
