@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use fpdt_model::config::Precision;
 use fpdt_model::{reference, FpdtGroup, ModelConfig, Schedule};
-use fpdt_ptx::cpu::{narrow_bytes, widen_bytes, AdamW, DType};
+use fpdt_ptx::cpu::{narrow_bytes, widen_bytes, DType};
 use fpdt_runtime::{MetaConfig, Space};
 
 /// The bf16 tolerance: relative error of the loss, and of the whole
@@ -246,13 +246,7 @@ fn round_bf16(x: &[f32]) -> Vec<f32> {
 
 #[test]
 fn bf16_three_adamw_steps_follow_the_reference_losses() {
-    let opt = AdamW {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let opt = test_adamw();
     for cfg in [tiny_gpt(), tiny_llama()] {
         let mut params = random_params(&cfg, 21);
         let p32: Vec<f32> = params.iter().map(|&x| x as f32).collect();

@@ -13,7 +13,6 @@ use std::time::Duration;
 use common::*;
 use fpdt_model::config::Precision;
 use fpdt_model::{reference, FpdtGroup, ModelConfig, Schedule};
-use fpdt_ptx::cpu::AdamW;
 use fpdt_runtime::{CudaConfig, DeviceKind};
 
 fn cuda_config() -> CudaConfig {
@@ -99,13 +98,7 @@ fn adamw_steps_on_cuda_follow_the_cpu_group() {
         return;
     };
     let mut c = FpdtGroup::cpu(&cfg, sched, &p32, &cpu()).expect("a cpu group");
-    let opt = AdamW {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let opt = test_adamw();
     for step in 1..=3u64 {
         let (tokens, targets) = random_batch(&cfg, 24, 100 + step);
         let a = g.step(&tokens, &targets).expect("cuda step");

@@ -5,18 +5,11 @@ mod common;
 
 use common::*;
 use fpdt_model::{reference, FpdtGroup, ModelConfig, Schedule};
-use fpdt_ptx::cpu::AdamW;
 use fpdt_runtime::MetaConfig;
 
 #[test]
 fn three_adamw_steps_follow_the_reference_losses() {
-    let opt = AdamW {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let opt = test_adamw();
     for cfg in [tiny_gpt(), tiny_llama()] {
         let mut params = random_params(&cfg, 21);
         let p32: Vec<f32> = params.iter().map(|&x| x as f32).collect();

@@ -423,6 +423,20 @@ impl Stream {
         Ok(Stream { inner })
     }
 
+    /// The queue of a cuda stream about to take an op, its finished work
+    /// retired; None when the stream has failed (the op is skipped, as
+    /// every later one). An error off cuda or when closed.
+    fn cuda_for_op(&self) -> Result<Option<&CudaQueue>> {
+        let Some(q) = self.cuda()? else {
+            return Err(RuntimeError::Cuda(format!(
+                "stream `{}` has no CUstream",
+                self.inner.name
+            )));
+        };
+        self.retire();
+        Ok((!self.has_failed()).then_some(q))
+    }
+
     /// The cuda stream's queue, or None on other devices; an error when
     /// the stream was closed.
     fn cuda(&self) -> Result<Option<&CudaQueue>> {
@@ -742,16 +756,9 @@ impl Stream {
         writes: &[View<'_>],
         f: HostFn,
     ) -> Result<()> {
-        let Some(q) = self.cuda()? else {
-            return Err(RuntimeError::Cuda(format!(
-                "stream `{}` has no CUstream",
-                self.inner.name
-            )));
-        };
-        self.retire();
-        if self.has_failed() {
+        let Some(q) = self.cuda_for_op()? else {
             return Ok(());
-        }
+        };
         let core = &self.inner.core;
         let stage = |v: &View<'_>| core.alloc_host(v.len().max(1), "host kernel staging");
         let ins = reads
@@ -845,16 +852,9 @@ impl Stream {
                 body: Body::Kernel,
             }),
             DeviceKind::Cuda => {
-                let Some(q) = self.cuda()? else {
-                    return Err(RuntimeError::Cuda(format!(
-                        "stream `{}` has no CUstream",
-                        self.inner.name
-                    )));
-                };
-                self.retire();
-                if self.has_failed() {
+                let Some(q) = self.cuda_for_op()? else {
                     return Ok(());
-                }
+                };
                 let ranges: Vec<(u64, u64)> = reads
                     .iter()
                     .chain(writes)

@@ -161,3 +161,14 @@ pub fn max_rel(a: &[f64], b: &[f64], floor: f64) -> (f64, usize) {
     }
     worst
 }
+
+/// The AdamW settings of the optimizer tests.
+pub fn test_adamw() -> fpdt_ptx::cpu::AdamW {
+    fpdt_ptx::cpu::AdamW {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    }
+}
