@@ -50,16 +50,26 @@ if ! grep -q "cuda0: Fake GPU, sm_90" <<<"$info"; then
 fi
 # fpdt train runs on the cuda device (a few steps of the default task).
 run_dir=$(mktemp -d)
-train=$(target/debug/fpdt train --device cuda --steps 4 --warmup 1 --eval-every 2 --no-progress --out "$run_dir" 2>&1) || {
+# Small devices: the fake's interpreter copies a launch's region each time.
+args=(--seq-len 256 --chunk 64 --steps 4 --warmup 1 --eval-every 2 --eval-batches 1 --no-progress)
+train=$(FPDT_FAKE_CUDA_INTERP=1 target/debug/fpdt train --device cuda --device-memory 2M \
+  "${args[@]}" --out "$run_dir/cuda" 2>&1) || {
   echo "fake-cuda-test: fpdt train --device cuda failed:" >&2
   echo "$train" | tail -8 >&2
   rm -rf "$run_dir"
   exit 1
 }
+cpu=$(target/debug/fpdt train --device cpu "${args[@]}" --out "$run_dir/cpu" 2>&1)
 rm -rf "$run_dir"
 if ! grep -q "on the cuda device" <<<"$train" || ! grep -q "done: 4 steps" <<<"$train"; then
   echo "fake-cuda-test: fpdt train --device cuda did not train on the cuda device:" >&2
   echo "$train" | tail -8 >&2
+  exit 1
+fi
+# The same losses as on the cpu device.
+losses() { grep -o 'loss [0-9.]* -> [0-9.]*' <<<"$1" | head -1; }
+if [ "$(losses "$train")" != "$(losses "$cpu")" ] || [ -z "$(losses "$cpu")" ]; then
+  echo "fake-cuda-test: cuda and cpu training differ: '$(losses "$train")' vs '$(losses "$cpu")'" >&2
   exit 1
 fi
 echo "fake-cuda-test: the cuda tests, fpdt info and fpdt train --device cuda passed against the fake driver"

@@ -15,7 +15,7 @@ use fpdt_comm::GroupConfig;
 use fpdt_comm::{Communicator, DType, FpdtLayout, InProcessComm, InProcessGroup, ReduceOp};
 use fpdt_ptx::cpu::{adamw_step, AdamW};
 use fpdt_runtime::{
-    ChunkMover, CpuConfig, CudaConfig, Device, DeviceBuffer, HostBuffer, MetaConfig,
+    ChunkMover, CpuConfig, CudaConfig, Device, DeviceBuffer, DeviceKind, HostBuffer, MetaConfig,
 };
 
 use crate::config::{ModelConfig, ParamLayout, Precision, Schedule};
@@ -154,6 +154,9 @@ pub struct RankModel<C: Communicator> {
     last: Option<MicroStats>,
     opt: OptimizerShard,
     batch: Option<(DeviceBuffer, DeviceBuffer, usize)>,
+    /// On cuda: run every layer op as a host kernel, even those with a PTX
+    /// kernel (what the cpu device computes, bit for bit).
+    host_kernels: bool,
 }
 
 impl<C: Communicator> std::fmt::Debug for RankModel<C> {
@@ -260,7 +263,15 @@ impl<C: Communicator> RankModel<C> {
                 steps: 0,
             },
             batch: None,
+            host_kernels: false,
         })
+    }
+
+    /// On cuda, runs every layer op as a host kernel (staged through the
+    /// pinned arena) instead of its PTX kernel where it has one: what the
+    /// cpu device computes, bit for bit. No effect elsewhere.
+    pub fn set_host_kernels(&mut self, on: bool) {
+        self.host_kernels = on;
     }
 
     /// The device.
@@ -389,6 +400,7 @@ impl<C: Communicator> RankModel<C> {
             // dominating).
             gdt: self.sched.precision.storage(),
             grads: &self.grads,
+            gpu: self.dev.kind() == DeviceKind::Cuda && !self.host_kernels,
         };
         let s = ctx.s();
         fill(s, Tv::f32(self.loss.view()), 0.0)?;
@@ -806,6 +818,11 @@ impl FpdtGroup {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(FpdtGroup { ranks })
+    }
+
+    /// [`RankModel::set_host_kernels`] on every rank.
+    pub fn set_host_kernels(&mut self, on: bool) {
+        self.ranks.iter_mut().for_each(|r| r.set_host_kernels(on));
     }
 
     /// The ranks.

@@ -1,8 +1,10 @@
-//! The model on the cuda device: the FPDT step on P ranks sharing one GPU
-//! gives the cpu device's loss and gradients exactly (the layers are the
-//! same host kernels, staged through the pinned arena; the collectives run
-//! on the GPU's streams, the reductions in the same rank order), so it
-//! equals the dense reference too; AdamW steps follow the cpu group's.
+//! The model on the cuda device: with every op a host kernel (staged
+//! through the pinned arena; the collectives on the GPU's streams, the
+//! reductions in the same rank order) the FPDT step on P ranks sharing one
+//! GPU gives the cpu device's loss and gradients exactly, and AdamW steps
+//! follow the cpu group's; with the PTX kernels the ops have, it stays
+//! within their distance from the CPU twins. On the fake driver the PTX
+//! runs in the interpreter.
 //! Without a GPU each test prints why it skipped; `scripts/fake-cuda-test.sh`
 //! runs them against the fake driver, where they must not skip.
 
@@ -17,7 +19,8 @@ use fpdt_runtime::{CudaConfig, DeviceKind};
 
 fn cuda_config() -> CudaConfig {
     CudaConfig {
-        device_memory: Some(64 << 20),
+        // Small: on the fake driver every PTX launch copies the region.
+        device_memory: Some(4 << 20),
         host_memory: 64 << 20,
         wait_timeout: Duration::from_secs(60),
         ..CudaConfig::default()
@@ -30,6 +33,9 @@ fn gpu_group(test: &str, cfg: &ModelConfig, sched: Schedule, p32: &[f32]) -> Opt
         eprintln!("{test}: skipped, no GPU: {e}");
         return None;
     }
+    // On the fake driver the PTX kernels run in the interpreter (a real
+    // driver is left alone).
+    fpdt_ptx::gpu::install_interpreter_on_fake_driver().expect("the fake's executor");
     Some(FpdtGroup::cuda(cfg, sched, p32, &cuda_config()).expect("a cuda group"))
 }
 
@@ -64,11 +70,49 @@ fn the_step_on_cuda_equals_the_cpu_step_and_the_reference() {
                 .iter()
                 .all(|r| r.device().kind() == DeviceKind::Cuda));
             let (tokens, targets) = random_batch(&cfg, seq, 3);
-            let out = g.step(&tokens, &targets).expect("the cuda step");
             let mut c = FpdtGroup::cpu(&cfg, sched, &p32, &cpu()).expect("a cpu group");
             let want = c.step(&tokens, &targets).expect("the cpu step");
-            assert_eq!(out.loss.to_bits(), want.loss.to_bits(), "{what}: loss");
-            assert_eq!(out.grads, want.grads, "{what}: gradients");
+            // With every op a host kernel: the cpu device's numbers exactly.
+            g.set_host_kernels(true);
+            let exact = g
+                .step(&tokens, &targets)
+                .expect("the cuda step, host kernels");
+            assert_eq!(exact.loss.to_bits(), want.loss.to_bits(), "{what}: loss");
+            assert_eq!(exact.grads, want.grads, "{what}: gradients");
+            // With the PTX kernels it has (the norms' forward): within the
+            // kernels' own distance from their CPU twins.
+            g.set_host_kernels(false);
+            g.ranks()[0].device().trace().clear();
+            let out = g.step(&tokens, &targets).expect("the cuda step");
+            let ptx = g.ranks()[0].device().trace().events();
+            assert!(
+                ptx.iter().any(|e| e.name.contains("norm_fwd_")),
+                "{what}: no PTX norm kernel ran"
+            );
+            let tol = if precision == Precision::F32 {
+                1e-5
+            } else {
+                1e-2
+            };
+            let rel = (out.loss - want.loss).abs() / want.loss.abs();
+            assert!(
+                rel < tol,
+                "{what}: loss {} vs cpu {} ({rel:e})",
+                out.loss,
+                want.loss
+            );
+            let d: f64 = out
+                .grads
+                .iter()
+                .zip(&want.grads)
+                .map(|(a, b)| f64::from(a - b).powi(2))
+                .sum();
+            let n: f64 = want.grads.iter().map(|b| f64::from(*b).powi(2)).sum();
+            assert!(
+                (d / n).sqrt() < tol,
+                "{what}: gradients {:e} from the cpu's",
+                (d / n).sqrt()
+            );
             if precision == Precision::F32 {
                 let r =
                     reference::loss_and_grads(&cfg, &params, &tokens, &targets).expect("reference");
@@ -97,6 +141,7 @@ fn adamw_steps_on_cuda_follow_the_cpu_group() {
     let Some(mut g) = gpu_group(test, &cfg, sched, &p32) else {
         return;
     };
+    g.set_host_kernels(true);
     let mut c = FpdtGroup::cpu(&cfg, sched, &p32, &cpu()).expect("a cpu group");
     let opt = test_adamw();
     for step in 1..=3u64 {

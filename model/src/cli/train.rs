@@ -272,6 +272,16 @@ impl TrainArgs {
                     format!("cuda: {e}; or run with --device cpu"),
                 ));
             }
+            // Test support: on the fake driver, run the PTX kernels in the
+            // interpreter (scripts/fake-cuda-test.sh).
+            if std::env::var_os("FPDT_FAKE_CUDA_INTERP").is_some()
+                && !fpdt_ptx::gpu::install_interpreter_on_fake_driver()?
+            {
+                return Err(usage(
+                    "--device",
+                    "cuda: FPDT_FAKE_CUDA_INTERP is set, but the driver is not the fake one",
+                ));
+            }
         }
         if self.ranks == 0 {
             return Err(usage("--ranks", "0 must be at least 1"));

@@ -110,6 +110,9 @@ pub(crate) struct Ctx<'a> {
     pub gdt: DType,
     /// Gradients, the flat layout (f32, accumulated).
     pub grads: &'a DeviceBuffer,
+    /// Launch the PTX kernel of an op where it has one (on cuda, unless
+    /// host kernels were asked for); else the op's host kernel.
+    pub gpu: bool,
 }
 
 impl Ctx<'_> {

@@ -5,6 +5,8 @@
 use std::ops::Range;
 
 use fpdt_ptx::cpu::{layer_norm_bwd, layer_norm_fwd, rms_norm_bwd, rms_norm_fwd};
+use fpdt_ptx::kernels;
+use fpdt_runtime::Work;
 
 use super::{kernel, Ctx, Tv};
 use crate::config::Norm;
@@ -21,6 +23,10 @@ pub(crate) fn forward(
 ) -> Result<()> {
     let (dim, eps) = (ctx.cfg.hidden, ctx.cfg.norm_eps as f32);
     let flops = 8.0 * (t * dim) as f64;
+    let gain = ctx.p(w)?;
+    if ctx.gpu && x.dt == y.dt && gain.dt == x.dt {
+        return forward_ptx(ctx, x, gain, b, y, t, flops);
+    }
     match (ctx.cfg.norm, b) {
         (Norm::LayerNorm, Some(b)) => kernel(
             ctx.s(),
@@ -45,6 +51,58 @@ pub(crate) fn forward(
             },
         ),
     }
+}
+
+/// The forward as its PTX kernel (one dtype for x, the gain, the bias and
+/// y; the row statistics go to scratch the backward does not read: it
+/// recomputes them from x).
+fn forward_ptx(
+    ctx: &Ctx<'_>,
+    x: Tv<'_>,
+    gain: Tv<'_>,
+    b: &Option<Range<usize>>,
+    y: Tv<'_>,
+    t: usize,
+    flops: f64,
+) -> Result<()> {
+    let (dim, eps) = (ctx.cfg.hidden, ctx.cfg.norm_eps as f32);
+    let addr = |v: &Tv<'_>| v.v.addr() as u64;
+    let rstd = ctx.alloc(t, "norm rstd")?;
+    let work = Work::kernel(flops, (x.v.len() + y.v.len()) as u64);
+    match (ctx.cfg.norm, b) {
+        (Norm::LayerNorm, Some(b)) => {
+            let beta = ctx.p(b)?;
+            let mean = ctx.alloc(t, "norm mean")?;
+            let l = kernels::layer_norm_fwd(
+                t,
+                dim,
+                eps,
+                x.dt,
+                addr(&y),
+                mean.buf.view().addr() as u64,
+                rstd.buf.view().addr() as u64,
+                addr(&x),
+                addr(&gain),
+                addr(&beta),
+            )?;
+            let writes = [y.v, mean.buf.view(), rstd.buf.view()];
+            l.enqueue(ctx.s(), work, &[x.v, gain.v, beta.v], &writes)?;
+        }
+        _ => {
+            let l = kernels::rms_norm_fwd(
+                t,
+                dim,
+                eps,
+                x.dt,
+                addr(&y),
+                rstd.buf.view().addr() as u64,
+                addr(&x),
+                addr(&gain),
+            )?;
+            l.enqueue(ctx.s(), work, &[x.v, gain.v], &[y.v, rstd.buf.view()])?;
+        }
+    }
+    Ok(())
 }
 
 /// Backward: `dx (+)= norm'(x)^T dy` (accumulated into `dx` when
