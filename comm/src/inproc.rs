@@ -845,6 +845,22 @@ impl Shared {
         }
     }
 
+    /// Every rank's call of collective `seq`, read from `set` after the
+    /// barrier.
+    fn calls(&self, set: &[Slot], seq: u64) -> Result<Vec<Op>> {
+        set.iter()
+            .map(|s| lock(&s.op).clone())
+            .collect::<Option<Vec<Op>>>()
+            .ok_or_else(|| self.missing_call(seq))
+    }
+
+    fn missing_call(&self, seq: u64) -> CommError {
+        CommError::Invalid(format!(
+            "group `{}`: collective #{seq}: a rank passed the barrier without its call",
+            self.name
+        ))
+    }
+
     /// The body of rank `rank`'s job for collective `seq`.
     fn run(
         &self,
@@ -870,16 +886,7 @@ impl Shared {
             Op::Broadcast { .. } | Op::Barrier => {}
         }
         self.wait(rank, seq, op.name())?;
-        let ops = set
-            .iter()
-            .map(|s| lock(&s.op).clone())
-            .collect::<Option<Vec<Op>>>()
-            .ok_or_else(|| {
-                CommError::Invalid(format!(
-                    "group `{}`: collective #{seq}: a rank passed the barrier without its call",
-                    self.name
-                ))
-            })?;
+        let ops = self.calls(set, seq)?;
         validate(seq, op, &ops)?;
         match op {
             Op::AllToAll { bytes } => self.stream_all_to_all(rank, seq, *bytes, ins[0], outs[0])?,
@@ -1212,17 +1219,8 @@ impl InProcessComm {
             done: None,
         });
         sh.wait(me, seq, op.name())?;
-        let missing_call = || {
-            CommError::Invalid(format!(
-                "group `{}`: collective #{seq}: a rank passed the barrier without its call",
-                sh.name
-            ))
-        };
-        let ops = set
-            .iter()
-            .map(|s| lock(&s.op).clone())
-            .collect::<Option<Vec<Op>>>()
-            .ok_or_else(missing_call)?;
+        let missing_call = || sh.missing_call(seq);
+        let ops = sh.calls(set, seq)?;
         validate(seq, op, &ops)?;
         let posts = set
             .iter()

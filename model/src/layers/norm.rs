@@ -32,7 +32,7 @@ pub(crate) fn forward(
             ctx.s(),
             "layer_norm_fwd",
             flops,
-            &[x, ctx.p(w)?, ctx.p(b)?],
+            &[x, gain, ctx.p(b)?],
             &[y],
             move |i, o| {
                 let (mut mean, mut rstd) = (vec![0.0; t], vec![0.0; t]);
@@ -43,7 +43,7 @@ pub(crate) fn forward(
             ctx.s(),
             "rms_norm_fwd",
             flops,
-            &[x, ctx.p(w)?],
+            &[x, gain],
             &[y],
             move |i, o| {
                 let mut rstd = vec![0.0; t];
