@@ -60,11 +60,16 @@ pub(crate) fn mul(kernel: &'static str, arg: &'static str, a: usize, b: usize) -
         .ok_or_else(|| bad(kernel, arg, format!("size {a} x {b} overflows usize")))
 }
 
-/// Worker threads for the twins.
+/// Worker threads for the twins: the machine's parallelism, asked once
+/// (`available_parallelism` reads the cgroup files on every call, which cost
+/// thousands of syscalls per training step when asked per op).
 pub(crate) fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
 }
 
 /// Runs `f(0..tasks)` on a pool of scoped threads pulling from a shared
