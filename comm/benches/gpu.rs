@@ -94,7 +94,9 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
     let dev = match Device::cuda_with(CudaConfig {
-        device_memory: Some((4 * max_mib + 64) << 20),
+        // Per rank: send and recv (2 x max) and the all-reduce's scratch
+        // for the peers' slices (max / P x (P - 1)); P ranks share the GPU.
+        device_memory: Some((P * 3 * max_mib + 64) << 20),
         host_memory: (2 * max_mib + 64) << 20,
         check_each_launch: false,
         ..CudaConfig::default()
@@ -111,7 +113,9 @@ fn main() {
         .unwrap_or_else(|| "?".into());
     let cfg = GroupConfig {
         name: "bench".into(),
-        timeout: Duration::from_secs(300),
+        // Short, so a rank that fails (out of memory, say) ends the bench
+        // with its error before the check script's time limit kills it.
+        timeout: Duration::from_secs(20),
         ..GroupConfig::default()
     };
     let ranks = match InProcessGroup::create(vec![dev.clone(); P], cfg) {
