@@ -322,35 +322,40 @@ def gen(D):
 
 
 
-def gen_bwd(D):
-    """Backward of one pair. Per CTA: one q head h and 64 keys (4 warps of
-    16 keys); K and V tiles stay in shared memory; loop over q tiles of BQB
+def gen_bwd(D, KB=64):
+    """Backward of one pair. Per CTA: one q head h and KB keys (KB/16 warps
+    of 16 keys; KB = 64 or 128); K and V tiles stay in shared memory; loop over q tiles of BQB
     rows staged (Q, dO) with cp.async. Per warp and q tile:
     S^T = K_w Q^T, P^T = exp2(S^T - lse2), dP^T = V_w dO^T,
     dS^T = P^T (dP^T - delta); dV += P^T dO, dK += dS^T Q (A operands from
     the accumulators in registers, B by ldmatrix.trans); dS^T goes to shared
-    memory as bf16 and comes back transposed (ldmatrix.trans) as the A
-    operand of dQ = dS K, added to global memory with red.add. dK (scaled)
+    memory as bf16 and, after a CTA barrier, comes back transposed
+    (ldmatrix.trans) as the A operand of dQ = dS K over all KB keys, each
+    warp an equal share of the head dim, added to global memory with red.add. dK (scaled)
     and dV are added with red.add at the end (GQA: q heads share kv heads)."""
     BQB = 32 if D == 64 else 16
     KS = D // 16
     NTQ = BQB // 8          # n-tiles over queries in S^T
     KSQ = BQB // 16         # k-steps over queries (dV, dK) / m-tiles of dQ
     NTD = D // 8
+    WARPS = KB // 16
+    NTH = 32 * WARPS        # threads per CTA
+    NTW = NTD // WARPS      # n-tiles of dQ per warp (each warp owns D/WARPS columns)
+    assert NTW >= 2 and NTW % 2 == 0, (D, KB)
     CH = D // 8
-    KT = 64 * D * 2         # bytes of the K (or V) tile
+    KT = KB * D * 2         # bytes of the K (or V) tile
     QT = BQB * D * 2        # bytes of the Q (or dO) tile
     DS = 16 * BQB * 2       # bytes of one warp's dS^T
     L = []
     e = L.append
-    name = f"attn_bwd_d{D}"
+    name = f"attn_bwd_d{D}" + ("" if KB == 64 else f"_k{KB}")
     e(f"// {name}: see gen_bwd in scripts/gen-attn-ptx.py for the design.")
     e(f".visible .entry {name}(")
     e("    .param .u64 p_q, .param .u64 p_k, .param .u64 p_v, .param .u64 p_do, .param .u64 p_lse,")
     e("    .param .u64 p_delta, .param .u64 p_dq, .param .u64 p_dk, .param .u64 p_dv,")
     e("    .param .u32 p_qt, .param .u32 p_kt, .param .u32 p_h, .param .u32 p_kvh, .param .u32 p_causal,")
     e("    .param .f32 p_scale)")
-    e(".maxntid 128, 1, 1")
+    e(f".maxntid {NTH}, 1, 1")
     e("{")
     e("    .reg .pred %p<8>;")
     e("    .reg .b32 %r<80>;")
@@ -364,7 +369,7 @@ def gen_bwd(D):
     e("    .reg .b32 %b<4>;")
     e(f"    .reg .b32 %pa<{KSQ * 4}>;")
     e(f"    .reg .b32 %sa<{KSQ * 4}>;")
-    e("    .reg .f32 %c<4>;")
+    e(f"    .reg .f32 %c<{NTW * 4}>;")
     e(f"    .reg .f32 %lq<{NTQ * 2}>;")
     e(f"    .reg .f32 %dlt<{NTQ * 2}>;")
     for i, n in enumerate(["q", "k", "v", "do", "lse", "delta", "dq", "dk", "dv"]):
@@ -383,7 +388,7 @@ def gen_bwd(D):
     e("    shr.u32 %r9, %r8, 2;                   // groupID")
     e("    and.b32 %r10, %r8, 3;                  // threadID_in_group")
     e("    mov.u32 %r11, %ctaid.x;")
-    e("    shl.b32 %r11, %r11, 6;                 // j0 (first key of the CTA)")
+    e(f"    shl.b32 %r11, %r11, {KB.bit_length() - 1};                 // j0 (first key of the CTA)")
     e("    mov.u32 %r12, %ctaid.y;                // h")
     e("    div.u32 %r13, %r3, %r4;")
     e("    div.u32 %r13, %r12, %r13;              // g")
@@ -408,8 +413,9 @@ def gen_bwd(D):
     e("    shr.u32 %r24, %r8, 4;                  // lane / 16")
 
     def stage(tile_reg, rows, first_row, limit, src_base, stride, tmp_base):
-        for it in range(rows * CH // 128):
-            e(f"    add.u32 %r40, %r6, {it * 128};")
+        assert rows * CH % NTH == 0
+        for it in range(rows * CH // NTH):
+            e(f"    add.u32 %r40, %r6, {it * NTH};")
             e(f"    shr.u32 %r41, %r40, {CH.bit_length() - 1};")
             e(f"    and.b32 %r42, %r40, {CH - 1};")
             e(f"    add.u32 %r43, {first_row}, %r41;")
@@ -432,9 +438,9 @@ def gen_bwd(D):
         e(f"    mad.lo.u32 {dst}, {row_reg}, {D * 2}, {tile_reg};")
         e(f"    mad.lo.u32 {dst}, %r48, 16, {dst};")
 
-    e("    // K and V tiles of the CTA's 64 keys (zero past kv_tokens).")
-    stage("%r14", 64, "%r11", "%r2", "%rd14", "%r20", None)
-    stage("%r15", 64, "%r11", "%r2", "%rd15", "%r20", None)
+    e(f"    // K and V tiles of the CTA's {KB} keys (zero past kv_tokens).")
+    stage("%r14", KB, "%r11", "%r2", "%rd14", "%r20", None)
+    stage("%r15", KB, "%r11", "%r2", "%rd15", "%r20", None)
     e("    cp.async.commit_group;")
     for i in range(NTD * 4):
         e(f"    mov.f32 %dk{i}, 0f00000000;")
@@ -538,40 +544,48 @@ def gen_bwd(D):
             e(f"    mad.lo.u32 %r62, %r61, {BQB * 2}, %r18;")
             e(f"    mad.lo.u32 %r62, %r10, 4, %r62;")
             e(f"    st.shared.b32 [%r62+{nt * 16}], {reg};")
-    e("    bar.warp.sync 0xffffffff;")
-    # dQ += scale * dS K for each m-tile of 16 queries.
-    e("    shr.u32 %r63, %r22, 0;")
+    e("    bar.sync 0;                            // every warp's dS^T is in shared memory")
+    # dQ += scale * dS K over the CTA's KB keys: warp w owns the head-dim
+    # columns [w*D/WARPS, (w+1)*D/WARPS), so each dQ element gets one red.add
+    # per CTA and q tile (a warp summing only its own 16 keys made that four,
+    # and the backward was bound by those atomics: 40 TFLOP/s on an H200).
     e("    and.b32 %r63, %r22, 1;                 // (lane/8) % 2: query chunk")
     e("    mad.lo.u32 %r64, %r24, 8, %r21;        // key row: lane%8 + 8*(lane/16)")
-    e(f"    mad.lo.u32 %r65, %r64, {BQB * 2}, %r18;")
-    e("    mad.lo.u32 %r66, %r7, 16, %r23;        // K rows of the warp (k = key)")
+    e(f"    add.u32 %r65, %r17, {QT};              // warp 0's dS^T")
+    e(f"    mad.lo.u32 %r65, %r64, {BQB * 2}, %r65;")
+    e(f"    mul.lo.u32 %r73, %r7, {NTW};            // this warp's first n-tile of dQ")
+    e("    add.u32 %r74, %r24, %r73;              // its 16-byte chunk of K for ldmatrix")
+    e("    mul.wide.u32 %rd27, %r73, 32;          // its byte offset in a dQ row")
     for mt in range(KSQ):
+        for i in range(NTW * 4):
+            e(f"    mov.f32 %c{i}, 0f00000000;")
         e(f"    add.u32 %r67, %r63, {2 * mt};")
         e("    mad.lo.u32 %r67, %r67, 16, %r65;")
-        e("    ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%a0, %a1, %a2, %a3}, [%r67];")
-        for dn in range(0, NTD, 2):
-            e(f"    add.u32 %r68, %r24, {dn};")
-            sw_addr("%r69", "%r14", "%r66", "%r68")
-            e("    ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%b0, %b1, %b2, %b3}, [%r69];")
-            for d2, bb in ((dn, "%b0, %b1"), (dn + 1, "%b2, %b3")):
-                e("    mov.f32 %c0, 0f00000000;")
-                e("    mov.f32 %c1, 0f00000000;")
-                e("    mov.f32 %c2, 0f00000000;")
-                e("    mov.f32 %c3, 0f00000000;")
-                e(f"    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{%c0, %c1, %c2, %c3}}, {{%a0, %a1, %a2, %a3}}, {{{bb}}}, {{%c0, %c1, %c2, %c3}};")
-                for half in range(2):
-                    e(f"    add.u32 %r70, %r27, {mt * 16 + half * 8};")
-                    e("    add.u32 %r70, %r70, %r9;           // query")
-                    e("    setp.lt.u32 %p7, %r70, %r1;")
-                    e("    mad.lo.u32 %r71, %r70, %r3, %r12;")
-                    e(f"    mul.wide.u32 %rd21, %r71, {D * 4};")
-                    e("    add.u64 %rd21, %rd7, %rd21;")
-                    e("    mul.wide.u32 %rd22, %r10, 8;")
-                    e("    add.u64 %rd21, %rd21, %rd22;")
-                    e(f"    mul.f32 %f3, %c{half * 2}, %f1;")
-                    e(f"    mul.f32 %f4, %c{half * 2 + 1}, %f1;")
-                    e(f"    @%p7 red.global.add.f32 [%rd21+{d2 * 32}], %f3;")
-                    e(f"    @%p7 red.global.add.f32 [%rd21+{d2 * 32 + 4}], %f4;")
+        for ks in range(WARPS):
+            e(f"    ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{%a0, %a1, %a2, %a3}}, [%r67+{ks * DS}];")
+            e(f"    add.u32 %r66, %r23, {ks * 16};          // K rows of keys ks*16..")
+            for dn in range(0, NTW, 2):
+                e(f"    add.u32 %r68, %r74, {dn};")
+                sw_addr("%r69", "%r14", "%r66", "%r68")
+                e("    ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%b0, %b1, %b2, %b3}, [%r69];")
+                for d2, bb in ((dn, "%b0, %b1"), (dn + 1, "%b2, %b3")):
+                    cc = ", ".join(f"%c{d2 * 4 + i}" for i in range(4))
+                    e(f"    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{cc}}}, {{%a0, %a1, %a2, %a3}}, {{{bb}}}, {{{cc}}};")
+        for half in range(2):
+            e(f"    add.u32 %r70, %r27, {mt * 16 + half * 8};")
+            e("    add.u32 %r70, %r70, %r9;           // query")
+            e("    setp.lt.u32 %p7, %r70, %r1;")
+            e("    mad.lo.u32 %r71, %r70, %r3, %r12;")
+            e(f"    mul.wide.u32 %rd21, %r71, {D * 4};")
+            e("    add.u64 %rd21, %rd7, %rd21;")
+            e("    mul.wide.u32 %rd22, %r10, 8;")
+            e("    add.u64 %rd21, %rd21, %rd22;")
+            e("    add.u64 %rd21, %rd21, %rd27;")
+            for d2 in range(NTW):
+                e(f"    mul.f32 %f3, %c{d2 * 4 + half * 2}, %f1;")
+                e(f"    mul.f32 %f4, %c{d2 * 4 + half * 2 + 1}, %f1;")
+                e(f"    @%p7 red.global.add.f32 [%rd21+{d2 * 32}], %f3;")
+                e(f"    @%p7 red.global.add.f32 [%rd21+{d2 * 32 + 4}], %f4;")
     e("    bar.sync 0;                            // Q, dO and dS are free for the next tile")
     e(f"    add.u32 %r27, %r27, {BQB};")
     e("    bra.uni QTILE;")
@@ -608,8 +622,10 @@ def main_bwd():
         ".extern .shared .align 128 .b8 smem[];",
         "",
     ]
-    for d in (64, 128):
-        out.append(gen_bwd(d))
+    # d128 also with 128 keys per CTA (8 warps): half the dQ atomics of 64,
+    # one CTA per SM instead of two; the GPU bench times both.
+    for d, kb in ((64, 64), (128, 64), (128, 128)):
+        out.append(gen_bwd(d, kb))
         out.append("")
     with open("ptx/kernels/attn_bwd.ptx", "w") as f:
         f.write("\n".join(out))

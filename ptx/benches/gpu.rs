@@ -146,24 +146,27 @@ fn attention_rows() -> Result<(), String> {
         },
     )
     .map_err(|e| e.to_string())?;
-    let bwd = kernels::attn_bwd_chunk(
-        &s,
-        true,
-        scale,
-        DType::BF16,
-        &AttnBwdPtrs {
-            q: a(&q),
-            k: a(&k),
-            v: a(&v),
-            do_: a(&dout),
-            lse: a(&lse),
-            delta: a(&delta),
-            dq: a(&dq),
-            dk: a(&dk),
-            dv: a(&dv),
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let bwd_ptrs = AttnBwdPtrs {
+        q: a(&q),
+        k: a(&k),
+        v: a(&v),
+        do_: a(&dout),
+        lse: a(&lse),
+        delta: a(&delta),
+        dq: a(&dq),
+        dk: a(&dk),
+        dv: a(&dv),
+    };
+    // The default kernel first, then the other keys-per-CTA variants.
+    let mut bwds = vec![];
+    for keys in [kernels::ATTN_BWD_KEYS, 128] {
+        if bwds.iter().any(|&(k, _)| k == keys) {
+            continue;
+        }
+        let l = kernels::attn_bwd_chunk_keys(&s, true, scale, DType::BF16, &bwd_ptrs, keys)
+            .map_err(|e| e.to_string())?;
+        bwds.push((keys, l));
+    }
     // The bf16 o the delta reads is not at hand (o is f32): the f32 delta
     // variant over the f32 o costs the same order and is what the model
     // runs with f32 accumulators.
@@ -189,26 +192,44 @@ fn attention_rows() -> Result<(), String> {
         fwd.enqueue(c, Work::kernel(fwd_flops, 0), &reads, &writes)
             .is_ok()
     });
-    let tb = time_on(c, 3, 5, || {
-        del.enqueue(c, Work::kernel(0.0, 0), &reads, &writes)
-            .is_ok()
-            && bwd
-                .enqueue(c, Work::kernel(bwd_flops, 0), &reads, &writes)
-                .is_ok()
-    });
+    let tbs: Vec<_> = bwds
+        .iter()
+        .map(|(keys, bwd)| {
+            let t = time_on(c, 3, 5, || {
+                del.enqueue(c, Work::kernel(0.0, 0), &reads, &writes)
+                    .is_ok()
+                    && bwd
+                        .enqueue(c, Work::kernel(bwd_flops, 0), &reads, &writes)
+                        .is_ok()
+            });
+            (*keys, t)
+        })
+        .collect();
     println!(
         "\n## Attention, bf16, causal, {tokens} tokens, {heads} heads, head dim {d} (median of 5 x 3)"
     );
     println!("| pass | ms | TFLOP/s |");
     println!("|---|---|---|");
-    for (name, t, f) in [
-        ("forward", tf, fwd_flops),
-        ("backward (delta + bwd)", tb, bwd_flops),
-    ] {
+    let mut rows = vec![("forward".to_string(), "fwd".to_string(), tf, fwd_flops)];
+    for (i, (keys, t)) in tbs.into_iter().enumerate() {
+        // The sdpa script reads `attn_bwd`: the default kernel's.
+        let key = if i == 0 {
+            "bwd".to_string()
+        } else {
+            format!("bwd_k{keys}")
+        };
+        let dflt = if i == 0 { ", the default" } else { "" };
+        rows.push((
+            format!("backward (delta + bwd, {keys} keys per CTA{dflt})"),
+            key,
+            t,
+            bwd_flops,
+        ));
+    }
+    for (name, key, t, f) in rows {
         match t {
             Some(t) => {
                 println!("| {name} | {:.2} | {:.1} |", t * 1e3, f / t / 1e12);
-                let key = if name == "forward" { "fwd" } else { "bwd" };
                 println!("RESULT attn_{key} tflops={:.2}", f / t / 1e12);
             }
             None => println!("| {name} | failed: {:?} | |", c.failure()),

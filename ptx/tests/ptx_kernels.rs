@@ -885,6 +885,9 @@ fn attn_bwd_matches_twin() {
         (70, 70, 2, 2, 64, true),
         (19, 37, 2, 1, 128, false),
         (66, 66, 1, 1, 128, true),
+        // Several CTAs of 128 keys, the last one partial.
+        (33, 300, 2, 2, 128, false),
+        (150, 150, 1, 1, 128, true),
     ]
     .iter()
     .enumerate()
@@ -911,32 +914,57 @@ fn attn_bwd_matches_twin() {
         )
         .unwrap();
 
-        let mut it = Runner::new(kernels::ATTN_BWD_PTX).unwrap();
-        let p = kernels::AttnBwdPtrs {
-            q: it.alloc_slice(&q).unwrap(),
-            k: it.alloc_slice(&k).unwrap(),
-            v: it.alloc_slice(&v).unwrap(),
-            do_: it.alloc_slice(&do_).unwrap(),
-            lse: it.alloc_slice(&lse).unwrap(),
-            delta: it.alloc_slice(&delta).unwrap(),
-            dq: it.alloc_zeroed(s.q_len() * 4).unwrap(),
-            dk: it.alloc_zeroed(s.kv_len() * 4).unwrap(),
-            dv: it.alloc_zeroed(s.kv_len() * 4).unwrap(),
-        };
-        it.run(&kernels::attn_bwd_chunk(&s, causal, scale, DType::BF16, &p).unwrap())
+        // Every keys-per-CTA variant of this head dim.
+        let variants: &[usize] = if d == 128 { &[64, 128] } else { &[64] };
+        for &keys in variants {
+            let mut it = Runner::new(kernels::ATTN_BWD_PTX).unwrap();
+            let p = kernels::AttnBwdPtrs {
+                q: it.alloc_slice(&q).unwrap(),
+                k: it.alloc_slice(&k).unwrap(),
+                v: it.alloc_slice(&v).unwrap(),
+                do_: it.alloc_slice(&do_).unwrap(),
+                lse: it.alloc_slice(&lse).unwrap(),
+                delta: it.alloc_slice(&delta).unwrap(),
+                dq: it.alloc_zeroed(s.q_len() * 4).unwrap(),
+                dk: it.alloc_zeroed(s.kv_len() * 4).unwrap(),
+                dv: it.alloc_zeroed(s.kv_len() * 4).unwrap(),
+            };
+            it.run(
+                &kernels::attn_bwd_chunk_keys(&s, causal, scale, DType::BF16, &p, keys).unwrap(),
+            )
             .unwrap();
-        let gq = it.read_f32(p.dq, s.q_len()).unwrap();
-        let gk = it.read_f32(p.dk, s.kv_len()).unwrap();
-        let gv = it.read_f32(p.dv, s.kv_len()).unwrap();
-        let (eq, ek, ev) = (
-            rel_err(&gq, &f64s(&dq)),
-            rel_err(&gk, &f64s(&dk)),
-            rel_err(&gv, &f64s(&dv)),
-        );
-        println!("{s:?} causal={causal}: dq {eq:e} dk {ek:e} dv {ev:e}");
-        assert!(
-            eq < 1e-2 && ek < 1e-2 && ev < 1e-2,
-            "{s:?} causal={causal}: dq {eq:e} dk {ek:e} dv {ev:e}"
-        );
+            let gq = it.read_f32(p.dq, s.q_len()).unwrap();
+            let gk = it.read_f32(p.dk, s.kv_len()).unwrap();
+            let gv = it.read_f32(p.dv, s.kv_len()).unwrap();
+            let (eq, ek, ev) = (
+                rel_err(&gq, &f64s(&dq)),
+                rel_err(&gk, &f64s(&dk)),
+                rel_err(&gv, &f64s(&dv)),
+            );
+            println!("{s:?} causal={causal} keys={keys}: dq {eq:e} dk {ek:e} dv {ev:e}");
+            assert!(
+                eq < 1e-2 && ek < 1e-2 && ev < 1e-2,
+                "{s:?} causal={causal} keys={keys}: dq {eq:e} dk {ek:e} dv {ev:e}"
+            );
+        }
+    }
+    // A variant that does not exist is an error naming the argument.
+    let s = shape(16, 16, 1, 1, 64);
+    let p = kernels::AttnBwdPtrs {
+        q: 256,
+        k: 256,
+        v: 256,
+        do_: 256,
+        lse: 256,
+        delta: 256,
+        dq: 256,
+        dk: 256,
+        dv: 256,
+    };
+    for keys in [128, 32] {
+        let e = kernels::attn_bwd_chunk_keys(&s, false, 0.1, DType::BF16, &p, keys)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keys") && e.contains(&keys.to_string()), "{e}");
     }
 }

@@ -170,7 +170,8 @@ pub fn attn_delta(
     })
 }
 
-/// The flash-attention backward module (entries `attn_bwd_d64`, `attn_bwd_d128`).
+/// The flash-attention backward module (entries `attn_bwd_d64`,
+/// `attn_bwd_d128`, `attn_bwd_d128_k128`).
 pub const ATTN_BWD_PTX: &str = include_str!("../../kernels/attn_bwd.ptx");
 
 /// Device addresses of one attention pair's backward tensors.
@@ -196,6 +197,10 @@ pub struct AttnBwdPtrs {
     pub dv: u64,
 }
 
+/// Keys per CTA of [`attn_bwd_chunk`]'s kernel (see
+/// [`attn_bwd_chunk_keys`]).
+pub const ATTN_BWD_KEYS: usize = 64;
+
 /// The backward of one attention pair (see `cpu::attn_bwd_chunk`): bf16
 /// storage, head dims 64 and 128; accumulates dq, dk, dv (f32) with atomic
 /// adds, so summation order (and the last bits) vary between runs.
@@ -206,13 +211,37 @@ pub fn attn_bwd_chunk(
     dtype: DType,
     p: &AttnBwdPtrs,
 ) -> Result<KernelLaunch> {
+    attn_bwd_chunk_keys(shape, causal, scale, dtype, p, ATTN_BWD_KEYS)
+}
+
+/// [`attn_bwd_chunk`] with `keys` keys per CTA: 64 (4 warps), or 128 (8
+/// warps, head dim 128 only). Each CTA adds its dq contribution once per
+/// q tile, so 128 keys halve the dq atomics; 64 fit two CTAs per SM.
+pub fn attn_bwd_chunk_keys(
+    shape: &AttnShape,
+    causal: bool,
+    scale: f32,
+    dtype: DType,
+    p: &AttnBwdPtrs,
+    keys: usize,
+) -> Result<KernelLaunch> {
     const K: &str = "attn_bwd_chunk";
     shape.validate(K, causal)?;
     dtype_variant(K, dtype, &[DType::BF16])?;
     let d = shape.head_dim;
-    let (entry, bq) = match d {
-        64 => ("attn_bwd_d64", 32usize),
-        128 => ("attn_bwd_d128", 16usize),
+    let (entry, bq) = match (d, keys) {
+        (64, 64) => ("attn_bwd_d64", 32usize),
+        (128, 64) => ("attn_bwd_d128", 16usize),
+        (128, 128) => ("attn_bwd_d128_k128", 16usize),
+        (64 | 128, _) => {
+            return Err(bad(
+                K,
+                "keys",
+                format!(
+                "{keys} keys per CTA has no kernel at head_dim {d} (64, or 128 at head_dim 128)"
+            ),
+            ))
+        }
         _ => return Err(bad(K, "head_dim", format!("{d} has no kernel (64 or 128)"))),
     };
     if !scale.is_finite() {
@@ -233,12 +262,12 @@ pub fn attn_bwd_chunk(
     fits_u32(
         K,
         "q_tokens",
-        (shape.q_tokens as u128 + 64) * shape.heads as u128,
+        (shape.q_tokens as u128 + keys as u128) * shape.heads as u128,
     )?;
     fits_u32(
         K,
         "kv_tokens",
-        (shape.kv_tokens as u128 + 64) * shape.kv_heads as u128,
+        (shape.kv_tokens as u128 + keys as u128) * shape.kv_heads as u128,
     )?;
     let heads = u32::try_from(shape.heads)
         .ok()
@@ -250,13 +279,14 @@ pub fn attn_bwd_chunk(
                 format!("{} exceeds the grid's y limit 65535", shape.heads),
             )
         })?;
-    let kblocks = fits_u32(K, "kv_tokens", shape.kv_tokens.div_ceil(64) as u128)?;
-    let shared = 2 * 64 * d * 2 + 2 * bq * d * 2 + 4 * 16 * bq * 2;
+    let kblocks = fits_u32(K, "kv_tokens", shape.kv_tokens.div_ceil(keys) as u128)?;
+    let warps = keys / 16;
+    let shared = 2 * keys * d * 2 + 2 * bq * d * 2 + warps * 16 * bq * 2;
     Ok(KernelLaunch {
         module: ATTN_BWD_PTX,
         entry: entry.to_string(),
         grid: Dim3::new(kblocks, heads, 1),
-        block: Dim3::new(128, 1, 1),
+        block: Dim3::new(32 * warps as u32, 1, 1),
         shared_bytes: shared as u32,
         args: vec![
             Arg::Ptr(p.q),

@@ -10,8 +10,8 @@ mod attention;
 mod rowwise;
 
 pub use attention::{
-    attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, AttnBwdPtrs, AttnPtrs, ATTN_BWD_PTX,
-    ATTN_DELTA_PTX, ATTN_FWD_PTX, LSE_MERGE_PTX,
+    attn_bwd_chunk, attn_bwd_chunk_keys, attn_delta, attn_fwd_chunk, lse_merge, AttnBwdPtrs,
+    AttnPtrs, ATTN_BWD_KEYS, ATTN_BWD_PTX, ATTN_DELTA_PTX, ATTN_FWD_PTX, LSE_MERGE_PTX,
 };
 #[allow(unused_imports)]
 pub use rowwise::*;
