@@ -1,18 +1,32 @@
 //! The built-in synthetic long-context task: passkey retrieval.
 //!
-//! A random key of a few digit tokens is hidden at a random depth in
-//! thousands of random filler tokens and asked for at the end:
+//! A random key of a few digits is hidden at a random depth in thousands of
+//! random filler tokens and asked for at the end, the answer given A times:
 //!
 //! ```text
-//! BOS filler… KEY d1 … dk END_KEY filler… QUERY ANSWER d1 … dk
+//! BOS filler… KEY d1 … dk END_KEY filler… QUERY (ANSWER d1 … dk) × A
 //! ```
 //!
-//! Only the answer digits are targets (every other label is
-//! [`IGNORE_INDEX`]), so the loss and the accuracy measure retrieval alone:
-//! the answer can only be read from the key, up to the whole sequence back.
-//! The vocabulary is small (256 ids by default) so that a tiny model learns
-//! the task on a CPU in minutes. Generation is seeded ([`SplitMix64`]) and
-//! its state is one u64, saved with checkpoints for a bit-for-bit resume.
+//! Every answer digit is a training target (every other label is
+//! [`IGNORE_INDEX`]). Only the first answer has to be *retrieved*: it can
+//! be read from nowhere but the key, up to the whole sequence back. The
+//! repeats after it give the model many more targets per sequence that the
+//! same look-up solves (find the digit of this place, copy it), which is
+//! what lets a tiny model discover the look-up in a few CPU minutes: with
+//! one answer per sequence of thousands of tokens the signal that should
+//! grow an attention head is about 1/S of the noise around it, and a run of
+//! 300 steps stayed at chance. Validation scores the first answer alone
+//! ([`PasskeySample::retrieval`]), so its accuracy is retrieval only.
+//!
+//! Digit d of place i is its own token, `DIGIT0 + 10 i + d`: a digit says
+//! which place it holds, so the model finds the key's i-th digit by what it
+//! is, not by counting positions from the KEY marker (which needs a
+//! two-layer induction circuit a 2-layer, 32-wide model does not form in
+//! minutes). Fillers are the ids after the digits. The vocabulary is small
+//! (96 ids for tiny-llama). Generation is seeded ([`SplitMix64`]) and its
+//! state is one u64, saved with checkpoints for a bit-for-bit resume.
+
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
@@ -28,65 +42,100 @@ pub const KEY: u32 = 3;
 pub const END_KEY: u32 = 4;
 /// The question ("what is the pass key?").
 pub const QUERY: u32 = 5;
-/// Opens the answer ("the pass key is").
+/// Opens each answer ("the pass key is").
 pub const ANSWER: u32 = 6;
-/// Token of digit 0; digits 0..9 are `DIGIT0..DIGIT0 + 10`.
+/// Token of digit 0 of the first place; see [`PasskeyTask::digit_token`].
 pub const DIGIT0: u32 = 7;
-/// First filler token; fillers are `FILLER0..vocab_size`.
-pub const FILLER0: u32 = DIGIT0 + 10;
-/// The default vocabulary.
-pub const DEFAULT_VOCAB: usize = 256;
 /// The default key length in digits.
 pub const DEFAULT_DIGITS: usize = 4;
+/// The default number of answers at the end.
+pub const DEFAULT_ANSWERS: usize = 8;
 
-/// The task's shape: sequence length, key digits, vocabulary.
+fn one() -> usize {
+    1
+}
+
+/// The task's shape: sequence length, key digits, vocabulary, answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PasskeyTask {
     /// Tokens per sequence (inputs; labels are as many).
     pub seq_len: usize,
     /// Digits in the key.
     pub digits: usize,
-    /// Vocabulary size (at least [`FILLER0`] + 1).
+    /// Vocabulary size (more than [`PasskeyTask::filler0`]).
     pub vocab_size: usize,
+    /// Times the answer is given at the end (the first is the retrieval).
+    #[serde(default = "one")]
+    pub answers: usize,
 }
 
 impl PasskeyTask {
-    /// The shortest sequence that holds a key of `digits` digits:
-    /// BOS, the key block, the query and the answer.
-    pub fn min_seq_len(digits: usize) -> usize {
-        2 * digits + 4
+    /// The shortest sequence that holds a key of `digits` digits answered
+    /// `answers` times: BOS, the key block, the query and the answers.
+    pub fn min_seq_len(digits: usize, answers: usize) -> usize {
+        1 + (digits + 2) + 1 + answers * (digits + 1)
+    }
+
+    /// The token of digit `d` (0..9) at place `place` (0-based).
+    pub fn digit_token(place: usize, d: u32) -> u32 {
+        DIGIT0 + 10 * place as u32 + d
+    }
+
+    /// The first filler id (fillers are `filler0()..vocab_size`).
+    pub fn filler0(&self) -> u32 {
+        DIGIT0 + 10 * self.digits as u32
     }
 
     /// A checked task. Errors name the flag and the rule.
-    pub fn new(seq_len: usize, digits: usize, vocab_size: usize) -> Result<PasskeyTask> {
+    pub fn new(
+        seq_len: usize,
+        digits: usize,
+        vocab_size: usize,
+        answers: usize,
+    ) -> Result<PasskeyTask> {
+        let usage = |flag: &str, message: String| ModelError::Usage {
+            flag: flag.into(),
+            message,
+        };
         if digits == 0 {
-            return Err(ModelError::Usage {
-                flag: "--passkey-digits".into(),
-                message: "0 must be at least 1".into(),
-            });
+            return Err(usage("--passkey-digits", "0 must be at least 1".into()));
         }
-        if seq_len < Self::min_seq_len(digits) {
-            return Err(ModelError::Usage {
-                flag: "--seq-len".into(),
-                message: format!(
-                    "{seq_len} is too short for the passkey task with {digits}-digit keys: \
-                     use at least {}",
-                    Self::min_seq_len(digits)
+        if answers == 0 {
+            return Err(usage("--passkey-answers", "0 must be at least 1".into()));
+        }
+        let ids = DIGIT0 as usize + 10 * digits;
+        if vocab_size <= ids {
+            return Err(usage(
+                "--passkey-digits",
+                format!(
+                    "{digits} digits need {ids} ids for markers and digits (10 per place) plus \
+                     filler, more than the model's vocabulary of {vocab_size}: use fewer digits \
+                     or a model with a larger vocabulary"
                 ),
-            });
+            ));
         }
-        if vocab_size <= FILLER0 as usize {
-            return Err(ModelError::config(
-                "vocab_size",
-                vocab_size,
-                format!("the passkey task needs more than {FILLER0} ids (markers, digits, filler)"),
+        let min = Self::min_seq_len(digits, answers);
+        if seq_len < min {
+            return Err(usage(
+                "--seq-len",
+                format!(
+                    "{seq_len} is too short for the passkey task with {digits}-digit keys \
+                     answered {answers} times: use at least {min}"
+                ),
             ));
         }
         Ok(PasskeyTask {
             seq_len,
             digits,
             vocab_size,
+            answers,
         })
+    }
+
+    /// The same task at another sequence length (a stage of the sequence
+    /// length warmup), checked.
+    pub fn with_seq_len(&self, seq_len: usize) -> Result<PasskeyTask> {
+        PasskeyTask::new(seq_len, self.digits, self.vocab_size, self.answers)
     }
 
     /// One sample with the key at `depth` (0: right after BOS, 1: right
@@ -94,14 +143,15 @@ impl PasskeyTask {
     pub fn sample(&self, rng: &mut SplitMix64, depth: Option<f64>) -> PasskeySample {
         let s = self.seq_len;
         let k = self.digits;
-        let fillers = self.vocab_size - FILLER0 as usize;
+        let filler0 = self.filler0();
+        let fillers = self.vocab_size - filler0 as usize;
         // seq holds s + 1 tokens: inputs are seq[..s], labels seq[1..].
         let mut seq: Vec<u32> = (0..=s)
-            .map(|_| FILLER0 + rng.below(fillers) as u32)
+            .map(|_| filler0 + rng.below(fillers) as u32)
             .collect();
         seq[0] = BOS;
         let key: Vec<u32> = (0..k).map(|_| rng.below(10) as u32).collect();
-        let query_at = s - k - 1;
+        let query_at = s - self.answers * (k + 1);
         // The key block (k + 2 tokens) starts in [1, query_at - (k + 2)].
         let span = query_at - (k + 2) - 1;
         let at = 1 + match depth {
@@ -110,19 +160,24 @@ impl PasskeyTask {
         };
         seq[at] = KEY;
         for (i, &d) in key.iter().enumerate() {
-            seq[at + 1 + i] = DIGIT0 + d;
+            seq[at + 1 + i] = Self::digit_token(i, d);
         }
         seq[at + 1 + k] = END_KEY;
         seq[query_at] = QUERY;
-        seq[query_at + 1] = ANSWER;
-        for (i, &d) in key.iter().enumerate() {
-            seq[query_at + 2 + i] = DIGIT0 + d;
+        for a in 0..self.answers {
+            let first = query_at + 1 + a * (k + 1);
+            seq[first] = ANSWER;
+            for (i, &d) in key.iter().enumerate() {
+                seq[first + 1 + i] = Self::digit_token(i, d);
+            }
         }
         let tokens = seq[..s].to_vec();
+        // Label t is token t + 1: a target where that is an answer digit.
         let labels = (0..s)
             .map(|t| {
-                if t + 1 >= query_at + 2 {
-                    seq[t + 1] as i32
+                let next = seq[t + 1];
+                if t > query_at && next != ANSWER {
+                    next as i32
                 } else {
                     IGNORE_INDEX
                 }
@@ -132,6 +187,7 @@ impl PasskeyTask {
             sample: Sample { tokens, labels },
             key,
             key_at: at,
+            first_answer: query_at + 1..query_at + 1 + k,
         }
     }
 }
@@ -139,12 +195,38 @@ impl PasskeyTask {
 /// One passkey sequence and what is hidden in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PasskeySample {
-    /// Tokens and labels (targets only at the answer digits).
+    /// Tokens and labels (targets at every answer digit).
     pub sample: Sample,
     /// The key, as digits 0..9.
     pub key: Vec<u32>,
     /// Position of the KEY marker.
     pub key_at: usize,
+    /// Label positions of the first answer's digits: the retrieval.
+    pub first_answer: Range<usize>,
+}
+
+impl PasskeySample {
+    /// The sample with targets at the first answer only: what the key's
+    /// retrieval is scored on (the later answers can copy the first).
+    pub fn retrieval(&self) -> Sample {
+        let labels = self
+            .sample
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(t, &l)| {
+                if self.first_answer.contains(&t) {
+                    l
+                } else {
+                    IGNORE_INDEX
+                }
+            })
+            .collect();
+        Sample {
+            tokens: self.sample.tokens.clone(),
+            labels,
+        }
+    }
 }
 
 /// A seeded stream of passkey samples; its state is one u64.
@@ -171,6 +253,12 @@ impl PasskeyGen {
     /// The next sample (key at a uniform depth).
     pub fn next_sample(&mut self) -> PasskeySample {
         self.task.sample(&mut self.rng, None)
+    }
+
+    /// The next sample at sequence length `task` (the same stream at
+    /// another length: a stage of the sequence-length warmup).
+    pub fn next_sample_of(&mut self, task: &PasskeyTask) -> PasskeySample {
+        task.sample(&mut self.rng, None)
     }
 
     /// The generator's state (to save).

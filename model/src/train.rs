@@ -90,6 +90,22 @@ pub struct TrainOptions {
     /// Fault injection for tests: steps (1-based) whose loss is replaced by
     /// NaN before the finite check, as a diverging run would produce.
     pub poison_steps: Vec<u64>,
+    /// Sequence-length warmup: these stages first, in order, then the
+    /// schedule's own length for the remaining steps (empty: none).
+    pub seq_stages: Vec<SeqStage>,
+}
+
+/// A stage of the sequence-length warmup (DeepSpeed's "curriculum
+/// learning" by sequence length): `steps` optimizer steps on sequences of
+/// `seq_len` tokens, in as many chunks over as many ranks as the full
+/// schedule. Short sequences first let attention find what it must attend
+/// to before the softmax is spread over thousands of positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SeqStage {
+    /// Tokens per sequence in this stage.
+    pub seq_len: usize,
+    /// Optimizer steps of this stage.
+    pub steps: u64,
 }
 
 impl TrainOptions {
@@ -107,6 +123,33 @@ impl TrainOptions {
             LrShape::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * t).cos()),
         };
         self.min_lr + (self.lr - self.min_lr) * f
+    }
+
+    /// The sequence length of step `step` (1-based): that of its warmup
+    /// stage, else `full`.
+    pub fn seq_len_at(&self, step: u64, full: usize) -> usize {
+        let mut end = 0;
+        for st in &self.seq_stages {
+            end += st.steps;
+            if step <= end {
+                return st.seq_len;
+            }
+        }
+        full
+    }
+
+    /// The first step at the full sequence length.
+    pub fn full_length_from(&self) -> u64 {
+        self.seq_stages.iter().map(|s| s.steps).sum::<u64>() + 1
+    }
+
+    /// True when `step` is the last step of a warmup stage.
+    pub fn ends_stage(&self, step: u64) -> bool {
+        let mut end = 0;
+        self.seq_stages.iter().any(|st| {
+            end += st.steps;
+            step == end
+        })
     }
 }
 
@@ -139,11 +182,25 @@ impl std::fmt::Debug for Source {
 }
 
 impl Source {
-    fn next(&mut self) -> Sample {
-        match self {
-            Source::Passkey { train, .. } => train.next_sample().sample,
-            Source::Tokens { train, .. } => train.next_sample(),
-        }
+    /// The next training sequence, `seq_len` tokens long: the passkey task
+    /// made at that length; a token window cut to its first `seq_len`
+    /// tokens (a warmup stage reads as many windows as a full run would).
+    fn next(&mut self, seq_len: usize) -> Result<Sample> {
+        Ok(match self {
+            Source::Passkey { train, task } if task.seq_len == seq_len => {
+                train.next_sample().sample
+            }
+            Source::Passkey { train, task } => {
+                let t = task.with_seq_len(seq_len)?;
+                train.next_sample_of(&t).sample
+            }
+            Source::Tokens { train, .. } => {
+                let mut s = train.next_sample();
+                s.tokens.truncate(seq_len);
+                s.labels.truncate(seq_len);
+                s
+            }
+        })
     }
 }
 
@@ -153,11 +210,14 @@ const EVAL_SEED_MIX: u64 = 0xE7A1_5EED_0000_0001;
 /// One evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct EvalResult {
-    /// Mean loss over the evaluation sequences.
+    /// Mean loss over the evaluation sequences (passkey: over the first
+    /// answer's digits, the retrieval).
     pub loss: f64,
     /// Share of counted targets predicted (argmax); for the passkey task,
-    /// the share of key digits retrieved.
+    /// the share of key digits retrieved (first answer only).
     pub accuracy: f64,
+    /// Tokens per evaluation sequence (the step's warmup stage).
+    pub seq_len: usize,
 }
 
 /// The JSON line of one step.
@@ -167,8 +227,11 @@ pub struct StepRecord {
     pub step: u64,
     /// Mean training loss of the step's sequences.
     pub loss: f64,
-    /// Argmax accuracy on the step's counted targets.
+    /// Argmax accuracy on the step's counted targets (passkey: every
+    /// answer digit, the repeats included).
     pub accuracy: f64,
+    /// Tokens per sequence of this step (its warmup stage).
+    pub seq_len: usize,
     /// Learning rate used.
     pub lr: f64,
     /// Global gradient norm before clipping.
@@ -222,8 +285,14 @@ pub struct Summary {
 /// The trainer: P ranks, the data, the options and where the run stands.
 pub struct Trainer {
     cfg: ModelConfig,
+    /// The schedule of the full sequence length.
+    full: Schedule,
+    /// The schedule `group` runs: `full`, or a warmup stage's.
     sched: Schedule,
+    device: TrainDevice,
     group: FpdtGroup,
+    /// Peak device and host memory of the groups of earlier stages.
+    earlier_peaks: (usize, usize),
     source: Source,
     opts: TrainOptions,
     step: u64,
@@ -296,14 +365,18 @@ impl Trainer {
             Some(w) => w,
             None => cfg.layout().init(opts.seed, opts.init_std),
         };
-        let group = match device {
-            TrainDevice::Cpu(cpu) => FpdtGroup::cpu(cfg, sched, &w, cpu)?,
-            TrainDevice::Cuda(cuda) => FpdtGroup::cuda(cfg, sched, &w, cuda)?,
+        let first = Schedule {
+            seq_len: opts.seq_len_at(1, sched.seq_len),
+            ..sched
         };
+        let group = build_group(cfg, first, device, &w)?;
         Ok(Trainer {
             cfg: cfg.clone(),
-            sched,
+            full: sched,
+            sched: first,
+            device: device.clone(),
             group,
+            earlier_peaks: (0, 0),
             source,
             opts,
             step: 0,
@@ -390,9 +463,28 @@ impl Trainer {
         Ok(())
     }
 
+    /// Runs step `step` on the schedule of its warmup stage: when that is
+    /// not the group's, a new group is built and given the optimizer state
+    /// (fp32 master weights and moments, exactly), as a resume would.
+    fn enter_stage(&mut self, step: u64) -> Result<()> {
+        let want = Schedule {
+            seq_len: self.opts.seq_len_at(step, self.full.seq_len),
+            ..self.full
+        };
+        if want == self.sched {
+            return Ok(());
+        }
+        let state = self.group.optimizer_state()?;
+        let mut group = build_group(&self.cfg, want, &self.device, &state.master)?;
+        group.restore(&state)?;
+        self.earlier_peaks = self.peaks();
+        self.group = group;
+        self.sched = want;
+        Ok(())
+    }
+
     fn peaks(&self) -> (usize, usize) {
-        let mut d = 0;
-        let mut h = 0;
+        let (mut d, mut h) = self.earlier_peaks;
         for r in self.group.ranks() {
             let l = r.device().ledger();
             d = d.max(l.usage(Space::Device).peak);
@@ -408,8 +500,9 @@ impl Trainer {
         let a = self.opts.grad_accum.max(1);
         let weight = 1.0 / a as f32;
         let (mut loss, mut targets, mut correct) = (0.0, 0usize, 0usize);
+        self.enter_stage(step)?;
         for _ in 0..a {
-            let s = self.source.next();
+            let s = self.source.next(self.sched.seq_len)?;
             let st = self.group.accumulate(&s.tokens, &s.labels, weight)?;
             loss += st.loss / a as f64;
             targets += st.targets;
@@ -452,6 +545,7 @@ impl Trainer {
             } else {
                 correct as f64 / targets as f64
             },
+            seq_len: self.sched.seq_len,
             lr,
             grad_norm,
             clip_scale,
@@ -472,8 +566,9 @@ impl Trainer {
         let n = self.opts.eval_batches.max(1);
         let samples: Vec<Sample> = match &self.source {
             Source::Passkey { task, .. } => {
-                let mut g = PasskeyGen::new(*task, self.opts.seed ^ EVAL_SEED_MIX);
-                (0..n).map(|_| g.next_sample().sample).collect()
+                let t = task.with_seq_len(self.sched.seq_len)?;
+                let mut g = PasskeyGen::new(t, self.opts.seed ^ EVAL_SEED_MIX);
+                (0..n).map(|_| g.next_sample().retrieval()).collect()
             }
             Source::Tokens {
                 val: Some((d, r)), ..
@@ -503,6 +598,7 @@ impl Trainer {
             } else {
                 correct as f64 / targets as f64
             },
+            seq_len: self.sched.seq_len,
         };
         self.eval_history.push((self.step, r.loss, r.accuracy));
         Ok(r)
@@ -585,6 +681,7 @@ impl Trainer {
         let begin = self.step;
         while self.step < self.opts.steps {
             let n = self.step + 1;
+            self.enter_stage(n)?;
             let traced = self.opts.trace_step == Some(n);
             if traced {
                 self.set_tracing(true);
@@ -599,7 +696,7 @@ impl Trainer {
             if rec.skipped {
                 skipped += 1;
             } else {
-                tokens += self.opts.grad_accum * self.sched.seq_len as u64;
+                tokens += self.opts.grad_accum * rec.seq_len as u64;
                 if first.is_nan() {
                     first = rec.loss;
                 }
@@ -608,7 +705,7 @@ impl Trainer {
             let done = self.step == self.opts.steps;
             let at = self.step;
             let every = |k: u64| k > 0 && at % k == 0;
-            if every(self.opts.eval_every) || done {
+            if every(self.opts.eval_every) || done || self.opts.ends_stage(at) {
                 let e = self.evaluate()?;
                 evals.push((self.step, e));
                 rec.eval = Some(e);
@@ -693,6 +790,19 @@ impl Trainer {
         let mut f = std::fs::File::create(p).map_err(io)?;
         f.write_all(kept.as_bytes()).map_err(io)?;
         Ok(f)
+    }
+}
+
+/// P ranks of `cfg` under `sched` on `device` with weights `w`.
+fn build_group(
+    cfg: &ModelConfig,
+    sched: Schedule,
+    device: &TrainDevice,
+    w: &[f32],
+) -> Result<FpdtGroup> {
+    match device {
+        TrainDevice::Cpu(cpu) => FpdtGroup::cpu(cfg, sched, w, cpu),
+        TrainDevice::Cuda(cuda) => FpdtGroup::cuda(cfg, sched, w, cuda),
     }
 }
 

@@ -141,6 +141,32 @@ fn bad_flags_name_the_flag() {
     );
     t(&["--seq-len", "8"], &["--seq-len", "passkey"]);
     t(&["--val-data", &d.s("v.bin")], &["--val-data", "--data"]);
+    t(
+        &["--passkey-answers", "0"],
+        &["--passkey-answers", "at least 1"],
+    );
+    // The sequence-length warmup.
+    t(&["--seq-stages", "64"], &["--seq-stages", "S:STEPS"]);
+    t(&["--seq-stages", "64:x"], &["--seq-stages", "step count"]);
+    t(
+        &["--seq-stages", "sixty:10"],
+        &["--seq-stages", "sequence length"],
+    );
+    t(&["--seq-stages", "64:0"], &["--seq-stages", "0 steps"]);
+    t(
+        &["--seq-stages", "2048:10"],
+        &["--seq-stages", "shorter than --seq-len 2048"],
+    );
+    t(
+        &["--seq-stages", "60:10"],
+        &["--seq-stages", "multiple of 8"],
+    );
+    // 4-digit keys answered 8 times need 48 tokens.
+    t(&["--seq-stages", "40:10"], &["--seq-stages", "at least 48"]);
+    t(
+        &["--steps", "100", "--seq-stages", "64:60,256:40"],
+        &["--seq-stages", "100 steps", "leaving none"],
+    );
     // Heads (4 in tiny-llama) not divisible by P.
     t(
         &["--ranks", "8", "--seq-len", "2048"],

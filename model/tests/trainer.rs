@@ -118,6 +118,83 @@ fn a_resumed_run_continues_bit_for_bit() {
 }
 
 #[test]
+fn the_sequence_length_warmup_switches_and_resumes_bit_for_bit() {
+    let d = TempDir::new("stages");
+    let (a, b) = (d.s("a"), d.s("b"));
+    // S = 128 in 8 chunks of 16; the first 4 steps at 64 tokens.
+    let run = |out: &str, extra: &[&str]| {
+        let mut args: Vec<&str> = SMALL
+            .iter()
+            .map(|&a| if a == "64" { "128" } else { a })
+            .collect();
+        args.extend_from_slice(&[
+            "--seq-stages",
+            "64:4",
+            "--steps",
+            "7",
+            "--keep",
+            "5",
+            "--ckpt-every",
+            "3",
+            "--eval-every",
+            "0",
+            "--out",
+            out,
+        ]);
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_fpdt"))
+            .args(&args)
+            .output()
+            .expect("run fpdt");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let so = run(&a, &[]);
+    assert!(
+        so.contains("sequence-length warmup: S = 64 for steps 1-4, then S = 128"),
+        "{so}"
+    );
+    assert!(so.contains("-- S = 64 tokens from step 1"), "{so}");
+    assert!(so.contains("-- S = 128 tokens from step 5"), "{so}");
+    let ma = metrics(&d.0.join("a/metrics.jsonl"));
+    assert_eq!(ma.len(), 7);
+    let mut tokens = 0.0;
+    for v in &ma {
+        let want = if f(v, "step") <= 4.0 { 64.0 } else { 128.0 };
+        assert_eq!(f(v, "seq_len"), want, "{v}");
+        tokens += want;
+        assert_eq!(f(v, "tokens"), tokens, "{v}");
+    }
+    // Resumed inside the warmup (step 3), the run crosses the boundary as
+    // the first did.
+    let so = run(
+        &b,
+        &["--resume", &d.0.join("a/step-00000003").to_string_lossy()],
+    );
+    assert!(so.contains("-- S = 64 tokens from step 4"), "{so}");
+    assert!(so.contains("-- S = 128 tokens from step 5"), "{so}");
+    let mb = metrics(&d.0.join("b/metrics.jsonl"));
+    let after: Vec<&Value> = mb.iter().filter(|v| f(v, "step") > 3.0).collect();
+    assert_eq!(after.len(), 4, "{mb:?}");
+    for (x, y) in ma[3..].iter().zip(after) {
+        for key in ["step", "seq_len", "loss", "grad_norm", "lr", "tokens"] {
+            assert_eq!(
+                f(x, key).to_bits(),
+                f(y, key).to_bits(),
+                "{key} at step {}",
+                f(x, "step")
+            );
+        }
+    }
+    let wa = master_weights(&d.0.join("a/step-00000006"));
+    let wb = master_weights(&d.0.join("b/step-00000006"));
+    assert!(
+        wa.iter().zip(&wb).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "weights at step 6 equal bit for bit"
+    );
+}
+
+#[test]
 fn metrics_lines_loss_curve_and_trace_are_written() {
     let d = TempDir::new("outputs");
     let out = d.s("run");

@@ -18,8 +18,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::data::{DataSplit, PackedLoader, TokenDataset, TokenWidth};
 use crate::error::{ModelError, Result};
 use crate::passkey::PasskeyGen;
-use crate::passkey::{PasskeyTask, DEFAULT_DIGITS};
-use crate::train::{LrShape, Source, StepRecord, TrainDevice, TrainOptions, Trainer};
+use crate::passkey::{PasskeyTask, DEFAULT_ANSWERS, DEFAULT_DIGITS};
+use crate::train::{LrShape, SeqStage, Source, StepRecord, TrainDevice, TrainOptions, Trainer};
 
 use super::parse_bytes_arg;
 
@@ -105,14 +105,21 @@ pub struct TrainArgs {
     /// Activation checkpointing (recompute each layer's forward in backward).
     #[arg(long, value_enum, default_value_t = Switch::On)]
     pub checkpointing: Switch,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 300, value_name = "N")]
+    /// Sequence-length warmup: `S1:N1,S2:N2,...` trains N1 steps on
+    /// sequences of S1 tokens, then N2 on S2, ..., then the remaining steps
+    /// at --seq-len (each Si in as many chunks and ranks as --seq-len).
+    /// `auto`: for the passkey task, 64 tokens for 2/3 of --steps and 256
+    /// for 1/5 (the lengths below --seq-len); none for --data. `none`: off.
+    #[arg(long, default_value = "auto", value_name = "S:N,...|auto|none")]
+    pub seq_stages: String,
+    /// Optimizer steps (the warmup stages' included).
+    #[arg(long, default_value_t = 1500, value_name = "N")]
     pub steps: u64,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-3, value_name = "LR")]
+    #[arg(long, default_value_t = 5e-3, value_name = "LR")]
     pub lr: f64,
     /// Final learning rate of the decay.
-    #[arg(long, default_value_t = 3e-4, value_name = "LR")]
+    #[arg(long, default_value_t = 1e-3, value_name = "LR")]
     pub min_lr: f64,
     /// Warmup steps (linear from 0).
     #[arg(long, default_value_t = 20, value_name = "N")]
@@ -154,12 +161,12 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 50, value_name = "N")]
     pub eval_every: u64,
     /// Sequences per evaluation.
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    #[arg(long, default_value_t = 32, value_name = "N")]
     pub eval_batches: usize,
     /// Write the Chrome trace of this step (1-based) to OUT/trace.json
-    /// (0: none).
-    #[arg(long, default_value_t = 2, value_name = "STEP")]
-    pub trace_step: u64,
+    /// (0: none; default: the second step at the full --seq-len).
+    #[arg(long, value_name = "STEP")]
+    pub trace_step: Option<u64>,
     /// Without a progress bar (not a terminal, or --no-progress): print a
     /// line every N steps.
     #[arg(long, default_value_t = 10, value_name = "N")]
@@ -176,6 +183,10 @@ pub struct TrainArgs {
     /// Digits of the passkey (built-in task).
     #[arg(long, default_value_t = DEFAULT_DIGITS, value_name = "K")]
     pub passkey_digits: usize,
+    /// Times the passkey is answered at the end (the first answer is the
+    /// retrieval that validation scores; the repeats are more targets).
+    #[arg(long, default_value_t = DEFAULT_ANSWERS, value_name = "A")]
+    pub passkey_answers: usize,
     /// Device memory per rank (cpu backend: the budget of its device slab).
     #[arg(long, default_value = "2G", value_parser = parse_bytes_arg, value_name = "BYTES")]
     pub device_memory: usize,
@@ -249,6 +260,8 @@ pub struct TrainPlan {
     pub split: Option<DataSplit>,
     /// The passkey task when there is no --data.
     pub task: Option<PasskeyTask>,
+    /// The sequence-length warmup (checked against the schedule).
+    pub seq_stages: Vec<SeqStage>,
     /// The metrics file.
     pub metrics: PathBuf,
     /// Hugging Face weights to start from (--init-from).
@@ -412,7 +425,12 @@ impl TrainArgs {
                     "needs --data (the passkey task makes its own)",
                 ));
             }
-            let task = PasskeyTask::new(self.seq_len, self.passkey_digits, config.vocab_size)?;
+            let task = PasskeyTask::new(
+                self.seq_len,
+                self.passkey_digits,
+                config.vocab_size,
+                self.passkey_answers,
+            )?;
             (None, None, None, Some(task))
         } else {
             let ds = TokenDataset::open(&self.data, self.token_width, config.vocab_size)?;
@@ -433,6 +451,7 @@ impl TrainArgs {
             (Some(Arc::new(ds)), val, Some(split), None)
         };
 
+        let seq_stages = self.seq_stages(&config, &schedule, task.as_ref())?;
         checkpoint::check_writable(&self.out)?;
         if let Some(r) = &self.resume {
             // Checks the config now; the state is restored when training runs.
@@ -452,9 +471,100 @@ impl TrainArgs {
             val_data,
             split,
             task,
+            seq_stages,
             metrics,
             init,
         })
+    }
+
+    /// The checked --seq-stages: every stage shorter than --seq-len, split
+    /// into the same chunks over the same ranks, valid for the model (and
+    /// the passkey task), with steps left at the full length.
+    fn seq_stages(
+        &self,
+        config: &ModelConfig,
+        full: &Schedule,
+        task: Option<&PasskeyTask>,
+    ) -> Result<Vec<SeqStage>> {
+        let flag = "--seq-stages";
+        let spec = self.seq_stages.trim();
+        let fits = |len: usize| -> std::result::Result<(), String> {
+            let per = full.chunks * full.ranks;
+            if len == 0 || len >= full.seq_len {
+                return Err(format!(
+                    "must be positive and shorter than --seq-len {}",
+                    full.seq_len
+                ));
+            }
+            if len % per != 0 {
+                return Err(format!(
+                    "must split into the {} chunks of --seq-len over {} ranks: use a multiple \
+                     of {per}",
+                    full.chunks, full.ranks
+                ));
+            }
+            let s = Schedule {
+                seq_len: len,
+                ..*full
+            };
+            s.validate(config).map_err(|e| e.to_string())?;
+            if let Some(t) = task {
+                t.with_seq_len(len).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        let stages: Vec<SeqStage> = match spec {
+            "none" | "" => Vec::new(),
+            "auto" => match task {
+                None => Vec::new(),
+                Some(t) => {
+                    let floor = PasskeyTask::min_seq_len(t.digits, t.answers) + 16;
+                    let start = floor.max(64).next_power_of_two();
+                    [(start, self.steps * 2 / 3), (start * 4, self.steps / 5)]
+                        .into_iter()
+                        .filter(|&(len, steps)| steps > 0 && fits(len).is_ok())
+                        .map(|(seq_len, steps)| SeqStage { seq_len, steps })
+                        .collect()
+                }
+            },
+            list => {
+                let mut out = Vec::new();
+                for item in list.split(',') {
+                    let (len, steps) = item.trim().split_once(':').ok_or_else(|| {
+                        usage(
+                            flag,
+                            format!("`{item}` is not S:STEPS (e.g. 64:1000,256:300), auto or none"),
+                        )
+                    })?;
+                    let len: usize = len.trim().parse().map_err(|_| {
+                        usage(flag, format!("`{item}`: `{len}` is not a sequence length"))
+                    })?;
+                    let steps: u64 = steps.trim().parse().map_err(|_| {
+                        usage(flag, format!("`{item}`: `{steps}` is not a step count"))
+                    })?;
+                    if steps == 0 {
+                        return Err(usage(flag, format!("`{item}`: 0 steps; drop the stage")));
+                    }
+                    fits(len).map_err(|e| usage(flag, format!("`{item}`: length {len} {e}")))?;
+                    out.push(SeqStage {
+                        seq_len: len,
+                        steps,
+                    });
+                }
+                out
+            }
+        };
+        let warm: u64 = stages.iter().map(|s| s.steps).sum();
+        if warm >= self.steps {
+            return Err(usage(
+                flag,
+                format!(
+                    "the stages take {warm} steps, leaving none of --steps {} at --seq-len {}",
+                    self.steps, full.seq_len
+                ),
+            ));
+        }
+        Ok(stages)
     }
 }
 
@@ -490,8 +600,17 @@ pub fn train_options(args: &TrainArgs, plan: &TrainPlan) -> TrainOptions {
         metrics: plan.metrics.clone(),
         progress: !args.no_progress,
         log_every: args.log_every,
-        trace_step: (args.trace_step > 0).then_some(args.trace_step),
+        trace_step: match args.trace_step {
+            Some(0) => None,
+            Some(n) => Some(n),
+            // The second step at the full length: past the first's
+            // allocations, at the size the run is about.
+            None => {
+                Some((plan.seq_stages.iter().map(|s| s.steps).sum::<u64>() + 2).min(args.steps))
+            }
+        },
         poison_steps: args.inject_nan_steps.clone(),
+        seq_stages: plan.seq_stages.clone(),
     }
 }
 
@@ -528,7 +647,7 @@ fn fmt_rate(x: f64) -> String {
     }
 }
 
-fn step_line(r: &StepRecord) -> String {
+fn step_line(r: &StepRecord, passkey: bool) -> String {
     let mut s = format!(
         "loss {:.4}  acc {:5.1}%  lr {:.2e}  |g| {:.3}  {} tok/s  MFU {:.1}%  device {}  host {}",
         r.loss,
@@ -545,8 +664,9 @@ fn step_line(r: &StepRecord) -> String {
     }
     if let Some(e) = r.eval {
         s.push_str(&format!(
-            "  | val loss {:.4} acc {:.1}%",
+            "  | val loss {:.4} {} {:.1}%",
             e.loss,
+            if passkey { "key acc" } else { "acc" },
             100.0 * e.accuracy
         ));
     }
@@ -573,8 +693,8 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
     let what = match (&plan.data, &plan.task) {
         (Some(d), _) => format!("token data {}", d.describe()),
         (None, Some(t)) => format!(
-            "the passkey task ({}-digit keys in {} tokens, vocabulary {})",
-            t.digits, t.seq_len, t.vocab_size
+            "the passkey task ({}-digit keys in {} tokens, answered {} times, vocabulary {})",
+            t.digits, t.seq_len, t.answers, t.vocab_size
         ),
         (None, None) => "nothing".into(),
     };
@@ -602,6 +722,23 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
             Precision::Bf16 => "bf16 (fp32 master)",
         },
     );
+    if !plan.seq_stages.is_empty() {
+        let mut at = 0;
+        let stages: Vec<String> = plan
+            .seq_stages
+            .iter()
+            .map(|st| {
+                let line = format!("S = {} for steps {}-{}", st.seq_len, at + 1, at + st.steps);
+                at += st.steps;
+                line
+            })
+            .collect();
+        println!(
+            "sequence-length warmup: {}, then S = {} (--seq-stages none trains at S throughout)",
+            stages.join(", "),
+            s.seq_len
+        );
+    }
     let device = match args.device {
         DeviceChoice::Cuda => TrainDevice::Cuda(CudaConfig {
             device_memory: Some(args.device_memory),
@@ -671,17 +808,29 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         None
     };
     let log_every = opts.log_every;
-    let mut on_step = |r: &StepRecord| match &bar {
-        Some(b) => {
-            b.set_position(r.step);
-            b.set_message(step_line(r));
-            if r.eval.is_some() || r.skipped {
-                b.println(format!("step {:>5}  {}", r.step, step_line(r)));
+    let passkey = plan.task.is_some();
+    let mut last_len = None;
+    let mut on_step = |r: &StepRecord| {
+        if last_len != Some(r.seq_len) {
+            let line = format!("-- S = {} tokens from step {}", r.seq_len, r.step);
+            match &bar {
+                Some(b) => b.println(line),
+                None => println!("{line}"),
             }
+            last_len = Some(r.seq_len);
         }
-        None => {
-            if (log_every > 0 && r.step % log_every == 0) || r.eval.is_some() || r.skipped {
-                println!("step {:>5}  {}", r.step, step_line(r));
+        match &bar {
+            Some(b) => {
+                b.set_position(r.step);
+                b.set_message(step_line(r, passkey));
+                if r.eval.is_some() || r.skipped {
+                    b.println(format!("step {:>5}  {}", r.step, step_line(r, passkey)));
+                }
+            }
+            None => {
+                if (log_every > 0 && r.step % log_every == 0) || r.eval.is_some() || r.skipped {
+                    println!("step {:>5}  {}", r.step, step_line(r, passkey));
+                }
             }
         }
     };
@@ -705,13 +854,16 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
     );
     if let (Some(first), Some(last)) = (sum.evals.first(), sum.evals.last()) {
         println!(
-            "validation: loss {:.4} -> {:.4}, accuracy {:.1}% -> {:.1}% (steps {} -> {})",
+            "validation: loss {:.4} -> {:.4}, {} {:.1}% -> {:.1}% (step {} at S = {} -> step {} at S = {})",
             first.1.loss,
             last.1.loss,
+            if passkey { "key accuracy" } else { "accuracy" },
             100.0 * first.1.accuracy,
             100.0 * last.1.accuracy,
             first.0,
-            last.0
+            first.1.seq_len,
+            last.0,
+            last.1.seq_len
         );
     }
     println!("metrics: {}", opts.metrics.display());
