@@ -31,6 +31,13 @@ if ! grep -q "RESULT comm_a2a_vs_copy" <<<"$bench"; then
   echo "$bench" | tail -8 >&2
   exit 1
 fi
+# And the PTX GPU bench (copies, attention, FPDT's offloaded attention pass).
+bench=$(FPDT_BENCH_TOKENS=256 FPDT_FAKE_CUDA_INTERP=1 cargo test -q -p fpdt-ptx --bench gpu 2>&1)
+if ! grep -q "RESULT fpdt_offload" <<<"$bench"; then
+  echo "fake-cuda-test: the ptx gpu bench did not run:" >&2
+  echo "$bench" | tail -8 >&2
+  exit 1
+fi
 # The fake must have been used: a test that skipped for want of a driver
 # would pass without exercising anything.
 if grep -q "skipped, no GPU" "$log"; then

@@ -1,6 +1,10 @@
 //! GPU benchmarks (issue #8, #4): copy bandwidth, pinned against pageable
 //! and against the link's limit; device-to-device copies; the attention
-//! kernels' TFLOP/s at the shape `scripts/sdpa_bench.py` times PyTorch at.
+//! kernels' TFLOP/s at the shape `scripts/sdpa_bench.py` times PyTorch at;
+//! FPDT's chunked attention forward with K and V offloaded to pinned host
+//! memory and prefetched through a double buffer, against the same pass
+//! with them resident, per chunk size (the offload overhead and the share
+//! of copy time the trace shows hidden behind kernels).
 //! Without a GPU it says why and exits 0. Timed with CUDA events on the
 //! streams (the trace's clock); medians of several repetitions.
 //!
@@ -10,7 +14,10 @@ use std::time::Duration;
 
 use fpdt_ptx::cpu::{AttnShape, DType};
 use fpdt_ptx::kernels::{self, AttnBwdPtrs, AttnPtrs};
-use fpdt_runtime::{CudaConfig, Device, Stream, View, Work};
+use fpdt_runtime::trace::{overlap_ns, write_chrome_trace};
+use fpdt_runtime::{
+    ChunkMover, CudaConfig, Device, DoubleBuffer, HostChunk, OpKind, Stream, TraceEvent, View, Work,
+};
 
 /// PCIe Gen5 x16, each way (REFERENCE-NUMBERS.md).
 const PCIE5_GBPS: f64 = 64.0;
@@ -108,8 +115,17 @@ fn fill_bf16(n: usize, seed: u32) -> Vec<half::bf16> {
         .collect()
 }
 
+/// `FPDT_BENCH_TOKENS` (for a quick run on the fake driver), else `default`.
+fn bench_tokens(default: usize) -> usize {
+    std::env::var("FPDT_BENCH_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&t: &usize| t >= 128 && t % 32 == 0)
+        .unwrap_or(default)
+}
+
 fn attention_rows() -> Result<(), String> {
-    let (tokens, heads, d) = (16 * 1024, 16, 128);
+    let (tokens, heads, d) = (bench_tokens(16 * 1024), 16, 128);
     let s = AttnShape {
         q_tokens: tokens,
         kv_tokens: tokens,
@@ -238,6 +254,208 @@ fn attention_rows() -> Result<(), String> {
     Ok(())
 }
 
+/// Sum of the union of the events' intervals, in nanoseconds.
+fn busy_ns(evs: &[&TraceEvent]) -> u64 {
+    overlap_ns(evs, evs)
+}
+
+/// FPDT's attention forward over one sequence of `tokens`, chunked: for each
+/// q chunk i, every kv chunk j <= i (causal within the diagonal pair),
+/// partial outputs merged by LSE. K and V of chunk j are one buffer (K then
+/// V); resident, or in the host arena and prefetched into a
+/// [`DoubleBuffer`] one pair ahead, so the copy of the next pair's kv runs
+/// on the h2d stream while this pair's kernels run on compute. Only K and V
+/// move (q and the output accumulator stay resident): they are what the
+/// pass re-reads, u(u+1)/2 chunk loads against u for q.
+fn offload_rows() -> Result<(), String> {
+    let (tokens, heads, d) = (bench_tokens(64 * 1024), 16, 128);
+    let err = |e: fpdt_runtime::RuntimeError| e.to_string();
+    let perr = |e: fpdt_ptx::PtxError| e.to_string();
+    let kv_all = 2 * tokens * heads * d * 2;
+    // Chunks of S/32 .. S/4: 2K .. 16K at 64K tokens.
+    let chunks = [tokens / 32, tokens / 16, tokens / 8, tokens / 4];
+    let max_chunk = tokens / 4;
+    let slot = 2 * max_chunk * heads * d * 2;
+    let acc = max_chunk * heads * d * 4;
+    let dev = device(
+        true,
+        tokens * heads * d * 2 + kv_all + 2 * slot + 2 * acc + (256 << 20),
+        kv_all + (64 << 20),
+    )?;
+    let trace_dir = std::env::var_os("FPDT_BENCH_TRACE_DIR");
+    let mover = ChunkMover::new(&dev);
+    let c = dev.compute().clone();
+    let q = dev
+        .upload(&fill_bf16(tokens * heads * d, 11), "q")
+        .map_err(err)?;
+    let scale = 1.0 / (d as f32).sqrt();
+    println!(
+        "\n## FPDT attention forward, {tokens} tokens, {heads} heads, d{d}, bf16, causal: \
+         K and V offloaded and prefetched vs resident (median of 3)"
+    );
+    println!(
+        "| chunk | pairs | resident ms | offloaded ms | overhead | kv copied | h2d busy (trace) | copy hidden behind kernels (trace) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for chunk in chunks {
+        let u = tokens / chunk;
+        let (qb, kvb) = (chunk * heads * d * 2, 2 * chunk * heads * d * 2);
+        // Every kv chunk on the device, and a copy of each in the host arena.
+        let mut kv_dev = Vec::with_capacity(u);
+        let mut kv_host: Vec<HostChunk> = Vec::with_capacity(u);
+        for j in 0..u {
+            let r = fpdt_runtime::Resident::new(
+                dev.upload(&fill_bf16(kvb / 2, 100 + j as u32), "kv")
+                    .map_err(err)?,
+            );
+            kv_host.push(mover.copy_to_host(&r).map_err(err)?);
+            kv_dev.push(r.into_buffer().map_err(err)?);
+        }
+        dev.synchronize().map_err(err)?;
+        let db = DoubleBuffer::new(&mover, kvb, "kv slots").map_err(err)?;
+        let o_acc = dev.alloc(chunk * heads * d * 4, "o").map_err(err)?;
+        let l_acc = dev.alloc(chunk * heads * 4, "lse").map_err(err)?;
+        let o_tmp = dev.alloc(chunk * heads * d * 4, "o_j").map_err(err)?;
+        let l_tmp = dev.alloc(chunk * heads * 4, "lse_j").map_err(err)?;
+        let shape = AttnShape {
+            q_tokens: chunk,
+            kv_tokens: chunk,
+            heads,
+            kv_heads: heads,
+            head_dim: d,
+        };
+        let pair_flops = |diag: bool| {
+            4.0 * (chunk as f64).powi(2) * (heads * d) as f64 * if diag { 0.5 } else { 1.0 }
+        };
+        let pairs: Vec<(usize, usize)> =
+            (0..u).flat_map(|i| (0..=i).map(move |j| (i, j))).collect();
+        let a = |v: &View<'_>| v.addr() as u64;
+        // One pass; returns its seconds (events on the compute stream, from
+        // before the first copy to after the last kernel).
+        let pass = |offload: bool| -> Result<f64, String> {
+            let t0 = c.record().map_err(err)?;
+            let mut pending = if offload {
+                Some(db.prefetch(&kv_host[0]).map_err(err)?)
+            } else {
+                None
+            };
+            for (n, &(i, j)) in pairs.iter().enumerate() {
+                let guard = match pending.take() {
+                    Some(p) => Some(p.ready().map_err(err)?),
+                    None => None,
+                };
+                if offload {
+                    if let Some(&(_, jn)) = pairs.get(n + 1) {
+                        pending = Some(db.prefetch(&kv_host[jn]).map_err(err)?);
+                    }
+                }
+                let kv = match &guard {
+                    Some(g) => g.view(),
+                    None => kv_dev[j].view(),
+                };
+                let qv = q.view().bytes(i * qb..(i + 1) * qb).map_err(err)?;
+                let (kvk, kvv) = (
+                    kv.bytes(0..kvb / 2).map_err(err)?,
+                    kv.bytes(kvb / 2..kvb).map_err(err)?,
+                );
+                let (o, l) = if j == 0 {
+                    (o_acc.view(), l_acc.view())
+                } else {
+                    (o_tmp.view(), l_tmp.view())
+                };
+                let f = kernels::attn_fwd_chunk(
+                    &shape,
+                    i == j,
+                    scale,
+                    DType::BF16,
+                    &AttnPtrs {
+                        q: a(&qv),
+                        k: a(&kvk),
+                        v: a(&kvv),
+                        o: a(&o),
+                        lse: a(&l),
+                    },
+                )
+                .map_err(perr)?;
+                f.enqueue(&c, Work::kernel(pair_flops(i == j), 0), &[qv, kv], &[o, l])
+                    .map_err(perr)?;
+                if j > 0 {
+                    let m = kernels::lse_merge(
+                        chunk * heads,
+                        d,
+                        a(&o_acc.view()),
+                        a(&l_acc.view()),
+                        a(&o),
+                        a(&l),
+                    )
+                    .map_err(perr)?;
+                    m.enqueue(
+                        &c,
+                        Work::kernel(0.0, 0),
+                        &[o, l],
+                        &[o_acc.view(), l_acc.view()],
+                    )
+                    .map_err(perr)?;
+                }
+                drop(guard);
+            }
+            let t1 = c.record().map_err(err)?;
+            t1.wait_timeout(Duration::from_secs(120)).map_err(err)?;
+            let ns = t1
+                .time_ns()
+                .zip(t0.time_ns())
+                .map(|(b, a)| b.saturating_sub(a))
+                .ok_or("no event times")?;
+            c.failure().map_or(Ok(()), |e| Err(format!("{e:?}")))?;
+            Ok(ns as f64 * 1e-9)
+        };
+        pass(false)?;
+        pass(true)?;
+        let res = median((0..3).map(|_| pass(false)).collect::<Result<_, _>>()?);
+        let off = median((0..3).map(|_| pass(true)).collect::<Result<_, _>>()?);
+        // One more offloaded pass, traced alone.
+        dev.synchronize().map_err(err)?;
+        dev.trace().clear();
+        pass(true)?;
+        dev.synchronize().map_err(err)?;
+        let evs = dev.trace().events();
+        let h2d: Vec<&TraceEvent> = evs.iter().filter(|e| e.kind == OpKind::CopyH2D).collect();
+        let kern: Vec<&TraceEvent> = evs.iter().filter(|e| e.kind == OpKind::Kernel).collect();
+        let (busy, hidden) = (busy_ns(&h2d), overlap_ns(&h2d, &kern));
+        if let (Some(dir), 8192) = (&trace_dir, chunk) {
+            let path = std::path::Path::new(dir).join("fpdt-attention-offload-8k.json");
+            match write_chrome_trace(&[dev.trace()], &path) {
+                Ok(()) => eprintln!(
+                    "trace of the offloaded pass at chunk 8K: {}",
+                    path.display()
+                ),
+                Err(e) => eprintln!("trace not written: {e}"),
+            }
+        }
+        let copied = pairs.len() * kvb;
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {:+.1}% | {:.2} GB | {:.2} ms | {:.0}% |",
+            chunk,
+            pairs.len(),
+            res * 1e3,
+            off * 1e3,
+            100.0 * (off / res - 1.0),
+            copied as f64 / 1e9,
+            busy as f64 * 1e-6,
+            100.0 * hidden as f64 / busy.max(1) as f64
+        );
+        println!(
+            "RESULT fpdt_offload chunk={chunk} resident_ms={:.3} offload_ms={:.3} overhead_pct={:.2} hidden_pct={:.1}",
+            res * 1e3,
+            off * 1e3,
+            100.0 * (off / res - 1.0),
+            100.0 * hidden as f64 / busy.max(1) as f64
+        );
+        dev.trace().clear();
+    }
+    Ok(())
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -269,5 +487,8 @@ fn main() {
     }
     if let Err(e) = attention_rows() {
         println!("attention: failed: {e}");
+    }
+    if let Err(e) = offload_rows() {
+        println!("fpdt attention offload: failed: {e}");
     }
 }
