@@ -158,3 +158,82 @@ fn adamw_steps_on_cuda_follow_the_cpu_group() {
         );
     }
 }
+
+#[test]
+fn attention_runs_as_ptx_in_bf16_and_stays_near_the_cpu_step() {
+    let test = "attention_runs_as_ptx_in_bf16_and_stays_near_the_cpu_step";
+    // Head dim 64 (2 heads of 64), what the attention kernels take; bf16,
+    // the precision whose operands they read.
+    let cfg = ModelConfig {
+        rope_theta: 10_000.0,
+        ..ModelConfig::llama(31, 128, 1, 2, 2, 64)
+    };
+    assert_eq!(cfg.head_dim, 64);
+    let params = random_params_std(&cfg, 5, 0.05);
+    let p32: Vec<f32> = params.iter().map(|&x| x as f32).collect();
+    for (offload, chunks) in [(true, 3), (false, 2)] {
+        let what = format!("S=24 P=2 u={chunks} offload={offload} bf16");
+        let sched = Schedule {
+            offload,
+            precision: Precision::Bf16,
+            ..Schedule::fpdt(24, 2, chunks)
+        };
+        let Some(mut g) = gpu_group(test, &cfg, sched, &p32) else {
+            return;
+        };
+        let (tokens, targets) = random_batch(&cfg, 24, 9);
+        let mut c = FpdtGroup::cpu(&cfg, sched, &p32, &cpu()).expect("a cpu group");
+        let want = c.step(&tokens, &targets).expect("the cpu step");
+        let names = |g: &FpdtGroup| -> Vec<String> {
+            g.ranks()[0]
+                .device()
+                .trace()
+                .events()
+                .iter()
+                .map(|e| e.name.to_string())
+                .collect()
+        };
+        // Forced to host kernels, the attention ops are named as such.
+        g.set_host_kernels(true);
+        g.step(&tokens, &targets)
+            .expect("the cuda step, host kernels");
+        let host_names = names(&g);
+        assert!(
+            host_names.iter().any(|n| n == "attn_bwd"),
+            "{what}: {host_names:?}"
+        );
+        g.set_host_kernels(false);
+        g.ranks()[0].device().trace().clear();
+        let out = g.step(&tokens, &targets).expect("the cuda step");
+        let names = names(&g);
+        for k in ["attn_fwd_d64", "attn_bwd_d64", "attn_delta_bf16"] {
+            assert!(
+                names.iter().any(|n| n.contains(k)),
+                "{what}: no {k} in {names:?}"
+            );
+        }
+        // More than one chunk: partial outputs were merged on the GPU.
+        assert!(names.iter().any(|n| n.contains("lse_merge_f32")), "{what}");
+        // And no attention op fell back to a host kernel.
+        for host in ["attn_fwd", "attn_bwd", "attn_delta", "lse_merge"] {
+            assert!(
+                !names.iter().any(|n| n == host),
+                "{what}: {host} ran on the host"
+            );
+        }
+        let rel = (out.loss - want.loss).abs() / want.loss.abs();
+        assert!(rel < 1e-2, "{what}: loss {} vs cpu {}", out.loss, want.loss);
+        let d: f64 = out
+            .grads
+            .iter()
+            .zip(&want.grads)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum();
+        let n: f64 = want.grads.iter().map(|b| f64::from(*b).powi(2)).sum();
+        assert!(
+            (d / n).sqrt() < 2e-2,
+            "{what}: gradients {:e} from the cpu's",
+            (d / n).sqrt()
+        );
+    }
+}

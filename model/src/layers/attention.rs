@@ -27,8 +27,10 @@ use fpdt_comm::ulysses::Heads;
 use fpdt_comm::{Communicator, UlyssesAllToAll, UlyssesConfig};
 use fpdt_ptx::cpu::{
     attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, matmul, rope_bwd, rope_fwd, AttnShape,
+    DType,
 };
-use fpdt_runtime::DoubleBuffer;
+use fpdt_ptx::kernels::{self, AttnBwdPtrs, AttnPtrs};
+use fpdt_runtime::{DoubleBuffer, Work};
 
 use super::{
     kernel, linear_bwd, linear_dgrad_sum, linear_fwd, linear_residual_fwd, missing, norm, Buf, Ctx,
@@ -188,6 +190,56 @@ fn linear_rope_fwd(
     )
 }
 
+fn addr(t: &Tv<'_>) -> u64 {
+    t.v.addr() as u64
+}
+
+/// Whether an attention kernel runs as PTX: on the GPU (not forced to host
+/// kernels), at a head dim the kernels have (64, 128), with the bf16
+/// operands `bf16` and the f32 accumulators `f32` they take. Otherwise the
+/// CPU twin runs as a host kernel (f32 runs, the tiny presets' head dims).
+fn attn_on_gpu(ctx: &Ctx<'_>, dims: &Dims, bf16: &[Tv<'_>], f32s: &[Tv<'_>]) -> bool {
+    ctx.gpu
+        && matches!(dims.d, 64 | 128)
+        && bf16.iter().all(|t| t.dt == DType::BF16)
+        && f32s.iter().all(|t| t.dt == DType::F32)
+}
+
+/// `(o, lse) = merge((o, lse), (o_j, lse_j))` over `rows` rows (all f32).
+fn merge_partial(
+    ctx: &Ctx<'_>,
+    dims: &Dims,
+    oj: Tv<'_>,
+    lj: Tv<'_>,
+    o: Tv<'_>,
+    lse: Tv<'_>,
+) -> Result<()> {
+    let hd = dims.d;
+    let flops = 4.0 * o.len() as f64;
+    if ctx.gpu && [oj, lj, o, lse].iter().all(|t| t.dt == DType::F32) {
+        let l = kernels::lse_merge(lse.len(), hd, addr(&o), addr(&lse), addr(&oj), addr(&lj))?;
+        let bytes = 2 * (o.v.len() + lse.v.len()) as u64;
+        l.enqueue(
+            ctx.s(),
+            Work::kernel(flops, bytes),
+            &[oj.v, lj.v],
+            &[o.v, lse.v],
+        )?;
+        return Ok(());
+    }
+    kernel(
+        ctx.s(),
+        "lse_merge",
+        flops,
+        &[oj, lj],
+        &[o, lse],
+        move |i, out| {
+            let (o, l) = out.split_at_mut(1);
+            lse_merge(o[0], l[0], i[0], i[1], hd)
+        },
+    )
+}
+
 fn attn_pair(
     ctx: &Ctx<'_>,
     dims: &Dims,
@@ -202,6 +254,29 @@ fn attn_pair(
     let (k, v) = (kv.elems(0..half)?, kv.elems(half..2 * half)?);
     let flops = shape.fwd_flops() * if causal { 0.5 } else { 1.0 };
     let scale = dims.scale;
+    if attn_on_gpu(ctx, dims, &[q, k, v], &[o, lse]) {
+        let l = kernels::attn_fwd_chunk(
+            &shape,
+            causal,
+            scale,
+            DType::BF16,
+            &AttnPtrs {
+                q: addr(&q),
+                k: addr(&k),
+                v: addr(&v),
+                o: addr(&o),
+                lse: addr(&lse),
+            },
+        )?;
+        let bytes = (q.v.len() + kv.v.len() + o.v.len() + lse.v.len()) as u64;
+        l.enqueue(
+            ctx.s(),
+            Work::kernel(flops, bytes),
+            &[q.v, k.v, v.v],
+            &[o.v, lse.v],
+        )?;
+        return Ok(());
+    }
     kernel(
         ctx.s(),
         "attn_fwd",
@@ -311,18 +386,7 @@ pub(crate) fn forward(
             let oj = ctx.alloc(dm.qn(), "o part")?;
             let lj = ctx.alloc(dm.big_c * dm.hl, "lse part")?;
             let merge = |ctx: &Ctx<'_>| -> Result<()> {
-                let hd = dm.d;
-                kernel(
-                    ctx.s(),
-                    "lse_merge",
-                    4.0 * dm.qn() as f64,
-                    &[oj.view(), lj.view()],
-                    &[o.view(), lse.view()],
-                    move |i, out| {
-                        let (o, l) = out.split_at_mut(1);
-                        lse_merge(o[0], l[0], i[0], i[1], hd)
-                    },
-                )
+                merge_partial(ctx, &dm, oj.view(), lj.view(), o.view(), lse.view())
             };
             match &dbuf {
                 Some(db) => {
@@ -474,14 +538,17 @@ pub(crate) fn backward(
         let o = saved.o[i].fetch(mv)?;
         let delta = ctx.alloc(dm.big_c * dm.hl, "delta")?;
         let hd = dm.d;
-        kernel(
-            s,
-            "attn_delta",
-            2.0 * dm.qn() as f64,
-            &[doh.view(), o.view()?],
-            &[delta.view()],
-            move |i, out| attn_delta(i[0], i[1], hd, out[0]),
-        )?;
+        let (dov, ov, dlv) = (doh.view(), o.view()?, delta.view());
+        let flops = 2.0 * dm.qn() as f64;
+        if ctx.gpu && dov.dt == ov.dt && matches!(ov.dt, DType::BF16 | DType::F32) {
+            let l = kernels::attn_delta(dlv.len(), hd, ov.dt, addr(&dov), addr(&ov), addr(&dlv))?;
+            let bytes = (dov.v.len() + ov.v.len() + dlv.v.len()) as u64;
+            l.enqueue(s, Work::kernel(flops, bytes), &[dov.v, ov.v], &[dlv.v])?;
+        } else {
+            kernel(s, "attn_delta", flops, &[dov, ov], &[dlv], move |i, out| {
+                attn_delta(i[0], i[1], hd, out[0])
+            })?;
+        }
         drop(o);
         dos.push(ctx.stash(doh)?);
         deltas.push(ctx.stash(delta)?);
@@ -533,28 +600,58 @@ pub(crate) fn backward(
             let (dk, dv) = (dkv.elems(0..half)?, dkv.elems(half..2 * half)?);
             let scale = dm.scale;
             let flops = 2.5 * shape.fwd_flops() * if causal { 0.5 } else { 1.0 };
-            kernel(
-                s,
-                "attn_bwd",
-                flops,
-                &[
-                    cur.q.view()?,
-                    k,
-                    v,
-                    cur.lse.view()?,
-                    cur.do_.view()?,
-                    cur.delta.view()?,
-                ],
-                &[dqb.view(), dk, dv],
-                move |a, o| {
-                    let (dq, rest) = o.split_at_mut(1);
-                    let (dk, dv) = rest.split_at_mut(1);
-                    attn_bwd_chunk(
-                        a[0], a[1], a[2], a[3], a[4], a[5], &shape, causal, scale, dq[0], dk[0],
-                        dv[0],
-                    )
-                },
-            )?;
+            let (qv, lv, dov, dlv, dqv) = (
+                cur.q.view()?,
+                cur.lse.view()?,
+                cur.do_.view()?,
+                cur.delta.view()?,
+                dqb.view(),
+            );
+            if attn_on_gpu(ctx, &dm, &[qv, k, v, dov], &[lv, dlv, dqv, dk, dv]) {
+                let l = kernels::attn_bwd_chunk(
+                    &shape,
+                    causal,
+                    scale,
+                    DType::BF16,
+                    &AttnBwdPtrs {
+                        q: addr(&qv),
+                        k: addr(&k),
+                        v: addr(&v),
+                        do_: addr(&dov),
+                        lse: addr(&lv),
+                        delta: addr(&dlv),
+                        dq: addr(&dqv),
+                        dk: addr(&dk),
+                        dv: addr(&dv),
+                    },
+                )?;
+                let bytes = [qv, k, v, dov, lv, dlv, dqv, dk, dv]
+                    .iter()
+                    .map(|t| t.v.len() as u64)
+                    .sum();
+                l.enqueue(
+                    s,
+                    Work::kernel(flops, bytes),
+                    &[qv.v, k.v, v.v, dov.v, lv.v, dlv.v],
+                    &[dqv.v, dk.v, dv.v],
+                )?;
+            } else {
+                kernel(
+                    s,
+                    "attn_bwd",
+                    flops,
+                    &[qv, k, v, lv, dov, dlv],
+                    &[dqv, dk, dv],
+                    move |a, o| {
+                        let (dq, rest) = o.split_at_mut(1);
+                        let (dk, dv) = rest.split_at_mut(1);
+                        attn_bwd_chunk(
+                            a[0], a[1], a[2], a[3], a[4], a[5], &shape, causal, scale, dq[0],
+                            dk[0], dv[0],
+                        )
+                    },
+                )?;
+            }
             drop(cur);
             if causal {
                 dq_final = Some(dqb);
