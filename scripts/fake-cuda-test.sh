@@ -13,6 +13,9 @@ mkdir -p "$out"
 cc -shared -fPIC -O1 -Wall -Wno-misleading-indentation \
   -o "$out/libcuda.so.1" runtime/tests/fake_cuda/fake_cuda.c
 ln -sf libcuda.so.1 "$out/libcuda.so"
+# And a fake cuBLASLt (host GEMMs over the fake's memory) for the GEMMs.
+cc -shared -fPIC -O1 -Wall -o "$out/libcublasLt.so.13" runtime/tests/fake_cuda/fake_cublaslt.c
+export FPDT_CUBLASLT_LIB="$PWD/$out/libcublasLt.so.13"
 export LD_LIBRARY_PATH="$PWD/$out${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 log=$(mktemp)
 cargo test -p fpdt-runtime --test cuda -- --test-threads=1 2>&1 | tee "$log"
@@ -40,6 +43,11 @@ if ! grep -q "RESULT fpdt_offload" <<<"$bench"; then
 fi
 # The fake must have been used: a test that skipped for want of a driver
 # would pass without exercising anything.
+if grep -q "skipped, no cuBLASLt" "$log"; then
+  echo "fake-cuda-test: the fake cuBLASLt was not loaded (a test skipped for want of it)" >&2
+  rm -f "$log"
+  exit 1
+fi
 if grep -q "skipped, no GPU" "$log"; then
   echo "fake-cuda-test: the fake driver was not loaded (a test skipped for want of a GPU)" >&2
   rm -f "$log"
@@ -79,4 +87,14 @@ if [ "$(losses "$train")" != "$(losses "$cpu")" ] || [ -z "$(losses "$cpu")" ]; 
   echo "fake-cuda-test: cuda and cpu training differ: '$(losses "$train")' vs '$(losses "$cpu")'" >&2
   exit 1
 fi
-echo "fake-cuda-test: the cuda tests, fpdt info and fpdt train --device cuda passed against the fake driver"
+# In bf16 the GEMMs go to (the fake) cuBLASLt.
+run_dir=$(mktemp -d)
+bf16=$(FPDT_FAKE_CUDA_INTERP=1 target/debug/fpdt train --device cuda --device-memory 2M \
+  --precision bf16 "${args[@]}" --out "$run_dir/bf16" 2>&1) || true
+rm -rf "$run_dir"
+if ! grep -q "GEMMs on cuBLASLt" <<<"$bf16" || ! grep -q "done: 4 steps" <<<"$bf16"; then
+  echo "fake-cuda-test: fpdt train --device cuda --precision bf16 did not train with cuBLASLt:" >&2
+  echo "$bf16" | tail -8 >&2
+  exit 1
+fi
+echo "fake-cuda-test: the cuda tests, fpdt info and fpdt train --device cuda (f32 and bf16) passed against the fake driver"

@@ -69,19 +69,28 @@ fn mismatched_local_sizes_fail_that_rank_and_abort_the_others_quickly() {
             errs.push((c.rank(), e));
         }
     }
-    assert_eq!(errs.len(), 1);
-    let (rank, e) = &errs[0];
+    // Rank 1 refuses its call; a rank called after its abort landed may be
+    // refused at the call too (a race with the abort, not an error): with
+    // the abort's reason, like the others at their synchronize.
+    let (rank, e) = errs.first().expect("rank 1's call fails");
     assert_eq!(*rank, 1);
     let s = e.to_string();
     assert!(s.contains("12 bytes") && s.contains("has 8"), "{s}");
+    let refused_at_call: Vec<usize> = errs[1..].iter().map(|(r, _)| *r).collect();
+    for (r, e) in &errs[1..] {
+        match e {
+            CommError::Aborted { rank: 1, reason } => assert!(reason.contains("has 8"), "{reason}"),
+            other => panic!("rank {r} at its call: {other:?}"),
+        }
+    }
     let (res, took) = sync_results(&ranks);
     assert!(
         took < Duration::from_secs(5),
         "took {took:?} (group timeout is 20 s)"
     );
     for (r, res) in res.iter().enumerate() {
-        if r == 1 {
-            assert!(res.is_ok(), "rank 1 enqueued nothing");
+        if r == 1 || refused_at_call.contains(&r) {
+            assert!(res.is_ok(), "rank {r} enqueued nothing");
             continue;
         }
         match res {

@@ -15,7 +15,8 @@ use fpdt_comm::GroupConfig;
 use fpdt_comm::{Communicator, DType, FpdtLayout, InProcessComm, InProcessGroup, ReduceOp};
 use fpdt_ptx::cpu::{adamw_step, AdamW};
 use fpdt_runtime::{
-    ChunkMover, CpuConfig, CudaConfig, Device, DeviceBuffer, DeviceKind, HostBuffer, MetaConfig,
+    cuda::blas::WORKSPACE_BYTES, cuda::Blas, ChunkMover, CpuConfig, CudaConfig, Device,
+    DeviceBuffer, DeviceKind, HostBuffer, MetaConfig,
 };
 
 use crate::config::{ModelConfig, ParamLayout, Precision, Schedule};
@@ -157,6 +158,9 @@ pub struct RankModel<C: Communicator> {
     /// On cuda: run every layer op as a host kernel, even those with a PTX
     /// kernel (what the cpu device computes, bit for bit).
     host_kernels: bool,
+    /// On cuda: cuBLASLt for the linear layers' GEMMs, or why not (the
+    /// GEMMs then run as host kernels).
+    blas: std::result::Result<Blas, String>,
 }
 
 impl<C: Communicator> std::fmt::Debug for RankModel<C> {
@@ -239,6 +243,13 @@ impl<C: Communicator> RankModel<C> {
             v.write(|x: &mut [f32]| x.fill(0.0))?;
         }
         fill(dev.compute(), Tv::f32(grads.view()), 0.0)?;
+        let blas = if dev.kind() == DeviceKind::Cuda {
+            // cuBLASLt's recommended 32 MiB, or 1/16 of a small budget.
+            let ws = (dev.device_budget() / 16).min(WORKSPACE_BYTES) & !255;
+            Blas::with_workspace(&dev, ws).map_err(|e| e.to_string())
+        } else {
+            Err(format!("the {} device multiplies on the host", dev.kind()))
+        };
         Ok(RankModel {
             cfg: cfg.clone(),
             layout,
@@ -264,7 +275,17 @@ impl<C: Communicator> RankModel<C> {
             },
             batch: None,
             host_kernels: false,
+            blas,
         })
+    }
+
+    /// Where the linear layers' GEMMs run: cuBLASLt (and its file), or
+    /// host kernels and why.
+    pub fn gemm_backend(&self) -> String {
+        match &self.blas {
+            Ok(b) => format!("cuBLASLt `{}`", b.library().path().display()),
+            Err(e) => format!("host kernels ({e})"),
+        }
     }
 
     /// On cuda, runs every layer op as a host kernel (staged through the
@@ -401,6 +422,7 @@ impl<C: Communicator> RankModel<C> {
             gdt: self.sched.precision.storage(),
             grads: &self.grads,
             gpu: self.dev.kind() == DeviceKind::Cuda && !self.host_kernels,
+            blas: self.blas.as_ref().ok().filter(|_| !self.host_kernels),
         };
         let s = ctx.s();
         fill(s, Tv::f32(self.loss.view()), 0.0)?;

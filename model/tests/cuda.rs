@@ -160,8 +160,8 @@ fn adamw_steps_on_cuda_follow_the_cpu_group() {
 }
 
 #[test]
-fn attention_runs_as_ptx_in_bf16_and_stays_near_the_cpu_step() {
-    let test = "attention_runs_as_ptx_in_bf16_and_stays_near_the_cpu_step";
+fn attention_and_gemms_run_on_the_gpu_in_bf16_near_the_cpu_step() {
+    let test = "attention_and_gemms_run_on_the_gpu_in_bf16_near_the_cpu_step";
     // Head dim 64 (2 heads of 64), what the attention kernels take; bf16,
     // the precision whose operands they read.
     let cfg = ModelConfig {
@@ -211,6 +211,27 @@ fn attention_runs_as_ptx_in_bf16_and_stays_near_the_cpu_step() {
                 names.iter().any(|n| n.contains(k)),
                 "{what}: no {k} in {names:?}"
             );
+        }
+        // The linear layers' GEMMs on cuBLASLt, where the library is.
+        let backend = g.ranks()[0].gemm_backend();
+        if backend.starts_with("cuBLASLt") {
+            assert!(
+                names.iter().any(|n| n.starts_with("gemm ")),
+                "{what}: {names:?}"
+            );
+            for host in [
+                "linear_fwd",
+                "linear_bwd",
+                "linear_residual_fwd",
+                "linear_dgrad_sum",
+            ] {
+                assert!(
+                    !names.iter().any(|n| n == host),
+                    "{what}: {host} ran on the host"
+                );
+            }
+        } else {
+            eprintln!("{test}: the GEMM checks skipped, no cuBLASLt: {backend}");
         }
         // More than one chunk: partial outputs were merged on the GPU.
         assert!(names.iter().any(|n| n.contains("lse_merge_f32")), "{what}");

@@ -699,7 +699,7 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         (None, None) => "nothing".into(),
     };
     let device_name = match args.device {
-        DeviceChoice::Cuda => "the cuda device (layers as host kernels)",
+        DeviceChoice::Cuda => "the cuda device",
         DeviceChoice::Auto | DeviceChoice::Cpu => "the cpu device",
     };
     println!(
@@ -761,6 +761,26 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         opts.clone(),
         plan.init.as_ref().map(|h| h.params.clone()),
     )?;
+    if args.device == DeviceChoice::Cuda {
+        let bf16 = s.precision == Precision::Bf16;
+        let d = plan.config.head_dim;
+        println!(
+            "on cuda: the norms' forward as PTX; attention as PTX {}; GEMMs on {}; the other \
+             ops as host kernels staged through pinned memory",
+            if !bf16 {
+                "only with --precision bf16 (host kernels in f32)".to_string()
+            } else if matches!(d, 64 | 128) {
+                "kernels".to_string()
+            } else {
+                format!("only at head dims 64 and 128 (host kernels at {d})")
+            },
+            match trainer.group().ranks().first().map(|r| r.gemm_backend()) {
+                Some(b) if bf16 => b,
+                Some(_) => "host kernels (cuBLASLt takes bf16: --precision bf16)".to_string(),
+                None => "?".to_string(),
+            }
+        );
+    }
     if let (Some(dir), Some(h)) = (&args.init_from, &plan.init) {
         println!(
             "weights from `{}` ({})",

@@ -352,7 +352,7 @@ pub(crate) fn forward(
             &dm,
         )?;
         linear_fwd(
-            s,
+            ctx,
             hn.view(),
             ctx.p(&lp.wv)?,
             bias(ctx, &lp.bv, false)?,
@@ -445,7 +445,7 @@ pub(crate) fn forward(
         ul.gather_heads(s, Heads::Query, ab, o.buf.view(), ol.buf.view())?;
         let xm = ctx.alloc_act(dm.c * dm.h, "x mid")?;
         linear_residual_fwd(
-            s,
+            ctx,
             ol.view(),
             ctx.p(&lp.wo)?,
             bias(ctx, &lp.bo, false)?,
@@ -520,7 +520,7 @@ pub(crate) fn backward(
         let ol = saved.o_local[i].fetch(mv)?;
         let dol = ctx.alloc_grad(dm.c * dm.qd, "do local")?;
         linear_bwd(
-            s,
+            ctx,
             g.view()?,
             ol.view()?,
             ctx.p(&lp.wo)?,
@@ -699,7 +699,7 @@ pub(crate) fn backward(
         ];
         for (dy, w, b, out) in parts {
             linear_bwd(
-                s,
+                ctx,
                 dy.view(),
                 hn.view(),
                 ctx.p(w)?,
@@ -717,7 +717,7 @@ pub(crate) fn backward(
             (dkl.view(), ctx.p(&lp.wk)?, dm.kvd),
             (dvl.view(), ctx.p(&lp.wv)?, dm.kvd),
         ];
-        linear_dgrad_sum(s, &dgrad_parts, dhn.view(), dm.c, dm.h)?;
+        linear_dgrad_sum(ctx, &dgrad_parts, dhn.view(), dm.c, dm.h)?;
         drop((dql, dkl, dvl, hn));
         let g = dxm[i].fetch(mv)?;
         let dx = ctx.alloc_grad(dm.c * dm.h, "dx")?;

@@ -37,7 +37,7 @@ pub(crate) fn forward_backward(
         norm::forward(ctx, xr, &nw, &nb, hn.view(), n)?;
         let logits = ctx.alloc(n * vocab, "logits")?;
         linear_fwd(
-            s,
+            ctx,
             hn.view(),
             ctx.p(&head)?,
             None,
@@ -89,7 +89,7 @@ pub(crate) fn forward_backward(
         drop(logits);
         let dhn = ctx.alloc_grad(n * h, "loss norm grad")?;
         linear_bwd(
-            s,
+            ctx,
             dlogits.view(),
             hn.view(),
             ctx.p(&head)?,

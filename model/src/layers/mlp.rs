@@ -27,7 +27,6 @@ pub(crate) fn forward(
 ) -> Result<()> {
     let (h, inter) = (ctx.cfg.hidden, ctx.cfg.intermediate);
     let step = ctx.sched.mlp_tokens();
-    let s = ctx.s();
     let mut a = 0;
     while a < t {
         let b = (a + step).min(t);
@@ -41,7 +40,7 @@ pub(crate) fn forward(
             None => None,
         };
         let yr = rows(&y, h, a, b)?;
-        linear_residual_fwd(s, act.view(), ctx.p(&lp.w2)?, bias, xr, yr, n, inter, h)?;
+        linear_residual_fwd(ctx, act.view(), ctx.p(&lp.w2)?, bias, xr, yr, n, inter, h)?;
         a = b;
     }
     Ok(())
@@ -156,7 +155,7 @@ pub(crate) fn backward(
         let z1 = z1.ok_or_else(|| missing("mlp pre-activation", a))?;
         let dact = ctx.alloc_grad(n * inter, "mlp wide grad")?;
         linear_bwd(
-            s,
+            ctx,
             dyr,
             act.view(),
             ctx.p(&lp.w2)?,
@@ -185,7 +184,7 @@ pub(crate) fn backward(
                     },
                 )?;
                 linear_bwd(
-                    s,
+                    ctx,
                     dz3.view(),
                     hn.view(),
                     ctx.p(w3)?,
@@ -197,7 +196,7 @@ pub(crate) fn backward(
                     inter,
                 )?;
                 linear_bwd(
-                    s,
+                    ctx,
                     dz1.view(),
                     hn.view(),
                     ctx.p(&lp.w1)?,
@@ -214,7 +213,7 @@ pub(crate) fn backward(
                     (dz3.view(), ctx.p(w3)?, inter),
                     (dz1.view(), ctx.p(&lp.w1)?, inter),
                 ];
-                linear_dgrad_sum(s, &parts, dhn.view(), n, h)?;
+                linear_dgrad_sum(ctx, &parts, dhn.view(), n, h)?;
             }
             _ => {
                 kernel(
@@ -226,7 +225,7 @@ pub(crate) fn backward(
                     |i, o| gelu_tanh_bwd(i[0], i[1], o[0]),
                 )?;
                 linear_bwd(
-                    s,
+                    ctx,
                     dz1.view(),
                     hn.view(),
                     ctx.p(&lp.w1)?,

@@ -28,7 +28,7 @@ use fpdt_comm::Communicator;
 use fpdt_ptx::cpu::{matmul, narrow_bytes, widen_bytes, DType, MatmulSpec, Transpose};
 use fpdt_ptx::PtxError;
 use fpdt_runtime::{
-    ChunkMover, Device, DeviceBuffer, HostChunk, Pending, Resident, Stream, View, Work,
+    cuda::Blas, ChunkMover, Device, DeviceBuffer, HostChunk, Pending, Resident, Stream, View, Work,
 };
 
 use crate::config::{ModelConfig, ParamLayout, Schedule};
@@ -113,6 +113,9 @@ pub(crate) struct Ctx<'a> {
     /// Launch the PTX kernel of an op where it has one (on cuda, unless
     /// host kernels were asked for); else the op's host kernel.
     pub gpu: bool,
+    /// The device's cuBLASLt, when `gpu` and the library loaded: the
+    /// linear layers' GEMMs run there (bf16 operands).
+    pub blas: Option<&'a Blas>,
 }
 
 impl Ctx<'_> {
@@ -282,6 +285,49 @@ pub(crate) fn fill(s: &Stream, v: Tv<'_>, x: f32) -> Result<()> {
     })
 }
 
+/// The cuBLASLt to run a GEMM with on the GPU: when the context has one,
+/// the operands `ab` are bf16 and the output (and the bias, in the
+/// output's type, as cuBLASLt's epilogue reads it) bf16 or f32. None: the
+/// host kernel runs (the cpu device, f32 runs, forced host kernels).
+fn gemm_blas<'a>(
+    ctx: &Ctx<'a>,
+    ab: &[Tv<'_>],
+    d: Tv<'_>,
+    bias: Option<&Tv<'_>>,
+) -> Option<&'a Blas> {
+    let blas = ctx.blas.filter(|_| ctx.gpu)?;
+    let ok = ab.iter().all(|t| t.dt == DType::BF16)
+        && matches!(d.dt, DType::BF16 | DType::F32)
+        && bias.is_none_or(|b| b.dt == d.dt);
+    ok.then_some(blas)
+}
+
+/// `d (+)= op(a) op(b) (+ bias)` through cuBLASLt on `s`.
+fn gemm(
+    s: &Stream,
+    blas: &Blas,
+    spec: &MatmulSpec,
+    a: Tv<'_>,
+    b: Tv<'_>,
+    bias: Option<Tv<'_>>,
+    d: Tv<'_>,
+) -> Result<()> {
+    fpdt_ptx::matmul::matmul(
+        s,
+        Some(blas),
+        spec,
+        &fpdt_ptx::matmul::MatmulViews {
+            a: a.v,
+            b: b.v,
+            bias: bias.map(|t| t.v),
+            c: d.v,
+            input: a.dt,
+            output: d.dt,
+        },
+    )?;
+    Ok(())
+}
+
 /// The product of a linear layer, `x[t, inp] W[out, inp]^T`, onto the
 /// output or added to it.
 pub(crate) fn linear_spec(t: usize, inp: usize, out: usize, accumulate: bool) -> MatmulSpec {
@@ -301,7 +347,7 @@ pub(crate) fn linear_spec(t: usize, inp: usize, out: usize, accumulate: bool) ->
 /// `y`'s dtype once and the projection's own output is never stored.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_residual_fwd(
-    s: &Stream,
+    ctx: &Ctx<'_>,
     x: Tv<'_>,
     w: Tv<'_>,
     b: Option<Tv<'_>>,
@@ -311,7 +357,13 @@ pub(crate) fn linear_residual_fwd(
     inp: usize,
     out: usize,
 ) -> Result<()> {
+    let s = ctx.s();
     let spec = linear_spec(t, inp, out, true);
+    if let Some(blas) = gemm_blas(ctx, &[x, w], y, b.as_ref()).filter(|_| r.dt == y.dt) {
+        // D = r, then D += x W^T (+ b): rounded to y's dtype once.
+        s.copy(r.v, y.v)?;
+        return gemm(s, blas, &spec, x, w, b, y);
+    }
     let flops = 2.0 * (t * inp * out) as f64 + (t * out) as f64;
     let mut reads = vec![x, w, r];
     let has_b = b.is_some();
@@ -334,7 +386,7 @@ pub(crate) fn linear_residual_fwd(
 /// `y[t, out] = x[t, inp] W[out, inp]^T (+ b)`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_fwd(
-    s: &Stream,
+    ctx: &Ctx<'_>,
     x: Tv<'_>,
     w: Tv<'_>,
     b: Option<Tv<'_>>,
@@ -343,7 +395,11 @@ pub(crate) fn linear_fwd(
     inp: usize,
     out: usize,
 ) -> Result<()> {
+    let s = ctx.s();
     let spec = linear_spec(t, inp, out, false);
+    if let Some(blas) = gemm_blas(ctx, &[x, w], y, b.as_ref()) {
+        return gemm(s, blas, &spec, x, w, b, y);
+    }
     let flops = 2.0 * (t * inp * out) as f64;
     let mut reads = vec![x, w];
     let has_b = b.is_some();
@@ -356,7 +412,7 @@ pub(crate) fn linear_fwd(
 /// Backward of [`linear_fwd`]: `dx (+)= dy W`, `dW += dy^T x`, `db += sum_t dy`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_bwd(
-    s: &Stream,
+    ctx: &Ctx<'_>,
     dy: Tv<'_>,
     x: Tv<'_>,
     w: Tv<'_>,
@@ -367,6 +423,77 @@ pub(crate) fn linear_bwd(
     inp: usize,
     out: usize,
 ) -> Result<()> {
+    let s = ctx.s();
+    // An f32 dy (the logits' gradient) is rounded to bf16 for cuBLASLt, as
+    // the activations' gradients are in a bf16 run.
+    let as_bf16 = Tv {
+        dt: DType::BF16,
+        ..dy
+    };
+    let on_gpu = gemm_blas(ctx, &[as_bf16, x], dw, None).filter(|_| {
+        dx.as_ref()
+            .is_none_or(|d| gemm_blas(ctx, &[as_bf16, w], d.0, None).is_some())
+    });
+    if let Some(blas) = on_gpu {
+        let dy16 = match dy.dt {
+            DType::BF16 => None,
+            _ => {
+                let b = ctx.alloc_as(t * out, DType::BF16, "dy bf16")?;
+                let l = fpdt_ptx::kernels::cast(
+                    t * out,
+                    dy.dt,
+                    DType::BF16,
+                    b.buf.view().addr() as u64,
+                    dy.v.addr() as u64,
+                )?;
+                let bytes = (dy.v.len() + b.buf.len()) as u64;
+                l.enqueue(s, Work::kernel(0.0, bytes), &[dy.v], &[b.buf.view()])?;
+                Some(b)
+            }
+        };
+        let g = dy16.as_ref().map_or(dy, |b| b.view());
+        let dw_spec = MatmulSpec {
+            m: out,
+            n: inp,
+            k: t,
+            trans_a: Transpose::Yes,
+            trans_b: Transpose::No,
+            accumulate: true,
+        };
+        gemm(s, blas, &dw_spec, g, x, None, dw)?;
+        if let Some(db) = db {
+            // The bias gradient (GPT's biases): a column sum, still a host
+            // kernel (a GEMM against ones, or a reduction kernel, would keep
+            // dy on the device).
+            kernel(
+                s,
+                "bias_grad",
+                (t * out) as f64,
+                &[dy],
+                &[db],
+                move |i, o| {
+                    for row in i[0].chunks(out) {
+                        for (a, b) in o[0].iter_mut().zip(row) {
+                            *a += b;
+                        }
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        if let Some((dx, acc)) = dx {
+            let dx_spec = MatmulSpec {
+                m: t,
+                n: inp,
+                k: out,
+                trans_a: Transpose::No,
+                trans_b: Transpose::No,
+                accumulate: acc,
+            };
+            gemm(s, blas, &dx_spec, g, w, None, dx)?;
+        }
+        return Ok(());
+    }
     let flops = 2.0 * (t * inp * out) as f64 * if dx.is_some() { 2.0 } else { 1.0 };
     let dx_acc = dx.as_ref().is_some_and(|d| d.1);
     let has_dx = dx.is_some();
@@ -427,12 +554,50 @@ pub(crate) fn linear_bwd(
 /// inp], out_k)`; the weight gradients are [`linear_bwd`]'s (with `dx`
 /// `None`).
 pub(crate) fn linear_dgrad_sum(
-    s: &Stream,
+    ctx: &Ctx<'_>,
     parts: &[(Tv<'_>, Tv<'_>, usize)],
     dx: Tv<'_>,
     t: usize,
     inp: usize,
 ) -> Result<()> {
+    let s = ctx.s();
+    let gpu = parts
+        .iter()
+        .map(|p| gemm_blas(ctx, &[p.0, p.1], Tv::f32(dx.v), None))
+        .collect::<Option<Vec<_>>>()
+        .and_then(|b| b.first().copied());
+    if let Some(blas) = gpu {
+        // Summed in f32 and rounded to dx's dtype once, as on the host.
+        let acc = if dx.dt == DType::F32 {
+            None
+        } else {
+            Some(ctx.alloc(t * inp, "dgrad sum")?)
+        };
+        let sum = acc.as_ref().map_or(dx, |a| a.view());
+        for (k, &(dy, w, out)) in parts.iter().enumerate() {
+            let spec = MatmulSpec {
+                m: t,
+                n: inp,
+                k: out,
+                trans_a: Transpose::No,
+                trans_b: Transpose::No,
+                accumulate: k > 0,
+            };
+            gemm(s, blas, &spec, dy, w, None, sum)?;
+        }
+        if acc.is_some() {
+            let l = fpdt_ptx::kernels::cast(
+                t * inp,
+                DType::F32,
+                dx.dt,
+                dx.v.addr() as u64,
+                sum.v.addr() as u64,
+            )?;
+            let bytes = (sum.v.len() + dx.v.len()) as u64;
+            l.enqueue(s, Work::kernel(0.0, bytes), &[sum.v], &[dx.v])?;
+        }
+        return Ok(());
+    }
     let outs: Vec<usize> = parts.iter().map(|p| p.2).collect();
     let flops = outs.iter().map(|&o| 2.0 * (t * inp * o) as f64).sum();
     let reads: Vec<Tv<'_>> = parts.iter().flat_map(|p| [p.0, p.1]).collect();

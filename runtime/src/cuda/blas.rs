@@ -116,13 +116,21 @@ pub fn column_major(g: &Gemm<'_>, workspace: u64, workspace_bytes: usize) -> Mat
 pub struct Blas {
     lt: Arc<CublasLt>,
     handle: Handle,
-    workspace: DeviceBuffer,
+    /// None for a workspace of 0 bytes.
+    workspace: Option<DeviceBuffer>,
 }
 
 impl Blas {
     /// Loads cuBLASLt (see [`crate::libs`] for where it is looked for) and
     /// takes the workspace from `dev`'s slab. Only on cuda.
     pub fn new(dev: &Device) -> Result<Blas> {
+        Blas::with_workspace(dev, WORKSPACE_BYTES)
+    }
+
+    /// [`Blas::new`] with a workspace of `bytes` (0: none; cuBLASLt then
+    /// picks among the algorithms that need none), for devices whose
+    /// budget is too small to give 32 MiB away.
+    pub fn with_workspace(dev: &Device, bytes: usize) -> Result<Blas> {
         if dev.kind() != DeviceKind::Cuda {
             return Err(RuntimeError::Unsupported {
                 device: dev.kind().as_str(),
@@ -131,7 +139,11 @@ impl Blas {
         }
         let lt = CublasLt::load()?;
         let handle = lt.handle()?;
-        let workspace = dev.alloc(WORKSPACE_BYTES, "cublaslt workspace")?;
+        let workspace = if bytes == 0 {
+            None
+        } else {
+            Some(dev.alloc(bytes, "cublaslt workspace")?)
+        };
         Ok(Blas {
             lt,
             handle,
@@ -168,7 +180,11 @@ impl Blas {
                 )));
             }
         }
-        let args = column_major(g, self.workspace.view().addr() as u64, WORKSPACE_BYTES);
+        let (ws_addr, ws_bytes) = match &self.workspace {
+            Some(w) => (w.view().addr() as u64, w.len()),
+            None => (0, 0),
+        };
+        let args = column_major(g, ws_addr, ws_bytes);
         args.validate()?;
         let mut reads = vec![g.a, g.b];
         reads.extend(g.bias);
@@ -176,12 +192,13 @@ impl Blas {
         // stream treats as read and write.
         let flops = 2.0 * g.m as f64 * g.n as f64 * g.k as f64;
         let bytes = (g.a.len() + g.b.len() + g.d.len()) as u64;
-        let ws = self.workspace.view();
+        let mut writes = vec![g.d];
+        writes.extend(self.workspace.as_ref().map(|w| w.view()));
         stream.enqueue_cuda(
             format!("gemm {}x{}x{}", g.m, g.n, g.k),
             Work::kernel(flops, bytes),
             &reads,
-            &[g.d, ws],
+            &writes,
             |raw| {
                 // SAFETY: every pointer lies in a view checked above to
                 // hold the extents the arguments describe, of this
