@@ -152,6 +152,11 @@ write("cast.ptx", "Casts f32 <-> bf16 (round to nearest even). Params: dst, src,
                    addr("%rd1", 1, "%r1", SZ[a]) + ld(a, "%f1", "%rd1") + addr("%rd2", 0, "%r1", SZ[b])
                    + st(b, "%rd2", "%f1")) for a, b in (("f32", "bf16"), ("bf16", "f32"))])
 
+# fill: out = value (rounded to bf16 for bf16)
+write("fill.ptx", "Fills n elements with value (f32 param; rounded to nearest even for bf16). Params: out, n, value.",
+      [elementwise(f"fill_{dt}", ["out"], ["n"], ["value"],
+                   addr("%rd1", 0, "%r1", SZ[dt]) + st(dt, "%rd1", "%f30")) for dt in DTS])
+
 # SwiGLU
 SIG = """    mul.f32 %f10, {x}, 0fBFB8AA3B;
     ex2.approx.ftz.f32 %f10, %f10;

@@ -13,13 +13,16 @@
 //! of the convention moves no byte). The reverse direction sends
 //! `[P*c, H/P, d]` as is (block `r` = tokens of rank `r`) and
 //! [`unpack_heads`] turns the received `[P][c, H/P, d]` back into
-//! `[c, H, d]`. These are the plain Rust versions; `ptx/` will add kernel
-//! versions with the same layout.
+//! `[c, H, d]`. These are the plain Rust versions, which run as host
+//! kernels on the cpu device; on cuda the same permutes run as
+//! `ptx/kernels/ulysses.ptx` (the layout is the same, checked against
+//! `fpdt_ptx::cpu::ulysses_pack` and these).
 //!
 //! GQA: queries (and o, do, dq) have `heads` heads, keys and values (and
 //! dk, dv) `kv_heads`; both must divide by P.
 
-use fpdt_runtime::{Device, Stream, View, Work};
+use fpdt_ptx::cpu::DType;
+use fpdt_runtime::{Device, DeviceKind, Stream, View, Work};
 
 use crate::communicator::Communicator;
 use crate::error::{CommError, Result};
@@ -253,6 +256,20 @@ impl<'a, C: Communicator + ?Sized> UlyssesAllToAll<'a, C> {
         )
     }
 
+    /// On cuda, the element type the PTX permute moves `elem_bytes`-byte
+    /// elements as (bf16 for 2 bytes, f32 for 4: the kernels move them
+    /// unchanged); None elsewhere (the host permute runs).
+    fn gpu_dtype(&self, stream: &Stream, elem_bytes: usize) -> Option<DType> {
+        if stream.device_kind() != DeviceKind::Cuda {
+            return None;
+        }
+        match elem_bytes {
+            2 => Some(DType::BF16),
+            4 => Some(DType::F32),
+            _ => None,
+        }
+    }
+
     /// Runs the checks and allocations before a collective; where they fail,
     /// the group is aborted so the other ranks do not wait for this one.
     fn aborting<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -273,6 +290,22 @@ impl<'a, C: Communicator + ?Sized> UlyssesAllToAll<'a, C> {
             let s = self.split(kind, elem_bytes, input.len(), "ulysses scatter_heads")?;
             same_len("ulysses scatter_heads", &input, &output)?;
             let staging = self.device.alloc(input.len(), "ulysses staging")?;
+            if let Some(dt) = self.gpu_dtype(stream, elem_bytes) {
+                let l = fpdt_ptx::kernels::ulysses_pack(
+                    s.tokens,
+                    s.heads,
+                    self.cfg.head_dim,
+                    s.ranks,
+                    dt,
+                    staging.view().addr() as u64,
+                    input.addr() as u64,
+                )
+                .map_err(|e| CommError::Invalid(e.to_string()))?;
+                let work = Work::kernel(0.0, 2 * input.len() as u64);
+                l.enqueue(stream, work, &[input], &[staging.view()])
+                    .map_err(|e| CommError::Invalid(e.to_string()))?;
+                return Ok(staging);
+            }
             stream.launch_host(
                 "ulysses pack",
                 Work::kernel(0.0, 2 * input.len() as u64),
@@ -303,6 +336,22 @@ impl<'a, C: Communicator + ?Sized> UlyssesAllToAll<'a, C> {
         })?;
         self.comm.all_to_all(stream, input, staging.view())?;
         // A failure here is after the collective: the group stays whole.
+        if let Some(dt) = self.gpu_dtype(stream, elem_bytes) {
+            let l = fpdt_ptx::kernels::ulysses_unpack(
+                s.tokens,
+                s.heads,
+                self.cfg.head_dim,
+                s.ranks,
+                dt,
+                output.addr() as u64,
+                staging.view().addr() as u64,
+            )
+            .map_err(|e| CommError::Invalid(e.to_string()))?;
+            let work = Work::kernel(0.0, 2 * input.len() as u64);
+            l.enqueue(stream, work, &[staging.view()], &[output])
+                .map_err(|e| CommError::Invalid(e.to_string()))?;
+            return Ok(());
+        }
         stream.launch_host(
             "ulysses unpack",
             Work::kernel(0.0, 2 * input.len() as u64),

@@ -224,6 +224,14 @@ fn attention_and_gemms_run_on_the_gpu_in_bf16_near_the_cpu_step() {
                 "linear_bwd",
                 "linear_residual_fwd",
                 "linear_dgrad_sum",
+                "linear_rope_fwd",
+                "rope_bwd",
+                "mlp_up_swiglu_fwd",
+                "swiglu_bwd",
+                "copy",
+                "ulysses pack",
+                "ulysses unpack",
+                "fill",
             ] {
                 assert!(
                     !names.iter().any(|n| n == host),

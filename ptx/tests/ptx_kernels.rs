@@ -345,6 +345,43 @@ fn elementwise_kernels_match_twins() {
     let want: Vec<f32> = a.iter().map(|x| x.to_f32()).collect();
     assert_eq!(it.read_f32(pf2, n).unwrap(), want);
 
+    // Fill, every element written (over a poisoned buffer), the value
+    // rounded once for bf16.
+    for (v, dt) in [
+        (-1.0f32 / 3.0, DType::BF16),
+        (f32::NEG_INFINITY, DType::F32),
+        (0.0, DType::F32),
+    ] {
+        let p = it.alloc_slice(&vec![f32::NAN; n]).unwrap();
+        it.run(&kernels::fill(n, dt, p, v).unwrap()).unwrap();
+        match dt {
+            DType::BF16 => {
+                let got = read_bf16(&it, p, n);
+                assert!(
+                    got.iter().all(|&x| x == half::bf16::from_f32(v)),
+                    "fill bf16"
+                );
+                // The rest of the poisoned f32 buffer is untouched.
+                let tail = it.read_f32(p, n).unwrap();
+                assert!(
+                    tail[n / 2 + 1..].iter().all(|x| x.is_nan()),
+                    "fill bf16 wrote past n"
+                );
+            }
+            DType::F32 => {
+                let got = it.read_f32(p, n).unwrap();
+                assert!(
+                    got.iter().all(|&x| x.to_bits() == v.to_bits()),
+                    "fill f32 {v}"
+                );
+            }
+        }
+    }
+    assert!(
+        kernels::fill(n, DType::F32, 2, 0.0).is_err(),
+        "a misaligned out is refused"
+    );
+
     // Squared norm.
     let out = it.alloc_zeroed(4).unwrap();
     it.run(&kernels::sq_norm(n, DType::BF16, out, pa).unwrap())

@@ -149,6 +149,38 @@ fn rope_backward(
 ) -> Result<()> {
     let (d, theta) = (dims.d, dims.theta);
     let n = x.len() as f64;
+    if ctx.gpu && (x.dt == y.dt || x.dt == DType::F32) {
+        // In x's dtype; an f32 x (the dq accumulator) into an f32 scratch,
+        // then one rounding to y's dtype.
+        let p = positions_on_device(ctx, &pos)?;
+        let tmp = match x.dt == y.dt {
+            true => None,
+            false => Some(ctx.alloc(x.len(), "rope grad")?),
+        };
+        let out = tmp.as_ref().map_or(y, |t| t.view());
+        let l = kernels::rope(
+            pos.len(),
+            heads,
+            d,
+            theta,
+            true,
+            x.dt,
+            addr(&out),
+            addr(&x),
+            p.view().addr() as u64,
+        )?;
+        let bytes = (x.v.len() + out.v.len()) as u64;
+        l.enqueue(
+            ctx.s(),
+            Work::kernel(6.0 * n, bytes),
+            &[x.v, p.view()],
+            &[out.v],
+        )?;
+        if tmp.is_some() {
+            super::cast_on_gpu(ctx.s(), out, y)?;
+        }
+        return Ok(());
+    }
     kernel(ctx.s(), "rope_bwd", 6.0 * n, &[x], &[y], move |i, o| {
         rope_bwd(i[0], &pos, heads, d, theta, o[0])
     })
@@ -173,6 +205,35 @@ fn linear_rope_fwd(
     let out = heads * d;
     let spec = super::linear_spec(t, inp, out, false);
     let flops = 2.0 * (t * inp * out) as f64 + 6.0 * (t * out) as f64;
+    // On the GPU: the GEMM into f32, RoPE in f32, one rounding to y's dtype.
+    if y.dt == DType::BF16 {
+        if let Some(blas) = super::gemm_blas(ctx, &[x, w], Tv::f32(y.v), b.as_ref()) {
+            let s = ctx.s();
+            let z = ctx.alloc(t * out, "qk projection")?;
+            super::gemm(s, blas, &spec, x, w, b, z.view())?;
+            let zr = ctx.alloc(t * out, "qk roped")?;
+            let p = positions_on_device(ctx, &pos)?;
+            let l = kernels::rope(
+                t,
+                heads,
+                d,
+                theta,
+                false,
+                DType::F32,
+                addr(&zr.view()),
+                addr(&z.view()),
+                p.view().addr() as u64,
+            )?;
+            let bytes = 2 * z.view().v.len() as u64;
+            l.enqueue(
+                s,
+                Work::kernel(6.0 * (t * out) as f64, bytes),
+                &[z.view().v, p.view()],
+                &[zr.view().v],
+            )?;
+            return super::cast_on_gpu(s, zr.view(), y);
+        }
+    }
     let mut reads = vec![x, w];
     let has_b = b.is_some();
     reads.extend(b);
@@ -192,6 +253,16 @@ fn linear_rope_fwd(
 
 fn addr(t: &Tv<'_>) -> u64 {
     t.v.addr() as u64
+}
+
+/// `pos` in device memory, copied on the compute stream from the host
+/// arena (ordered with the kernels, no host wait).
+fn positions_on_device(ctx: &Ctx<'_>, pos: &[u32]) -> Result<fpdt_runtime::DeviceBuffer> {
+    let mut h = ctx.dev.alloc_host(pos.len() * 4, "rope positions")?;
+    h.write(|x: &mut [u32]| x.copy_from_slice(pos))?;
+    let d = ctx.dev.alloc(pos.len() * 4, "rope positions")?;
+    ctx.s().copy(h.view(), d.view())?;
+    Ok(d)
 }
 
 /// Whether an attention kernel runs as PTX: on the GPU (not forced to host

@@ -4,7 +4,9 @@
 //! activation `[rows, intermediate]` never exists for more than one
 //! sub-chunk; backward recomputes it from the block input.
 
-use fpdt_ptx::cpu::{gelu_tanh_bwd, gelu_tanh_fwd, matmul, swiglu_bwd, swiglu_fwd};
+use fpdt_ptx::cpu::{gelu_tanh_bwd, gelu_tanh_fwd, matmul, swiglu_bwd, swiglu_fwd, DType};
+use fpdt_ptx::kernels;
+use fpdt_runtime::Work;
 
 use super::{
     kernel, linear_bwd, linear_dgrad_sum, linear_residual_fwd, missing, norm, Buf, Ctx, Tv,
@@ -94,6 +96,62 @@ fn wide(ctx: &Ctx<'_>, lp: &LayerParams, hn: Tv<'_>, n: usize, aux: bool) -> Res
     let spec = super::linear_spec(n, h, inter, false);
     let gemms = if w3_at.is_some() { 2.0 } else { 1.0 };
     let flops = gemms * 2.0 * (n * h * inter) as f64 + 8.0 * (n * inter) as f64;
+    // On the GPU: the GEMMs into f32, the activation in f32, each output
+    // rounded once (as the host kernel does).
+    let w1 = ctx.p(&lp.w1)?;
+    // (Only the dtype of an f32 output matters to the check.)
+    let f32_out = Tv::f32(hn.v);
+    let on_gpu = act.view().dt == DType::BF16
+        && super::gemm_blas(ctx, &[hn, w1], f32_out, b1.as_ref()).is_some()
+        && w3.is_none_or(|w3| super::gemm_blas(ctx, &[hn, w3], f32_out, None).is_some());
+    if let (true, Some(blas)) = (on_gpu, ctx.blas) {
+        let s = ctx.s();
+        let z1f = ctx.alloc(n * inter, "mlp pre-activation")?;
+        super::gemm(s, blas, &spec, hn, w1, b1, z1f.view())?;
+        let a32 = ctx.alloc(n * inter, "mlp activation")?;
+        let (z1v, av) = (z1f.view(), a32.view());
+        let ew = |l: fpdt_ptx::KernelLaunch,
+                  reads: &[fpdt_runtime::View<'_>],
+                  writes: &[fpdt_runtime::View<'_>]|
+         -> Result<()> {
+            let bytes = reads.iter().chain(writes).map(|v| v.len() as u64).sum();
+            l.enqueue(
+                s,
+                Work::kernel(8.0 * (n * inter) as f64, bytes),
+                reads,
+                writes,
+            )?;
+            Ok(())
+        };
+        let z3f = match w3 {
+            Some(w3) => {
+                let z3f = ctx.alloc(n * inter, "mlp pre-activation")?;
+                super::gemm(s, blas, &spec, hn, w3, None, z3f.view())?;
+                let l = kernels::swiglu_fwd(
+                    n * inter,
+                    DType::F32,
+                    addr(&av),
+                    addr(&z1v),
+                    addr(&z3f.view()),
+                )?;
+                ew(l, &[z1v.v, z3f.view().v], &[av.v])?;
+                Some(z3f)
+            }
+            None => {
+                let l = kernels::gelu_tanh_fwd(n * inter, DType::F32, addr(&av), addr(&z1v))?;
+                ew(l, &[z1v.v], &[av.v])?;
+                None
+            }
+        };
+        super::cast_on_gpu(s, av, act.view())?;
+        if let Some(z1) = &z1 {
+            super::cast_on_gpu(s, z1v, z1.view())?;
+        }
+        if let (Some(z3), Some(z3f)) = (&z3, &z3f) {
+            super::cast_on_gpu(s, z3f.view(), z3.view())?;
+        }
+        return Ok(Wide { act, z1, z3 });
+    }
     let (name, len) = match w3_at {
         Some(_) => ("mlp_up_swiglu_fwd", n * inter),
         None => ("mlp_fc_gelu_fwd", n * inter),
@@ -122,6 +180,10 @@ fn wide(ctx: &Ctx<'_>, lp: &LayerParams, hn: Tv<'_>, n: usize, aux: bool) -> Res
         Ok(())
     })?;
     Ok(Wide { act, z1, z3 })
+}
+
+fn addr(t: &Tv<'_>) -> u64 {
+    t.v.addr() as u64
 }
 
 /// Backward of [`forward`] from the block input `x` and the output gradient
@@ -172,17 +234,38 @@ pub(crate) fn backward(
         match (z3, &lp.w3) {
             (Some(z3), Some(w3)) => {
                 let dz3 = ctx.alloc_grad(n * inter, "mlp wide grad")?;
-                kernel(
-                    s,
-                    "swiglu_bwd",
-                    8.0 * (n * inter) as f64,
-                    &[z1.view(), z3.view(), dact.view()],
-                    &[dz1.view(), dz3.view()],
-                    |i, o| {
-                        let (a, b) = o.split_at_mut(1);
-                        swiglu_bwd(i[0], i[1], i[2], a[0], b[0])
-                    },
-                )?;
+                let (g, u, da, dg, du) =
+                    (z1.view(), z3.view(), dact.view(), dz1.view(), dz3.view());
+                if ctx.gpu && [g, u, da, dg, du].iter().all(|t| t.dt == g.dt) {
+                    let l = kernels::swiglu_bwd(
+                        n * inter,
+                        g.dt,
+                        addr(&dg),
+                        addr(&du),
+                        addr(&g),
+                        addr(&u),
+                        addr(&da),
+                    )?;
+                    let bytes = 5 * g.v.len() as u64;
+                    l.enqueue(
+                        s,
+                        Work::kernel(8.0 * (n * inter) as f64, bytes),
+                        &[g.v, u.v, da.v],
+                        &[dg.v, du.v],
+                    )?;
+                } else {
+                    kernel(
+                        s,
+                        "swiglu_bwd",
+                        8.0 * (n * inter) as f64,
+                        &[z1.view(), z3.view(), dact.view()],
+                        &[dz1.view(), dz3.view()],
+                        |i, o| {
+                            let (a, b) = o.split_at_mut(1);
+                            swiglu_bwd(i[0], i[1], i[2], a[0], b[0])
+                        },
+                    )?;
+                }
                 linear_bwd(
                     ctx,
                     dz3.view(),
@@ -216,14 +299,27 @@ pub(crate) fn backward(
                 linear_dgrad_sum(ctx, &parts, dhn.view(), n, h)?;
             }
             _ => {
-                kernel(
-                    s,
-                    "gelu_bwd",
-                    10.0 * (n * inter) as f64,
-                    &[z1.view(), dact.view()],
-                    &[dz1.view()],
-                    |i, o| gelu_tanh_bwd(i[0], i[1], o[0]),
-                )?;
+                let (zv, da, dz) = (z1.view(), dact.view(), dz1.view());
+                if ctx.gpu && zv.dt == da.dt && da.dt == dz.dt {
+                    let l =
+                        kernels::gelu_tanh_bwd(n * inter, zv.dt, addr(&dz), addr(&zv), addr(&da))?;
+                    let bytes = 3 * zv.v.len() as u64;
+                    l.enqueue(
+                        s,
+                        Work::kernel(10.0 * (n * inter) as f64, bytes),
+                        &[zv.v, da.v],
+                        &[dz.v],
+                    )?;
+                } else {
+                    kernel(
+                        s,
+                        "gelu_bwd",
+                        10.0 * (n * inter) as f64,
+                        &[zv, da],
+                        &[dz],
+                        |i, o| gelu_tanh_bwd(i[0], i[1], o[0]),
+                    )?;
+                }
                 linear_bwd(
                     ctx,
                     dz1.view(),

@@ -180,7 +180,11 @@ impl Ctx<'_> {
             return Ok(None);
         }
         let b = self.alloc_as(src.len(), dt, tag)?;
-        copy(self.s(), src, b.view())?;
+        if self.gpu {
+            cast_on_gpu(self.s(), src, b.view())?;
+        } else {
+            copy(self.s(), src, b.view())?;
+        }
         Ok(Some(b))
     }
 
@@ -272,13 +276,38 @@ where
 
 /// `dst = src` element-wise, rounded to `dst`'s dtype.
 pub(crate) fn copy(s: &Stream, src: Tv<'_>, dst: Tv<'_>) -> Result<()> {
+    // Same dtype on a GPU: a device copy, not a host kernel.
+    if src.dt == dst.dt && s.device_kind() == fpdt_runtime::DeviceKind::Cuda {
+        return Ok(s.copy(src.v, dst.v)?);
+    }
     kernel(s, "copy", 0.0, &[src], &[dst], |i, o| {
         fpdt_ptx::cpu::cast(i[0], o[0])
     })
 }
 
+/// `dst = src` converted from f32 to `dst`'s dtype by the cast kernel.
+pub(crate) fn cast_on_gpu(s: &Stream, src: Tv<'_>, dst: Tv<'_>) -> Result<()> {
+    let l = fpdt_ptx::kernels::cast(
+        dst.len(),
+        src.dt,
+        dst.dt,
+        dst.v.addr() as u64,
+        src.v.addr() as u64,
+    )?;
+    let bytes = (src.v.len() + dst.v.len()) as u64;
+    l.enqueue(s, Work::kernel(0.0, bytes), &[src.v], &[dst.v])?;
+    Ok(())
+}
+
 /// Sets every element of `v` to `x`.
 pub(crate) fn fill(s: &Stream, v: Tv<'_>, x: f32) -> Result<()> {
+    // On a GPU: the fill kernel (the same bits as the host's f32 fill
+    // rounded to v's dtype), not a host kernel staging v.
+    if s.device_kind() == fpdt_runtime::DeviceKind::Cuda {
+        let l = fpdt_ptx::kernels::fill(v.len(), v.dt, v.v.addr() as u64, x)?;
+        l.enqueue(s, Work::kernel(0.0, v.v.len() as u64), &[], &[v.v])?;
+        return Ok(());
+    }
     kernel(s, "fill", 0.0, &[], &[v], move |_, o| {
         o[0].iter_mut().for_each(|y| *y = x);
         Ok(())
@@ -289,7 +318,7 @@ pub(crate) fn fill(s: &Stream, v: Tv<'_>, x: f32) -> Result<()> {
 /// the operands `ab` are bf16 and the output (and the bias, in the
 /// output's type, as cuBLASLt's epilogue reads it) bf16 or f32. None: the
 /// host kernel runs (the cpu device, f32 runs, forced host kernels).
-fn gemm_blas<'a>(
+pub(crate) fn gemm_blas<'a>(
     ctx: &Ctx<'a>,
     ab: &[Tv<'_>],
     d: Tv<'_>,
@@ -303,7 +332,7 @@ fn gemm_blas<'a>(
 }
 
 /// `d (+)= op(a) op(b) (+ bias)` through cuBLASLt on `s`.
-fn gemm(
+pub(crate) fn gemm(
     s: &Stream,
     blas: &Blas,
     spec: &MatmulSpec,

@@ -11,6 +11,8 @@ use crate::Result;
 pub const RESIDUAL_ADD_PTX: &str = include_str!("../../kernels/residual_add.ptx");
 /// `cast_f32_bf16`, `cast_bf16_f32`.
 pub const CAST_PTX: &str = include_str!("../../kernels/cast.ptx");
+/// `fill_{bf16,f32}`.
+pub const FILL_PTX: &str = include_str!("../../kernels/fill.ptx");
 /// `swiglu_{fwd,bwd}_{bf16,f32}`.
 pub const SWIGLU_PTX: &str = include_str!("../../kernels/swiglu.ptx");
 /// `gelu_tanh_{fwd,bwd}_{bf16,f32}`.
@@ -147,6 +149,21 @@ pub fn cast(n: usize, from: DType, to: DType, dst: u64, src: u64) -> Result<Kern
         count(K, "n", n)?,
         args,
         &[],
+    ))
+}
+
+/// `out[i] = value` over `n` elements of `dtype` (bf16: `value` rounded to
+/// nearest even).
+pub fn fill(n: usize, dtype: DType, out: u64, value: f32) -> Result<KernelLaunch> {
+    const K: &str = "fill";
+    let s = dtype_variant(K, dtype, BOTH)?;
+    let args = ptrs(K, &[("out", out, dtype.size() as u64)])?;
+    Ok(elementwise(
+        FILL_PTX,
+        format!("fill_{s}"),
+        count(K, "n", n)?,
+        args,
+        &[Arg::F32(value)],
     ))
 }
 
