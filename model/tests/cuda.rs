@@ -232,6 +232,7 @@ fn attention_and_gemms_run_on_the_gpu_in_bf16_near_the_cpu_step() {
                 "ulysses pack",
                 "ulysses unpack",
                 "fill",
+                "rms_norm_bwd",
             ] {
                 assert!(
                     !names.iter().any(|n| n == host),

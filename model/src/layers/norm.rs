@@ -120,6 +120,10 @@ pub(crate) fn backward(
 ) -> Result<()> {
     let (dim, eps) = (ctx.cfg.hidden, ctx.cfg.norm_eps as f32);
     let flops = 16.0 * (t * dim) as f64;
+    let gain = ctx.p(w)?;
+    if ctx.gpu && x.dt == dy.dt && dy.dt == dx.dt && gain.dt == x.dt {
+        return backward_ptx(ctx, x, dy, gain, w, b, dx, accumulate, t, flops);
+    }
     let add = move |dst: &mut [f32], src: &[f32]| {
         if accumulate {
             dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
@@ -165,4 +169,106 @@ pub(crate) fn backward(
             },
         ),
     }
+}
+
+/// The backward as its PTX kernels: the row statistics recomputed by the
+/// forward kernel (its output goes to scratch), then the backward kernel
+/// (dx written, the gain's and bias's gradients added atomically in f32);
+/// accumulating into `dx` adds a scratch dx with the residual-add kernel.
+#[allow(clippy::too_many_arguments)]
+fn backward_ptx(
+    ctx: &Ctx<'_>,
+    x: Tv<'_>,
+    dy: Tv<'_>,
+    gain: Tv<'_>,
+    w: &Range<usize>,
+    b: &Option<Range<usize>>,
+    dx: Tv<'_>,
+    accumulate: bool,
+    t: usize,
+    flops: f64,
+) -> Result<()> {
+    let (dim, eps) = (ctx.cfg.hidden, ctx.cfg.norm_eps as f32);
+    let s = ctx.s();
+    let addr = |v: &Tv<'_>| v.v.addr() as u64;
+    let y = ctx.alloc_as(t * dim, x.dt, "norm y (recomputed)")?;
+    let rstd = ctx.alloc(t, "norm rstd")?;
+    let tmp = match accumulate {
+        true => Some(ctx.alloc_as(t * dim, dx.dt, "norm dx")?),
+        false => None,
+    };
+    let out = tmp.as_ref().map_or(dx, |b| b.view());
+    let dg = ctx.g(w)?;
+    let work = Work::kernel(flops, 3 * x.v.len() as u64);
+    match (ctx.cfg.norm, b) {
+        (Norm::LayerNorm, Some(b)) => {
+            let beta = ctx.p(b)?;
+            let db = ctx.g(b)?;
+            let mean = ctx.alloc(t, "norm mean")?;
+            let f = kernels::layer_norm_fwd(
+                t,
+                dim,
+                eps,
+                x.dt,
+                addr(&y.view()),
+                addr(&mean.view()),
+                addr(&rstd.view()),
+                addr(&x),
+                addr(&gain),
+                addr(&beta),
+            )?;
+            let stats = [y.view().v, mean.view().v, rstd.view().v];
+            f.enqueue(s, work, &[x.v, gain.v, beta.v], &stats)?;
+            let l = kernels::layer_norm_bwd(
+                t,
+                dim,
+                x.dt,
+                addr(&out),
+                addr(&dg),
+                addr(&db),
+                addr(&x),
+                addr(&gain),
+                addr(&dy),
+                addr(&mean.view()),
+                addr(&rstd.view()),
+            )?;
+            let reads = [x.v, gain.v, dy.v, mean.view().v, rstd.view().v];
+            l.enqueue(s, work, &reads, &[out.v, dg.v, db.v])?;
+        }
+        _ => {
+            let f = kernels::rms_norm_fwd(
+                t,
+                dim,
+                eps,
+                x.dt,
+                addr(&y.view()),
+                addr(&rstd.view()),
+                addr(&x),
+                addr(&gain),
+            )?;
+            f.enqueue(s, work, &[x.v, gain.v], &[y.view().v, rstd.view().v])?;
+            let l = kernels::rms_norm_bwd(
+                t,
+                dim,
+                x.dt,
+                addr(&out),
+                addr(&dg),
+                addr(&x),
+                addr(&gain),
+                addr(&dy),
+                addr(&rstd.view()),
+            )?;
+            l.enqueue(s, work, &[x.v, gain.v, dy.v, rstd.view().v], &[out.v, dg.v])?;
+        }
+    }
+    if tmp.is_some() {
+        let l = kernels::residual_add(t * dim, dx.dt, addr(&dx), addr(&dx), addr(&out))?;
+        l.enqueue(
+            s,
+            Work::kernel(0.0, 3 * dx.v.len() as u64),
+            &[dx.v, out.v],
+            &[dx.v],
+        )?;
+    }
+    Ok(())
 }
