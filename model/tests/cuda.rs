@@ -27,6 +27,13 @@ fn cuda_config() -> CudaConfig {
     }
 }
 
+/// `|a - b| / |b|` (2-norms).
+fn rel_dist(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let n: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (d / n).sqrt()
+}
+
 /// The group on the GPU, or None after saying why the test skips.
 fn gpu_group(test: &str, cfg: &ModelConfig, sched: Schedule, p32: &[f32]) -> Option<FpdtGroup> {
     if let Err(e) = fpdt_runtime::cuda::probe() {
@@ -101,18 +108,8 @@ fn the_step_on_cuda_equals_the_cpu_step_and_the_reference() {
                 out.loss,
                 want.loss
             );
-            let d: f64 = out
-                .grads
-                .iter()
-                .zip(&want.grads)
-                .map(|(a, b)| f64::from(a - b).powi(2))
-                .sum();
-            let n: f64 = want.grads.iter().map(|b| f64::from(*b).powi(2)).sum();
-            assert!(
-                (d / n).sqrt() < tol,
-                "{what}: gradients {:e} from the cpu's",
-                (d / n).sqrt()
-            );
+            let e = rel_dist(&out.grads, &want.grads);
+            assert!(e < tol, "{what}: gradients {e:e} from the cpu's");
             if precision == Precision::F32 {
                 let r =
                     reference::loss_and_grads(&cfg, &params, &tokens, &targets).expect("reference");
@@ -253,17 +250,7 @@ fn attention_and_gemms_run_on_the_gpu_in_bf16_near_the_cpu_step() {
         }
         let rel = (out.loss - want.loss).abs() / want.loss.abs();
         assert!(rel < 1e-2, "{what}: loss {} vs cpu {}", out.loss, want.loss);
-        let d: f64 = out
-            .grads
-            .iter()
-            .zip(&want.grads)
-            .map(|(a, b)| f64::from(a - b).powi(2))
-            .sum();
-        let n: f64 = want.grads.iter().map(|b| f64::from(*b).powi(2)).sum();
-        assert!(
-            (d / n).sqrt() < 2e-2,
-            "{what}: gradients {:e} from the cpu's",
-            (d / n).sqrt()
-        );
+        let e = rel_dist(&out.grads, &want.grads);
+        assert!(e < 2e-2, "{what}: gradients {e:e} from the cpu's");
     }
 }

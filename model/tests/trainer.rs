@@ -18,6 +18,10 @@ use common::TempDir;
 /// in 4 chunks, offload and checkpointing on (the default schedule).
 const SMALL: &[&str] = &[
     "train",
+    // The cpu device even where a GPU is found (where `auto` adds a note
+    // on stderr, which some tests count lines of).
+    "--device",
+    "cpu",
     "--no-progress",
     "--seq-len",
     "64",
@@ -63,6 +67,21 @@ fn f(v: &Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("`{key}` in {v}"))
 }
 
+/// The metrics lines `a` and `b` agree bit for bit in `keys`.
+fn same_bits(a: &[Value], b: &[&Value], keys: &[&str]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        for &key in keys {
+            assert_eq!(
+                f(x, key).to_bits(),
+                f(y, key).to_bits(),
+                "{key} at step {}",
+                f(x, "step")
+            );
+        }
+    }
+}
+
 fn master_weights(dir: &Path) -> Vec<f32> {
     let cfg = ModelConfig::preset("tiny-llama").expect("preset");
     let ck = checkpoint::load(dir, &config_fields(&cfg)).expect("checkpoint loads");
@@ -95,16 +114,11 @@ fn a_resumed_run_continues_bit_for_bit() {
     assert_eq!(ma.len(), 6);
     let after: Vec<&Value> = mb.iter().filter(|v| f(v, "step") > 3.0).collect();
     assert_eq!(after.len(), 3, "steps 4..=6 in the resumed run: {mb:?}");
-    for (x, y) in ma[3..].iter().zip(after) {
-        for key in ["step", "loss", "grad_norm", "lr", "accuracy", "tokens"] {
-            assert_eq!(
-                f(x, key).to_bits(),
-                f(y, key).to_bits(),
-                "{key} at step {}",
-                f(x, "step")
-            );
-        }
-    }
+    same_bits(
+        &ma[3..],
+        &after,
+        &["step", "loss", "grad_norm", "lr", "accuracy", "tokens"],
+    );
     let wa = master_weights(&d.0.join("a/step-00000006"));
     let wb = master_weights(&d.0.join("b/step-00000006"));
     assert_eq!(wa.len(), wb.len());
@@ -176,16 +190,11 @@ fn the_sequence_length_warmup_switches_and_resumes_bit_for_bit() {
     let mb = metrics(&d.0.join("b/metrics.jsonl"));
     let after: Vec<&Value> = mb.iter().filter(|v| f(v, "step") > 3.0).collect();
     assert_eq!(after.len(), 4, "{mb:?}");
-    for (x, y) in ma[3..].iter().zip(after) {
-        for key in ["step", "seq_len", "loss", "grad_norm", "lr", "tokens"] {
-            assert_eq!(
-                f(x, key).to_bits(),
-                f(y, key).to_bits(),
-                "{key} at step {}",
-                f(x, "step")
-            );
-        }
-    }
+    same_bits(
+        &ma[3..],
+        &after,
+        &["step", "seq_len", "loss", "grad_norm", "lr", "tokens"],
+    );
     let wa = master_weights(&d.0.join("a/step-00000006"));
     let wb = master_weights(&d.0.join("b/step-00000006"));
     assert!(

@@ -357,6 +357,19 @@ pub(crate) fn gemm(
     Ok(())
 }
 
+/// The input gradient of a linear layer, `dy[t, out] W[out, inp]`, onto
+/// `dx` or added to it.
+fn dgrad_spec(t: usize, inp: usize, out: usize, accumulate: bool) -> MatmulSpec {
+    MatmulSpec {
+        m: t,
+        n: inp,
+        k: out,
+        trans_a: Transpose::No,
+        trans_b: Transpose::No,
+        accumulate,
+    }
+}
+
 /// The product of a linear layer, `x[t, inp] W[out, inp]^T`, onto the
 /// output or added to it.
 pub(crate) fn linear_spec(t: usize, inp: usize, out: usize, accumulate: bool) -> MatmulSpec {
@@ -468,15 +481,7 @@ pub(crate) fn linear_bwd(
             DType::BF16 => None,
             _ => {
                 let b = ctx.alloc_as(t * out, DType::BF16, "dy bf16")?;
-                let l = fpdt_ptx::kernels::cast(
-                    t * out,
-                    dy.dt,
-                    DType::BF16,
-                    b.buf.view().addr() as u64,
-                    dy.v.addr() as u64,
-                )?;
-                let bytes = (dy.v.len() + b.buf.len()) as u64;
-                l.enqueue(s, Work::kernel(0.0, bytes), &[dy.v], &[b.buf.view()])?;
+                cast_on_gpu(s, dy, b.view())?;
                 Some(b)
             }
         };
@@ -511,14 +516,7 @@ pub(crate) fn linear_bwd(
             )?;
         }
         if let Some((dx, acc)) = dx {
-            let dx_spec = MatmulSpec {
-                m: t,
-                n: inp,
-                k: out,
-                trans_a: Transpose::No,
-                trans_b: Transpose::No,
-                accumulate: acc,
-            };
+            let dx_spec = dgrad_spec(t, inp, out, acc);
             gemm(s, blas, &dx_spec, g, w, None, dx)?;
         }
         return Ok(());
@@ -557,20 +555,7 @@ pub(crate) fn linear_bwd(
             k = 1;
         }
         if has_dx {
-            matmul(
-                &MatmulSpec {
-                    m: t,
-                    n: inp,
-                    k: out,
-                    trans_a: Transpose::No,
-                    trans_b: Transpose::No,
-                    accumulate: dx_acc,
-                },
-                dy,
-                w,
-                None,
-                &mut *rest[k],
-            )?;
+            matmul(&dgrad_spec(t, inp, out, dx_acc), dy, w, None, &mut *rest[k])?;
         }
         Ok(())
     })
@@ -604,26 +589,11 @@ pub(crate) fn linear_dgrad_sum(
         };
         let sum = acc.as_ref().map_or(dx, |a| a.view());
         for (k, &(dy, w, out)) in parts.iter().enumerate() {
-            let spec = MatmulSpec {
-                m: t,
-                n: inp,
-                k: out,
-                trans_a: Transpose::No,
-                trans_b: Transpose::No,
-                accumulate: k > 0,
-            };
+            let spec = dgrad_spec(t, inp, out, k > 0);
             gemm(s, blas, &spec, dy, w, None, sum)?;
         }
         if acc.is_some() {
-            let l = fpdt_ptx::kernels::cast(
-                t * inp,
-                DType::F32,
-                dx.dt,
-                dx.v.addr() as u64,
-                sum.v.addr() as u64,
-            )?;
-            let bytes = (sum.v.len() + dx.v.len()) as u64;
-            l.enqueue(s, Work::kernel(0.0, bytes), &[sum.v], &[dx.v])?;
+            cast_on_gpu(s, sum, dx)?;
         }
         return Ok(());
     }
@@ -632,14 +602,7 @@ pub(crate) fn linear_dgrad_sum(
     let reads: Vec<Tv<'_>> = parts.iter().flat_map(|p| [p.0, p.1]).collect();
     kernel(s, "linear_dgrad_sum", flops, &reads, &[dx], move |i, o| {
         for (k, (&out, pair)) in outs.iter().zip(i.chunks(2)).enumerate() {
-            let spec = MatmulSpec {
-                m: t,
-                n: inp,
-                k: out,
-                trans_a: Transpose::No,
-                trans_b: Transpose::No,
-                accumulate: k > 0,
-            };
+            let spec = dgrad_spec(t, inp, out, k > 0);
             matmul(&spec, pair[0], pair[1], None, &mut *o[0])?;
         }
         Ok(())

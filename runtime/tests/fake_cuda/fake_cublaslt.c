@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 typedef int Status;
 #define SUCCESS 0
 #define NOT_INITIALIZED 1
@@ -142,15 +144,6 @@ Status cublasLtMatmulAlgoGetHeuristic(void *h, void *d, void *a, void *b, void *
     return SUCCESS;
 }
 
-static float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
-}
-static uint16_t float_to_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 static float load(int type, const void *p, uint64_t i) {
     return type == R_32F ? ((const float *)p)[i] : bf16_to_float(((const uint16_t *)p)[i]);
 }

@@ -12,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h"
 #include <time.h>
 
 typedef int CUresult;
@@ -183,15 +185,6 @@ CUresult cuFuncSetAttribute(void *f, int attr, int v) {
 /* comm/kernels/reduce.ptx's entries, natively: out = in0 op in1 op ... in
  * rank order, in float (double for f64), rounded once; op 0 sum, 1 avg,
  * 2 max, 3 min, a NaN wins for max and min. */
-static float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
-}
-static uint16_t float_to_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 static double fake_load(const char *dt, const void *p, unsigned i) {
     if (!strcmp(dt, "f32")) return ((const float *)p)[i];
     if (!strcmp(dt, "f64")) return ((const double *)p)[i];
