@@ -97,4 +97,21 @@ if ! grep -q "GEMMs on cuBLASLt" <<<"$bf16" || ! grep -q "done: 4 steps" <<<"$bf
   echo "$bf16" | tail -8 >&2
   exit 1
 fi
-echo "fake-cuda-test: the cuda tests, fpdt info and fpdt train --device cuda (f32 and bf16) passed against the fake driver"
+# The overlap bench on cuda, bf16, a model whose attention and GEMMs run on
+# the "GPU" (one size; the numbers mean nothing here).
+cfg=$(mktemp --suffix=.json)
+cat >"$cfg" <<'JSON'
+{"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+ "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 64, "rope_theta": 10000.0,
+ "max_position_embeddings": 4096}
+JSON
+ov=$(FPDT_FAKE_CUDA_INTERP=1 target/debug/fpdt bench overlap --device cuda --precision bf16 \
+  --model "$cfg" --chunks 8 --chunks-per-seq 2 --reps 1 --device-memory 4M --host-memory 32M \
+  --no-progress 2>&1) || true
+rm -f "$cfg"
+if ! grep -q "bf16; median of 1 step each, cuda device" <<<"$ov"; then
+  echo "fake-cuda-test: fpdt bench overlap --device cuda did not run:" >&2
+  echo "$ov" | tail -8 >&2
+  exit 1
+fi
+echo "fake-cuda-test: the cuda tests, fpdt info, fpdt train --device cuda (f32 and bf16) and fpdt bench overlap --device cuda passed against the fake driver"

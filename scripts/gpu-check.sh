@@ -110,6 +110,12 @@ timeout "$LIMIT" "$BIN/fpdt" train --device cuda --precision bf16 --model script
   || { echo "fpdt train llama-small at 64K FAILED"; status=1; }
 rm -rf "$run_dir"
 
+step "fpdt bench overlap on the GPU: one training step of the 168M Llama in bf16, offloaded vs resident, per chunk size"
+timeout "$LIMIT" "$BIN/fpdt" bench overlap --device cuda --precision bf16 --model scripts/llama-small.json \
+  --chunks 2048,4096,8192,16384 --chunks-per-seq 4 --reps 2 --budget-secs 150 \
+  --device-memory 40G --host-memory 16G --no-progress 2>&1 | tail -n 12 \
+  || { echo "fpdt bench overlap --device cuda FAILED"; status=1; }
+
 step "Not measured by this version"
 cat <<'TXT'
 - a whole FPDT layer step with offload against the same step resident

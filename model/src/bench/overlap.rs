@@ -1,5 +1,5 @@
 //! What offloading costs: one FPDT training step (forward, backward, the
-//! AdamW step) on one cpu device, with its chunks offloaded to the host
+//! AdamW step) on one cpu device (or one cuda device), with its chunks offloaded to the host
 //! arena and prefetched back (double-buffered), against the same step with
 //! everything resident, over chunk sizes; and the share of the copy
 //! streams' busy time that ran while the compute stream was busy too
@@ -13,9 +13,9 @@
 use std::time::{Duration, Instant};
 
 use fpdt_runtime::trace::overlap_ns;
-use fpdt_runtime::{fmt_bytes, CpuConfig, OpKind, Space, TraceEvent};
+use fpdt_runtime::{fmt_bytes, CpuConfig, CudaConfig, OpKind, Space, TraceEvent};
 
-use crate::config::{Family, ModelConfig, Schedule, SplitMix64};
+use crate::config::{Family, ModelConfig, Precision, Schedule, SplitMix64};
 use crate::error::{ModelError, Result};
 use crate::fpdt::{FpdtGroup, OptimStep};
 
@@ -43,6 +43,10 @@ pub struct OverlapOptions {
     pub device_memory: usize,
     /// Host arena of the cpu device.
     pub host_memory: usize,
+    /// Run on the first GPU (the cuda device) instead of the cpu device.
+    pub cuda: bool,
+    /// Working precision (bf16 is what runs on the GPU on cuda).
+    pub precision: Precision,
 }
 
 impl OverlapOptions {
@@ -63,6 +67,8 @@ impl Default for OverlapOptions {
             budget: Duration::from_secs(120),
             device_memory: 1 << 30,
             host_memory: 2 << 30,
+            cuda: false,
+            precision: Precision::F32,
         }
     }
 }
@@ -126,6 +132,10 @@ pub struct OverlapReport {
     pub stopped: Option<BudgetStop>,
     /// Wall time of the whole sweep.
     pub total: Duration,
+    /// The device it ran on, in words.
+    pub device: String,
+    /// The working precision.
+    pub precision: Precision,
 }
 
 /// Total time covered by at least one of `evs`, ns.
@@ -222,8 +232,20 @@ pub fn run(opts: &OverlapOptions, progress: &mut dyn FnMut(&str)) -> Result<Over
         pin_host_memory: false,
         ..CpuConfig::default()
     };
+    let gpu = CudaConfig {
+        device_memory: Some(opts.device_memory),
+        host_memory: opts.host_memory,
+        ..CudaConfig::default()
+    };
     let budget_s = opts.budget.as_secs_f64();
     let u = opts.chunks_per_seq;
+    let device_name = match opts.cuda {
+        true => fpdt_runtime::cuda::probe()
+            .ok()
+            .and_then(|g| g.first().map(|g| format!("cuda device ({})", g.name)))
+            .unwrap_or_else(|| "cuda device".into()),
+        false => "cpu device".into(),
+    };
     let start = Instant::now();
     let mut rows = Vec::new();
     let mut stopped = None;
@@ -253,15 +275,21 @@ pub fn run(opts: &OverlapOptions, progress: &mut dyn FnMut(&str)) -> Result<Over
         let mut rng = SplitMix64(chunk as u64);
         let tokens: Vec<u32> = (0..s).map(|_| rng.below(cfg.vocab_size) as u32).collect();
         let targets: Vec<i32> = (0..s).map(|_| rng.below(cfg.vocab_size) as i32).collect();
-        let offload = Schedule::fpdt(s, 1, u);
+        let offload = Schedule {
+            precision: opts.precision,
+            ..Schedule::fpdt(s, 1, u)
+        };
         let resident = Schedule {
             offload: false,
             ..offload
         };
-        let mut groups = [
-            FpdtGroup::cpu(&cfg, resident, &params, &cpu)?,
-            FpdtGroup::cpu(&cfg, offload, &params, &cpu)?,
-        ];
+        let group = |sched: Schedule| -> Result<FpdtGroup> {
+            match opts.cuda {
+                true => FpdtGroup::cuda(&cfg, sched, &params, &gpu),
+                false => FpdtGroup::cpu(&cfg, sched, &params, &cpu),
+            }
+        };
+        let mut groups = [group(resident)?, group(offload)?];
         let mut steps: [Vec<Step>; 2] = [Vec::new(), Vec::new()];
         for rep in 0..=opts.reps {
             for (g, out) in groups.iter_mut().zip(steps.iter_mut()) {
@@ -306,6 +334,8 @@ pub fn run(opts: &OverlapOptions, progress: &mut dyn FnMut(&str)) -> Result<Over
         rows,
         stopped,
         total: start.elapsed(),
+        device: device_name,
+        precision: opts.precision,
     })
 }
 
@@ -355,13 +385,18 @@ pub fn render(r: &OverlapReport) -> String {
     let mut out = render_table(
         &format!(
             "one training step, {} layers of {family} hidden {} (head dim {}), P = 1, u = {} \
-             chunks, checkpointing on in both; median of {} step{} each, cpu device",
+             chunks, checkpointing on in both, {}; median of {} step{} each, {}",
             r.model.layers,
             r.model.hidden,
             r.model.head_dim,
             r.chunks_per_seq,
+            match r.precision {
+                Precision::F32 => "f32",
+                Precision::Bf16 => "bf16",
+            },
             r.reps,
-            if r.reps == 1 { "" } else { "s" }
+            if r.reps == 1 { "" } else { "s" },
+            r.device
         ),
         &HEADER,
         &rows,

@@ -9,7 +9,7 @@ use clap::{Subcommand, ValueEnum};
 
 use crate::bench::memory::{self, MemoryDevice, MemoryOptions};
 use crate::bench::overlap::{self, OverlapOptions, DEFAULT_CHUNKS};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Precision};
 use crate::error::{ModelError, Result};
 
 use super::parse_bytes_arg;
@@ -68,13 +68,17 @@ pub struct OverlapArgs {
     /// heads of 64 (vocab 512).
     #[arg(long, value_name = "PRESET|CONFIG.JSON")]
     pub model: Option<String>,
-    /// Device backend (only cpu runs this bench).
+    /// Device backend: cpu, or cuda (the first GPU; with --precision bf16
+    /// and head dims 64 or 128 the step computes there).
     #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
     pub device: BenchDevice,
-    /// Device memory of the cpu device.
+    /// Working precision of the step: f32, or bf16 (what runs on the GPU).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    pub precision: Precision,
+    /// Device memory (per group: the two schedules each have one).
     #[arg(long, default_value = "1G", value_parser = parse_bytes_arg, value_name = "BYTES")]
     pub device_memory: usize,
-    /// Host arena of the cpu device.
+    /// Host arena (per group).
     #[arg(long, default_value = "2G", value_parser = parse_bytes_arg, value_name = "BYTES")]
     pub host_memory: usize,
     /// No progress lines on stderr.
@@ -118,9 +122,9 @@ pub struct MemoryArgs {
 fn cuda_not_supported() -> ModelError {
     usage(
         "--device",
-        "cuda: on cuda the model's layers still run as host kernels staged through pinned \
-         memory (fpdt train --device cuda), so a GPU measurement would time the host; their PTX \
-         dispatch is not built yet; use --device cpu (or --device meta for `bench memory`)",
+        "cuda: this bench reads peak memory, which the meta device gives exactly at any size \
+         (the planner's tests check it equals what the cpu device measures); use --device meta \
+         or --device cpu",
     )
 }
 
@@ -128,7 +132,7 @@ impl OverlapArgs {
     /// Checks every flag; errors name the flag, the value and the rule.
     pub fn check(&self) -> Result<OverlapOptions> {
         match self.device {
-            BenchDevice::Cuda => return Err(cuda_not_supported()),
+            BenchDevice::Cuda => super::train::check_cuda()?,
             BenchDevice::Meta => {
                 return Err(usage(
                     "--device",
@@ -185,6 +189,8 @@ impl OverlapArgs {
             budget: Duration::from_secs_f64(self.budget_secs),
             device_memory: self.device_memory,
             host_memory: self.host_memory,
+            cuda: self.device == BenchDevice::Cuda,
+            precision: self.precision,
         })
     }
 }

@@ -228,6 +228,27 @@ pub(super) fn usage(flag: &str, message: impl Into<String>) -> ModelError {
 }
 
 /// A model from a preset name or a config.json path.
+/// `--device cuda`: a driver and a GPU must be there (the error names the
+/// flag). Test support: with `FPDT_FAKE_CUDA_INTERP` set, on the fake
+/// driver the PTX kernels run in the interpreter (scripts/fake-cuda-test.sh).
+pub fn check_cuda() -> Result<()> {
+    if let Err(e) = fpdt_runtime::cuda::probe() {
+        return Err(usage(
+            "--device",
+            format!("cuda: {e}; or run with --device cpu"),
+        ));
+    }
+    if std::env::var_os("FPDT_FAKE_CUDA_INTERP").is_some()
+        && !fpdt_ptx::gpu::install_interpreter_on_fake_driver()?
+    {
+        return Err(usage(
+            "--device",
+            "cuda: FPDT_FAKE_CUDA_INTERP is set, but the driver is not the fake one",
+        ));
+    }
+    Ok(())
+}
+
 pub fn load_model_config(spec: &str) -> Result<ModelConfig> {
     let p = Path::new(spec);
     let looks_like_file = spec.ends_with(".json") || spec.contains('/') || p.is_file();
@@ -279,22 +300,7 @@ impl TrainArgs {
     /// Checks every flag (and the files they name); errors name the flag.
     pub fn check(&self) -> Result<TrainPlan> {
         if self.device == DeviceChoice::Cuda {
-            if let Err(e) = fpdt_runtime::cuda::probe() {
-                return Err(usage(
-                    "--device",
-                    format!("cuda: {e}; or run with --device cpu"),
-                ));
-            }
-            // Test support: on the fake driver, run the PTX kernels in the
-            // interpreter (scripts/fake-cuda-test.sh).
-            if std::env::var_os("FPDT_FAKE_CUDA_INTERP").is_some()
-                && !fpdt_ptx::gpu::install_interpreter_on_fake_driver()?
-            {
-                return Err(usage(
-                    "--device",
-                    "cuda: FPDT_FAKE_CUDA_INTERP is set, but the driver is not the fake one",
-                ));
-            }
+            check_cuda()?;
         }
         if self.ranks == 0 {
             return Err(usage("--ranks", "0 must be at least 1"));
@@ -681,8 +687,9 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
             if let Some(g) = gpus.first() {
                 eprintln!(
                     "fpdt train: note: {} GPU(s) found ({}), but the trainer runs on the cpu \
-                     device: on cuda its layers still run as host kernels staged through pinned \
-                     memory (slower); --device cuda runs there anyway",
+                     device: on cuda only bf16 runs at head dims 64 and 128 compute on the GPU \
+                     (the embedding, the loss and AdamW stay on the host), and that path has not \
+                     been measured on a GPU yet; --device cuda --precision bf16 runs there",
                     gpus.len(),
                     g.name
                 );
