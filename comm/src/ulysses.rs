@@ -256,18 +256,37 @@ impl<'a, C: Communicator + ?Sized> UlyssesAllToAll<'a, C> {
         )
     }
 
-    /// On cuda, the element type the PTX permute moves `elem_bytes`-byte
-    /// elements as (bf16 for 2 bytes, f32 for 4: the kernels move them
-    /// unchanged); None elsewhere (the host permute runs).
-    fn gpu_dtype(&self, stream: &Stream, elem_bytes: usize) -> Option<DType> {
+    /// On cuda, runs the pack (or the unpack) `src` -> `dst` as
+    /// ulysses.ptx, moving `elem_bytes`-byte elements unchanged (as bf16 for
+    /// 2 bytes, f32 for 4), and says so; false elsewhere (the host permute
+    /// runs).
+    fn permute_on_gpu(
+        &self,
+        stream: &Stream,
+        pack: bool,
+        s: &HeadSplit,
+        elem_bytes: usize,
+        src: View<'_>,
+        dst: View<'_>,
+    ) -> Result<bool> {
         if stream.device_kind() != DeviceKind::Cuda {
-            return None;
+            return Ok(false);
         }
-        match elem_bytes {
-            2 => Some(DType::BF16),
-            4 => Some(DType::F32),
-            _ => None,
-        }
+        let dt = match elem_bytes {
+            2 => DType::BF16,
+            4 => DType::F32,
+            _ => return Ok(false),
+        };
+        let launcher = match pack {
+            true => fpdt_ptx::kernels::ulysses_pack,
+            false => fpdt_ptx::kernels::ulysses_unpack,
+        };
+        let ptx = |e: fpdt_ptx::PtxError| CommError::Invalid(e.to_string());
+        let (d, x) = (dst.addr() as u64, src.addr() as u64);
+        let l = launcher(s.tokens, s.heads, self.cfg.head_dim, s.ranks, dt, d, x).map_err(ptx)?;
+        let work = Work::kernel(0.0, 2 * src.len() as u64);
+        l.enqueue(stream, work, &[src], &[dst]).map_err(ptx)?;
+        Ok(true)
     }
 
     /// Runs the checks and allocations before a collective; where they fail,
@@ -290,20 +309,7 @@ impl<'a, C: Communicator + ?Sized> UlyssesAllToAll<'a, C> {
             let s = self.split(kind, elem_bytes, input.len(), "ulysses scatter_heads")?;
             same_len("ulysses scatter_heads", &input, &output)?;
             let staging = self.device.alloc(input.len(), "ulysses staging")?;
-            if let Some(dt) = self.gpu_dtype(stream, elem_bytes) {
-                let l = fpdt_ptx::kernels::ulysses_pack(
-                    s.tokens,
-                    s.heads,
-                    self.cfg.head_dim,
-                    s.ranks,
-                    dt,
-                    staging.view().addr() as u64,
-                    input.addr() as u64,
-                )
-                .map_err(|e| CommError::Invalid(e.to_string()))?;
-                let work = Work::kernel(0.0, 2 * input.len() as u64);
-                l.enqueue(stream, work, &[input], &[staging.view()])
-                    .map_err(|e| CommError::Invalid(e.to_string()))?;
+            if self.permute_on_gpu(stream, true, &s, elem_bytes, input, staging.view())? {
                 return Ok(staging);
             }
             stream.launch_host(
@@ -336,20 +342,7 @@ impl<'a, C: Communicator + ?Sized> UlyssesAllToAll<'a, C> {
         })?;
         self.comm.all_to_all(stream, input, staging.view())?;
         // A failure here is after the collective: the group stays whole.
-        if let Some(dt) = self.gpu_dtype(stream, elem_bytes) {
-            let l = fpdt_ptx::kernels::ulysses_unpack(
-                s.tokens,
-                s.heads,
-                self.cfg.head_dim,
-                s.ranks,
-                dt,
-                output.addr() as u64,
-                staging.view().addr() as u64,
-            )
-            .map_err(|e| CommError::Invalid(e.to_string()))?;
-            let work = Work::kernel(0.0, 2 * input.len() as u64);
-            l.enqueue(stream, work, &[staging.view()], &[output])
-                .map_err(|e| CommError::Invalid(e.to_string()))?;
+        if self.permute_on_gpu(stream, false, &s, elem_bytes, staging.view(), output)? {
             return Ok(());
         }
         stream.launch_host(

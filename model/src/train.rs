@@ -187,9 +187,6 @@ impl Source {
     /// tokens (a warmup stage reads as many windows as a full run would).
     fn next(&mut self, seq_len: usize) -> Result<Sample> {
         Ok(match self {
-            Source::Passkey { train, task } if task.seq_len == seq_len => {
-                train.next_sample().sample
-            }
             Source::Passkey { train, task } => {
                 let t = task.with_seq_len(seq_len)?;
                 train.next_sample_of(&t).sample
@@ -681,6 +678,8 @@ impl Trainer {
         let begin = self.step;
         while self.step < self.opts.steps {
             let n = self.step + 1;
+            // Before tracing starts, so the trace is of the stage's group
+            // (step() then finds the stage entered).
             self.enter_stage(n)?;
             let traced = self.opts.trace_step == Some(n);
             if traced {

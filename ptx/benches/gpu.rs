@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use fpdt_ptx::cpu::{AttnShape, DType};
 use fpdt_ptx::kernels::{self, AttnBwdPtrs, AttnPtrs};
-use fpdt_runtime::trace::{overlap_ns, write_chrome_trace};
+use fpdt_runtime::trace::{busy_ns, overlap_ns, write_chrome_trace};
 use fpdt_runtime::{
     ChunkMover, CudaConfig, Device, DoubleBuffer, HostChunk, OpKind, Stream, TraceEvent, View, Work,
 };
@@ -252,11 +252,6 @@ fn attention_rows() -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Sum of the union of the events' intervals, in nanoseconds.
-fn busy_ns(evs: &[&TraceEvent]) -> u64 {
-    overlap_ns(evs, evs)
 }
 
 /// FPDT's attention forward over one sequence of `tokens`, chunked: for each

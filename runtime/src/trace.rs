@@ -188,22 +188,30 @@ pub fn write_chrome_trace(traces: &[&Trace], path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The events' intervals, sorted and merged where they touch or overlap.
+fn merged(evs: &[&TraceEvent]) -> Vec<(u64, u64)> {
+    let mut iv: Vec<(u64, u64)> = evs.iter().map(|e| (e.start_ns, e.end_ns)).collect();
+    iv.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in iv {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Total time in nanoseconds during which at least one of `evs` ran (the
+/// union of their intervals): a stream's busy time.
+pub fn busy_ns(evs: &[&TraceEvent]) -> u64 {
+    merged(evs).iter().map(|(s, e)| e - s).sum()
+}
+
 /// Total time in nanoseconds during which at least one event of `a` and one
 /// event of `b` ran at the same time: the overlap a trace proves.
 pub fn overlap_ns(a: &[&TraceEvent], b: &[&TraceEvent]) -> u64 {
-    let merge = |evs: &[&TraceEvent]| {
-        let mut iv: Vec<(u64, u64)> = evs.iter().map(|e| (e.start_ns, e.end_ns)).collect();
-        iv.sort_unstable();
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for (s, e) in iv {
-            match out.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => out.push((s, e)),
-            }
-        }
-        out
-    };
-    let (a, b) = (merge(a), merge(b));
+    let (a, b) = (merged(a), merged(b));
     let (mut i, mut j, mut total) = (0, 0, 0);
     while i < a.len() && j < b.len() {
         let s = a[i].0.max(b[j].0);
@@ -218,4 +226,33 @@ pub fn overlap_ns(a: &[&TraceEvent], b: &[&TraceEvent]) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(start_ns: u64, end_ns: u64) -> TraceEvent {
+        TraceEvent {
+            stream: Arc::from("s"),
+            stream_id: 0,
+            name: Cow::Borrowed("op"),
+            kind: OpKind::Kernel,
+            bytes: 0,
+            flops: 0.0,
+            start_ns,
+            end_ns,
+        }
+    }
+
+    #[test]
+    fn busy_time_is_the_union_and_overlap_the_intersection() {
+        let a = [ev(0, 10), ev(5, 20), ev(30, 40)];
+        let b = [ev(15, 35)];
+        let (ra, rb): (Vec<_>, Vec<_>) = (a.iter().collect(), b.iter().collect());
+        assert_eq!(busy_ns(&ra), 30);
+        assert_eq!(busy_ns(&rb), 20);
+        assert_eq!(busy_ns(&[]), 0);
+        assert_eq!(overlap_ns(&ra, &rb), 10);
+    }
 }

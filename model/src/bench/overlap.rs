@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use fpdt_runtime::trace::overlap_ns;
+use fpdt_runtime::trace::{busy_ns, overlap_ns};
 use fpdt_runtime::{fmt_bytes, CpuConfig, CudaConfig, OpKind, Space, TraceEvent};
 
 use crate::config::{Family, ModelConfig, Precision, Schedule, SplitMix64};
@@ -136,24 +136,6 @@ pub struct OverlapReport {
     pub device: String,
     /// The working precision.
     pub precision: Precision,
-}
-
-/// Total time covered by at least one of `evs`, ns.
-fn busy_ns(evs: &[&TraceEvent]) -> u64 {
-    let mut iv: Vec<(u64, u64)> = evs.iter().map(|e| (e.start_ns, e.end_ns)).collect();
-    iv.sort_unstable();
-    let (mut total, mut cur): (u64, Option<(u64, u64)>) = (0, None);
-    for (s, e) in iv {
-        cur = match cur {
-            Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
-            Some((cs, ce)) => {
-                total += ce - cs;
-                Some((s, e))
-            }
-            None => Some((s, e)),
-        };
-    }
-    total + cur.map_or(0, |(s, e)| e - s)
 }
 
 /// One measured step.

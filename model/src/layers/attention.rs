@@ -30,7 +30,7 @@ use fpdt_ptx::cpu::{
     DType,
 };
 use fpdt_ptx::kernels::{self, AttnBwdPtrs, AttnPtrs};
-use fpdt_runtime::{DoubleBuffer, Work};
+use fpdt_runtime::DoubleBuffer;
 
 use super::{
     kernel, linear_bwd, linear_dgrad_sum, linear_fwd, linear_residual_fwd, missing, norm, Buf, Ctx,
@@ -165,17 +165,11 @@ fn rope_backward(
             theta,
             true,
             x.dt,
-            addr(&out),
-            addr(&x),
+            out.addr(),
+            x.addr(),
             p.view().addr() as u64,
         )?;
-        let bytes = (x.v.len() + out.v.len()) as u64;
-        l.enqueue(
-            ctx.s(),
-            Work::kernel(6.0 * n, bytes),
-            &[x.v, p.view()],
-            &[out.v],
-        )?;
+        super::ptx_launch(ctx.s(), &l, 6.0 * n, &[x.v, p.view()], &[out.v])?;
         if tmp.is_some() {
             super::cast_on_gpu(ctx.s(), out, y)?;
         }
@@ -205,13 +199,14 @@ fn linear_rope_fwd(
     let out = heads * d;
     let spec = super::linear_spec(t, inp, out, false);
     let flops = 2.0 * (t * inp * out) as f64 + 6.0 * (t * out) as f64;
-    // On the GPU: the GEMM into f32, RoPE in f32, one rounding to y's dtype.
+    // On the GPU: the GEMM into f32, RoPE in f32 in place (each thread
+    // reads its pair before writing it), one rounding to y's dtype.
     if y.dt == DType::BF16 {
         if let Some(blas) = super::gemm_blas(ctx, &[x, w], Tv::f32(y.v), b.as_ref()) {
             let s = ctx.s();
             let z = ctx.alloc(t * out, "qk projection")?;
-            super::gemm(s, blas, &spec, x, w, b, z.view())?;
-            let zr = ctx.alloc(t * out, "qk roped")?;
+            let zv = z.view();
+            super::gemm(s, blas, &spec, x, w, b, zv)?;
             let p = positions_on_device(ctx, &pos)?;
             let l = kernels::rope(
                 t,
@@ -220,18 +215,12 @@ fn linear_rope_fwd(
                 theta,
                 false,
                 DType::F32,
-                addr(&zr.view()),
-                addr(&z.view()),
+                zv.addr(),
+                zv.addr(),
                 p.view().addr() as u64,
             )?;
-            let bytes = 2 * z.view().v.len() as u64;
-            l.enqueue(
-                s,
-                Work::kernel(6.0 * (t * out) as f64, bytes),
-                &[z.view().v, p.view()],
-                &[zr.view().v],
-            )?;
-            return super::cast_on_gpu(s, zr.view(), y);
+            super::ptx_launch(s, &l, 6.0 * (t * out) as f64, &[zv.v, p.view()], &[zv.v])?;
+            return super::cast_on_gpu(s, zv, y);
         }
     }
     let mut reads = vec![x, w];
@@ -249,10 +238,6 @@ fn linear_rope_fwd(
             rope_fwd(&z, &pos, heads, d, theta, o[0])
         },
     )
-}
-
-fn addr(t: &Tv<'_>) -> u64 {
-    t.v.addr() as u64
 }
 
 /// `pos` in device memory, copied on the compute stream from the host
@@ -288,14 +273,8 @@ fn merge_partial(
     let hd = dims.d;
     let flops = 4.0 * o.len() as f64;
     if ctx.gpu && [oj, lj, o, lse].iter().all(|t| t.dt == DType::F32) {
-        let l = kernels::lse_merge(lse.len(), hd, addr(&o), addr(&lse), addr(&oj), addr(&lj))?;
-        let bytes = 2 * (o.v.len() + lse.v.len()) as u64;
-        l.enqueue(
-            ctx.s(),
-            Work::kernel(flops, bytes),
-            &[oj.v, lj.v],
-            &[o.v, lse.v],
-        )?;
+        let l = kernels::lse_merge(lse.len(), hd, o.addr(), lse.addr(), oj.addr(), lj.addr())?;
+        super::ptx_launch(ctx.s(), &l, flops, &[oj.v, lj.v], &[o.v, lse.v])?;
         return Ok(());
     }
     kernel(
@@ -332,20 +311,14 @@ fn attn_pair(
             scale,
             DType::BF16,
             &AttnPtrs {
-                q: addr(&q),
-                k: addr(&k),
-                v: addr(&v),
-                o: addr(&o),
-                lse: addr(&lse),
+                q: q.addr(),
+                k: k.addr(),
+                v: v.addr(),
+                o: o.addr(),
+                lse: lse.addr(),
             },
         )?;
-        let bytes = (q.v.len() + kv.v.len() + o.v.len() + lse.v.len()) as u64;
-        l.enqueue(
-            ctx.s(),
-            Work::kernel(flops, bytes),
-            &[q.v, k.v, v.v],
-            &[o.v, lse.v],
-        )?;
+        super::ptx_launch(ctx.s(), &l, flops, &[q.v, k.v, v.v], &[o.v, lse.v])?;
         return Ok(());
     }
     kernel(
@@ -612,9 +585,8 @@ pub(crate) fn backward(
         let (dov, ov, dlv) = (doh.view(), o.view()?, delta.view());
         let flops = 2.0 * dm.qn() as f64;
         if ctx.gpu && dov.dt == ov.dt && matches!(ov.dt, DType::BF16 | DType::F32) {
-            let l = kernels::attn_delta(dlv.len(), hd, ov.dt, addr(&dov), addr(&ov), addr(&dlv))?;
-            let bytes = (dov.v.len() + ov.v.len() + dlv.v.len()) as u64;
-            l.enqueue(s, Work::kernel(flops, bytes), &[dov.v, ov.v], &[dlv.v])?;
+            let l = kernels::attn_delta(dlv.len(), hd, ov.dt, dov.addr(), ov.addr(), dlv.addr())?;
+            super::ptx_launch(s, &l, flops, &[dov.v, ov.v], &[dlv.v])?;
         } else {
             kernel(s, "attn_delta", flops, &[dov, ov], &[dlv], move |i, out| {
                 attn_delta(i[0], i[1], hd, out[0])
@@ -685,24 +657,21 @@ pub(crate) fn backward(
                     scale,
                     DType::BF16,
                     &AttnBwdPtrs {
-                        q: addr(&qv),
-                        k: addr(&k),
-                        v: addr(&v),
-                        do_: addr(&dov),
-                        lse: addr(&lv),
-                        delta: addr(&dlv),
-                        dq: addr(&dqv),
-                        dk: addr(&dk),
-                        dv: addr(&dv),
+                        q: qv.addr(),
+                        k: k.addr(),
+                        v: v.addr(),
+                        do_: dov.addr(),
+                        lse: lv.addr(),
+                        delta: dlv.addr(),
+                        dq: dqv.addr(),
+                        dk: dk.addr(),
+                        dv: dv.addr(),
                     },
                 )?;
-                let bytes = [qv, k, v, dov, lv, dlv, dqv, dk, dv]
-                    .iter()
-                    .map(|t| t.v.len() as u64)
-                    .sum();
-                l.enqueue(
+                super::ptx_launch(
                     s,
-                    Work::kernel(flops, bytes),
+                    &l,
+                    flops,
                     &[qv.v, k.v, v.v, dov.v, lv.v, dlv.v],
                     &[dqv.v, dk.v, dv.v],
                 )?;

@@ -6,7 +6,6 @@
 
 use fpdt_ptx::cpu::{gelu_tanh_bwd, gelu_tanh_fwd, matmul, swiglu_bwd, swiglu_fwd, DType};
 use fpdt_ptx::kernels;
-use fpdt_runtime::Work;
 
 use super::{
     kernel, linear_bwd, linear_dgrad_sum, linear_residual_fwd, missing, norm, Buf, Ctx, Tv,
@@ -110,19 +109,7 @@ fn wide(ctx: &Ctx<'_>, lp: &LayerParams, hn: Tv<'_>, n: usize, aux: bool) -> Res
         super::gemm(s, blas, &spec, hn, w1, b1, z1f.view())?;
         let a32 = ctx.alloc(n * inter, "mlp activation")?;
         let (z1v, av) = (z1f.view(), a32.view());
-        let ew = |l: fpdt_ptx::KernelLaunch,
-                  reads: &[fpdt_runtime::View<'_>],
-                  writes: &[fpdt_runtime::View<'_>]|
-         -> Result<()> {
-            let bytes = reads.iter().chain(writes).map(|v| v.len() as u64).sum();
-            l.enqueue(
-                s,
-                Work::kernel(8.0 * (n * inter) as f64, bytes),
-                reads,
-                writes,
-            )?;
-            Ok(())
-        };
+        let ew = 8.0 * (n * inter) as f64;
         let z3f = match w3 {
             Some(w3) => {
                 let z3f = ctx.alloc(n * inter, "mlp pre-activation")?;
@@ -130,16 +117,16 @@ fn wide(ctx: &Ctx<'_>, lp: &LayerParams, hn: Tv<'_>, n: usize, aux: bool) -> Res
                 let l = kernels::swiglu_fwd(
                     n * inter,
                     DType::F32,
-                    addr(&av),
-                    addr(&z1v),
-                    addr(&z3f.view()),
+                    av.addr(),
+                    z1v.addr(),
+                    z3f.view().addr(),
                 )?;
-                ew(l, &[z1v.v, z3f.view().v], &[av.v])?;
+                super::ptx_launch(s, &l, ew, &[z1v.v, z3f.view().v], &[av.v])?;
                 Some(z3f)
             }
             None => {
-                let l = kernels::gelu_tanh_fwd(n * inter, DType::F32, addr(&av), addr(&z1v))?;
-                ew(l, &[z1v.v], &[av.v])?;
+                let l = kernels::gelu_tanh_fwd(n * inter, DType::F32, av.addr(), z1v.addr())?;
+                super::ptx_launch(s, &l, ew, &[z1v.v], &[av.v])?;
                 None
             }
         };
@@ -180,10 +167,6 @@ fn wide(ctx: &Ctx<'_>, lp: &LayerParams, hn: Tv<'_>, n: usize, aux: bool) -> Res
         Ok(())
     })?;
     Ok(Wide { act, z1, z3 })
-}
-
-fn addr(t: &Tv<'_>) -> u64 {
-    t.v.addr() as u64
 }
 
 /// Backward of [`forward`] from the block input `x` and the output gradient
@@ -240,16 +223,16 @@ pub(crate) fn backward(
                     let l = kernels::swiglu_bwd(
                         n * inter,
                         g.dt,
-                        addr(&dg),
-                        addr(&du),
-                        addr(&g),
-                        addr(&u),
-                        addr(&da),
+                        dg.addr(),
+                        du.addr(),
+                        g.addr(),
+                        u.addr(),
+                        da.addr(),
                     )?;
-                    let bytes = 5 * g.v.len() as u64;
-                    l.enqueue(
+                    super::ptx_launch(
                         s,
-                        Work::kernel(8.0 * (n * inter) as f64, bytes),
+                        &l,
+                        8.0 * (n * inter) as f64,
                         &[g.v, u.v, da.v],
                         &[dg.v, du.v],
                     )?;
@@ -302,14 +285,8 @@ pub(crate) fn backward(
                 let (zv, da, dz) = (z1.view(), dact.view(), dz1.view());
                 if ctx.gpu && zv.dt == da.dt && da.dt == dz.dt {
                     let l =
-                        kernels::gelu_tanh_bwd(n * inter, zv.dt, addr(&dz), addr(&zv), addr(&da))?;
-                    let bytes = 3 * zv.v.len() as u64;
-                    l.enqueue(
-                        s,
-                        Work::kernel(10.0 * (n * inter) as f64, bytes),
-                        &[zv.v, da.v],
-                        &[dz.v],
-                    )?;
+                        kernels::gelu_tanh_bwd(n * inter, zv.dt, dz.addr(), zv.addr(), da.addr())?;
+                    super::ptx_launch(s, &l, 10.0 * (n * inter) as f64, &[zv.v, da.v], &[dz.v])?;
                 } else {
                     kernel(
                         s,

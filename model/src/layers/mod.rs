@@ -50,6 +50,11 @@ impl<'a> Tv<'a> {
         Tv { v, dt: DType::F32 }
     }
 
+    /// The device address of the view (a PTX kernel argument).
+    pub fn addr(&self) -> u64 {
+        self.v.addr() as u64
+    }
+
     /// Elements in the view.
     pub fn len(&self) -> usize {
         self.v.len() / self.dt.size()
@@ -287,15 +292,21 @@ pub(crate) fn copy(s: &Stream, src: Tv<'_>, dst: Tv<'_>) -> Result<()> {
 
 /// `dst = src` converted from f32 to `dst`'s dtype by the cast kernel.
 pub(crate) fn cast_on_gpu(s: &Stream, src: Tv<'_>, dst: Tv<'_>) -> Result<()> {
-    let l = fpdt_ptx::kernels::cast(
-        dst.len(),
-        src.dt,
-        dst.dt,
-        dst.v.addr() as u64,
-        src.v.addr() as u64,
-    )?;
-    let bytes = (src.v.len() + dst.v.len()) as u64;
-    l.enqueue(s, Work::kernel(0.0, bytes), &[src.v], &[dst.v])?;
+    let l = fpdt_ptx::kernels::cast(dst.len(), src.dt, dst.dt, dst.addr(), src.addr())?;
+    ptx_launch(s, &l, 0.0, &[src.v], &[dst.v])
+}
+
+/// Enqueues the PTX launch `l` on `s`, its trace counting each view's
+/// bytes once (read or written).
+pub(crate) fn ptx_launch(
+    s: &Stream,
+    l: &fpdt_ptx::KernelLaunch,
+    flops: f64,
+    reads: &[View<'_>],
+    writes: &[View<'_>],
+) -> Result<()> {
+    let bytes = reads.iter().chain(writes).map(|v| v.len() as u64).sum();
+    l.enqueue(s, Work::kernel(flops, bytes), reads, writes)?;
     Ok(())
 }
 
@@ -304,9 +315,8 @@ pub(crate) fn fill(s: &Stream, v: Tv<'_>, x: f32) -> Result<()> {
     // On a GPU: the fill kernel (the same bits as the host's f32 fill
     // rounded to v's dtype), not a host kernel staging v.
     if s.device_kind() == fpdt_runtime::DeviceKind::Cuda {
-        let l = fpdt_ptx::kernels::fill(v.len(), v.dt, v.v.addr() as u64, x)?;
-        l.enqueue(s, Work::kernel(0.0, v.v.len() as u64), &[], &[v.v])?;
-        return Ok(());
+        let l = fpdt_ptx::kernels::fill(v.len(), v.dt, v.addr(), x)?;
+        return ptx_launch(s, &l, 0.0, &[], &[v.v]);
     }
     kernel(s, "fill", 0.0, &[], &[v], move |_, o| {
         o[0].iter_mut().for_each(|y| *y = x);
@@ -355,6 +365,28 @@ pub(crate) fn gemm(
         },
     )?;
     Ok(())
+}
+
+/// The weight gradient of a linear layer, `dW[out, inp] += dy[t, out]^T
+/// x[t, inp]`.
+fn wgrad_spec(t: usize, inp: usize, out: usize) -> MatmulSpec {
+    MatmulSpec {
+        m: out,
+        n: inp,
+        k: t,
+        trans_a: Transpose::Yes,
+        trans_b: Transpose::No,
+        accumulate: true,
+    }
+}
+
+/// `db += sum_t dy[t, :]` over rows of `width`: a bias gradient.
+fn add_column_sums(dy: &[f32], width: usize, db: &mut [f32]) {
+    for row in dy.chunks(width) {
+        for (a, b) in db.iter_mut().zip(row) {
+            *a += b;
+        }
+    }
 }
 
 /// The input gradient of a linear layer, `dy[t, out] W[out, inp]`, onto
@@ -486,15 +518,7 @@ pub(crate) fn linear_bwd(
             }
         };
         let g = dy16.as_ref().map_or(dy, |b| b.view());
-        let dw_spec = MatmulSpec {
-            m: out,
-            n: inp,
-            k: t,
-            trans_a: Transpose::Yes,
-            trans_b: Transpose::No,
-            accumulate: true,
-        };
-        gemm(s, blas, &dw_spec, g, x, None, dw)?;
+        gemm(s, blas, &wgrad_spec(t, inp, out), g, x, None, dw)?;
         if let Some(db) = db {
             // The bias gradient (GPT's biases): a column sum, still a host
             // kernel (a GEMM against ones, or a reduction kernel, would keep
@@ -506,11 +530,7 @@ pub(crate) fn linear_bwd(
                 &[dy],
                 &[db],
                 move |i, o| {
-                    for row in i[0].chunks(out) {
-                        for (a, b) in o[0].iter_mut().zip(row) {
-                            *a += b;
-                        }
-                    }
+                    add_column_sums(i[0], out, o[0]);
                     Ok(())
                 },
             )?;
@@ -531,27 +551,10 @@ pub(crate) fn linear_bwd(
     kernel(s, "linear_bwd", flops, &[dy, x, w], &writes, move |i, o| {
         let (dy, x, w) = (i[0], i[1], i[2]);
         let (dw, rest) = o.split_at_mut(1);
-        matmul(
-            &MatmulSpec {
-                m: out,
-                n: inp,
-                k: t,
-                trans_a: Transpose::Yes,
-                trans_b: Transpose::No,
-                accumulate: true,
-            },
-            dy,
-            x,
-            None,
-            &mut *dw[0],
-        )?;
+        matmul(&wgrad_spec(t, inp, out), dy, x, None, &mut *dw[0])?;
         let mut k = 0;
         if has_db {
-            for row in dy.chunks(out) {
-                for (a, b) in rest[0].iter_mut().zip(row) {
-                    *a += b;
-                }
-            }
+            add_column_sums(dy, out, rest[0]);
             k = 1;
         }
         if has_dx {

@@ -6,9 +6,8 @@ use std::ops::Range;
 
 use fpdt_ptx::cpu::{layer_norm_bwd, layer_norm_fwd, rms_norm_bwd, rms_norm_fwd};
 use fpdt_ptx::kernels;
-use fpdt_runtime::Work;
 
-use super::{kernel, Ctx, Tv};
+use super::{kernel, Buf, Ctx, Tv};
 use crate::config::Norm;
 use crate::error::Result;
 
@@ -25,7 +24,7 @@ pub(crate) fn forward(
     let flops = 8.0 * (t * dim) as f64;
     let gain = ctx.p(w)?;
     if ctx.gpu && x.dt == y.dt && gain.dt == x.dt {
-        return forward_ptx(ctx, x, gain, b, y, t, flops);
+        return forward_ptx(ctx, x, gain, b, y, t).map(drop);
     }
     match (ctx.cfg.norm, b) {
         (Norm::LayerNorm, Some(b)) => kernel(
@@ -53,9 +52,16 @@ pub(crate) fn forward(
     }
 }
 
+/// The row statistics a forward on the GPU wrote (f32, one per row).
+struct Stats {
+    rstd: Buf,
+    /// LayerNorm's mean (None for RMSNorm).
+    mean: Option<Buf>,
+}
+
 /// The forward as its PTX kernel (one dtype for x, the gain, the bias and
-/// y; the row statistics go to scratch the backward does not read: it
-/// recomputes them from x).
+/// y); returns the row statistics, which the forward pass drops (the
+/// backward recomputes them from x with this same kernel).
 fn forward_ptx(
     ctx: &Ctx<'_>,
     x: Tv<'_>,
@@ -63,12 +69,10 @@ fn forward_ptx(
     b: &Option<Range<usize>>,
     y: Tv<'_>,
     t: usize,
-    flops: f64,
-) -> Result<()> {
+) -> Result<Stats> {
     let (dim, eps) = (ctx.cfg.hidden, ctx.cfg.norm_eps as f32);
-    let addr = |v: &Tv<'_>| v.v.addr() as u64;
+    let flops = 8.0 * (t * dim) as f64;
     let rstd = ctx.alloc(t, "norm rstd")?;
-    let work = Work::kernel(flops, (x.v.len() + y.v.len()) as u64);
     match (ctx.cfg.norm, b) {
         (Norm::LayerNorm, Some(b)) => {
             let beta = ctx.p(b)?;
@@ -78,15 +82,19 @@ fn forward_ptx(
                 dim,
                 eps,
                 x.dt,
-                addr(&y),
-                mean.buf.view().addr() as u64,
-                rstd.buf.view().addr() as u64,
-                addr(&x),
-                addr(&gain),
-                addr(&beta),
+                y.addr(),
+                mean.view().addr(),
+                rstd.view().addr(),
+                x.addr(),
+                gain.addr(),
+                beta.addr(),
             )?;
             let writes = [y.v, mean.buf.view(), rstd.buf.view()];
-            l.enqueue(ctx.s(), work, &[x.v, gain.v, beta.v], &writes)?;
+            super::ptx_launch(ctx.s(), &l, flops, &[x.v, gain.v, beta.v], &writes)?;
+            Ok(Stats {
+                rstd,
+                mean: Some(mean),
+            })
         }
         _ => {
             let l = kernels::rms_norm_fwd(
@@ -94,15 +102,15 @@ fn forward_ptx(
                 dim,
                 eps,
                 x.dt,
-                addr(&y),
-                rstd.buf.view().addr() as u64,
-                addr(&x),
-                addr(&gain),
+                y.addr(),
+                rstd.view().addr(),
+                x.addr(),
+                gain.addr(),
             )?;
-            l.enqueue(ctx.s(), work, &[x.v, gain.v], &[y.v, rstd.buf.view()])?;
+            super::ptx_launch(ctx.s(), &l, flops, &[x.v, gain.v], &[y.v, rstd.buf.view()])?;
+            Ok(Stats { rstd, mean: None })
         }
     }
-    Ok(())
 }
 
 /// Backward: `dx (+)= norm'(x)^T dy` (accumulated into `dx` when
@@ -188,87 +196,56 @@ fn backward_ptx(
     t: usize,
     flops: f64,
 ) -> Result<()> {
-    let (dim, eps) = (ctx.cfg.hidden, ctx.cfg.norm_eps as f32);
+    let dim = ctx.cfg.hidden;
     let s = ctx.s();
-    let addr = |v: &Tv<'_>| v.v.addr() as u64;
     let y = ctx.alloc_as(t * dim, x.dt, "norm y (recomputed)")?;
-    let rstd = ctx.alloc(t, "norm rstd")?;
+    let st = forward_ptx(ctx, x, gain, b, y.view(), t)?;
+    drop(y);
+    let rstd = st.rstd.view();
     let tmp = match accumulate {
         true => Some(ctx.alloc_as(t * dim, dx.dt, "norm dx")?),
         false => None,
     };
     let out = tmp.as_ref().map_or(dx, |b| b.view());
     let dg = ctx.g(w)?;
-    let work = Work::kernel(flops, 3 * x.v.len() as u64);
-    match (ctx.cfg.norm, b) {
-        (Norm::LayerNorm, Some(b)) => {
-            let beta = ctx.p(b)?;
-            let db = ctx.g(b)?;
-            let mean = ctx.alloc(t, "norm mean")?;
-            let f = kernels::layer_norm_fwd(
-                t,
-                dim,
-                eps,
-                x.dt,
-                addr(&y.view()),
-                addr(&mean.view()),
-                addr(&rstd.view()),
-                addr(&x),
-                addr(&gain),
-                addr(&beta),
-            )?;
-            let stats = [y.view().v, mean.view().v, rstd.view().v];
-            f.enqueue(s, work, &[x.v, gain.v, beta.v], &stats)?;
+    match (b, &st.mean) {
+        (Some(b), Some(mean)) => {
+            let (db, mean) = (ctx.g(b)?, mean.view());
             let l = kernels::layer_norm_bwd(
                 t,
                 dim,
                 x.dt,
-                addr(&out),
-                addr(&dg),
-                addr(&db),
-                addr(&x),
-                addr(&gain),
-                addr(&dy),
-                addr(&mean.view()),
-                addr(&rstd.view()),
+                out.addr(),
+                dg.addr(),
+                db.addr(),
+                x.addr(),
+                gain.addr(),
+                dy.addr(),
+                mean.addr(),
+                rstd.addr(),
             )?;
-            let reads = [x.v, gain.v, dy.v, mean.view().v, rstd.view().v];
-            l.enqueue(s, work, &reads, &[out.v, dg.v, db.v])?;
+            let reads = [x.v, gain.v, dy.v, mean.v, rstd.v];
+            super::ptx_launch(s, &l, flops, &reads, &[out.v, dg.v, db.v])?;
         }
         _ => {
-            let f = kernels::rms_norm_fwd(
-                t,
-                dim,
-                eps,
-                x.dt,
-                addr(&y.view()),
-                addr(&rstd.view()),
-                addr(&x),
-                addr(&gain),
-            )?;
-            f.enqueue(s, work, &[x.v, gain.v], &[y.view().v, rstd.view().v])?;
             let l = kernels::rms_norm_bwd(
                 t,
                 dim,
                 x.dt,
-                addr(&out),
-                addr(&dg),
-                addr(&x),
-                addr(&gain),
-                addr(&dy),
-                addr(&rstd.view()),
+                out.addr(),
+                dg.addr(),
+                x.addr(),
+                gain.addr(),
+                dy.addr(),
+                rstd.addr(),
             )?;
-            l.enqueue(s, work, &[x.v, gain.v, dy.v, rstd.view().v], &[out.v, dg.v])?;
+            let reads = [x.v, gain.v, dy.v, rstd.v];
+            super::ptx_launch(s, &l, flops, &reads, &[out.v, dg.v])?;
         }
     }
     if tmp.is_some() {
-        let l = kernels::residual_add(t * dim, dx.dt, addr(&dx), addr(&dx), addr(&out))?;
-        l.enqueue(
-            s,
-            Work::kernel(0.0, 3 * dx.v.len() as u64),
-            &[dx.v, out.v],
-            &[dx.v],
-        )?;
+        let l = kernels::residual_add(t * dim, dx.dt, dx.addr(), dx.addr(), out.addr())?;
+        super::ptx_launch(s, &l, 0.0, &[dx.v, out.v], &[dx.v])?;
     }
     Ok(())
 }
