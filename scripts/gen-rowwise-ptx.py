@@ -288,30 +288,79 @@ write("layer_norm.ptx", "LayerNorm forward (y, mean, rstd) and backward (dx from
       "dgamma and dbeta accumulated with red.add). One warp per row.", lnk)
 
 # Softmax cross-entropy over a full-vocabulary row (f32 logits), one warp per row.
-xe = warp_rows("softmax_xent_f32", ["loss", "dlogits", "logits", "labels"], ["rows", "vocab", "ignore"], ["scale"],
-    addr("%rd1", 3, "%r1", 4) + "    ld.global.u32 %r9, [%rd1];           // label\n"
+# pointers: loss 0, hits 1, dlogits 2, logits 3, labels 4; u32 rows, vocab (%r31), ignore (%r32); f32 scale.
+# The max pass also finds the row's argmax (the first maximum, as the host's
+# loop does): a lane keeps its first strict maximum (%r12, vocab = none), the
+# butterfly keeps the larger value or, on a tie, the smaller column; hits[row]
+# is 1 when that column is the label.
+argmax_merge = ""
+for k in (16, 8, 4, 2, 1):
+    argmax_merge += (f"    shfl.sync.bfly.b32 %f8, %f1, {k}, 0x1f, 0xffffffff;\n"
+                     f"    shfl.sync.bfly.b32 %r13, %r12, {k}, 0x1f, 0xffffffff;\n"
+                     "    setp.gt.f32 %p6, %f8, %f1;\n    setp.eq.f32 %p7, %f8, %f1;\n"
+                     "    setp.lt.u32 %p5, %r13, %r12;\n    and.pred %p7, %p7, %p5;\n    or.pred %p6, %p6, %p7;\n"
+                     "    selp.f32 %f1, %f8, %f1, %p6;\n    selp.b32 %r12, %r13, %r12, %p6;\n")
+xe = warp_rows("softmax_xent_f32", ["loss", "hits", "dlogits", "logits", "labels"], ["rows", "vocab", "ignore"], ["scale"],
+    addr("%rd1", 4, "%r1", 4) + "    ld.global.u32 %r9, [%rd1];           // label\n"
     "    setp.eq.u32 %p3, %r9, %r32;          // ignored row\n"
     "    @%p3 bra IGNORED;\n"
-    "    mov.f32 %f1, 0fFF800000;\n    mov.f32 %f2, 0f00000000;\n"
-    + col_loop("MAX", "%r31", addr("%rd2", 2, "%r8", 4) + "    ld.global.f32 %f3, [%rd2];\n    max.f32 %f1, %f1, %f3;\n")
-    + warp_max("%f1")
-    + col_loop("SUM", "%r31", addr("%rd2", 2, "%r8", 4) + "    ld.global.f32 %f3, [%rd2];\n    sub.f32 %f3, %f3, %f1;\n"
+    "    mov.f32 %f1, 0fFF800000;\n    mov.f32 %f2, 0f00000000;\n    mov.u32 %r12, %r31;\n"
+    + col_loop("MAX", "%r31", addr("%rd2", 3, "%r8", 4) + "    ld.global.f32 %f3, [%rd2];\n"
+               "    setp.gt.f32 %p6, %f3, %f1;\n    selp.f32 %f1, %f3, %f1, %p6;\n    selp.b32 %r12, %r7, %r12, %p6;\n")
+    + argmax_merge
+    + "    setp.ge.u32 %p6, %r12, %r31;         // no strict maximum: column 0, as on the host\n"
+    "    selp.b32 %r12, 0, %r12, %p6;\n    setp.eq.u32 %p6, %r12, %r9;\n    selp.f32 %f9, 0f3F800000, 0f00000000, %p6;\n"
+    + col_loop("SUM", "%r31", addr("%rd2", 3, "%r8", 4) + "    ld.global.f32 %f3, [%rd2];\n    sub.f32 %f3, %f3, %f1;\n"
                "    mul.f32 %f3, %f3, 0f3FB8AA3B;\n    ex2.approx.ftz.f32 %f3, %f3;\n    add.f32 %f2, %f2, %f3;\n")
     + warp_sum("%f2") + """    lg2.approx.ftz.f32 %f4, %f2;
     fma.rn.f32 %f4, %f4, 0f3F317218, %f1;  // lse
     mad.lo.u32 %r10, %r1, %r31, %r9;
-""" + addr("%rd3", 2, "%r10", 4) + """    ld.global.f32 %f5, [%rd3];
+""" + addr("%rd3", 3, "%r10", 4) + """    ld.global.f32 %f5, [%rd3];
     sub.f32 %f5, %f4, %f5;                 // loss = lse - logit[label]
     setp.eq.u32 %p4, %r6, 0;
-""" + addr("%rd4", 0, "%r1", 4) + "    @%p4 st.global.f32 [%rd4], %f5;\n    rcp.rn.f32 %f6, %f2;\n    mul.f32 %f6, %f6, %f30;\n"
-    + col_loop("GRAD", "%r31", addr("%rd2", 2, "%r8", 4) + "    ld.global.f32 %f3, [%rd2];\n    sub.f32 %f3, %f3, %f1;\n"
+""" + addr("%rd4", 0, "%r1", 4) + "    @%p4 st.global.f32 [%rd4], %f5;\n"
+    + addr("%rd6", 1, "%r1", 4) + "    @%p4 st.global.f32 [%rd6], %f9;\n    rcp.rn.f32 %f6, %f2;\n    mul.f32 %f6, %f6, %f30;\n"
+    + col_loop("GRAD", "%r31", addr("%rd2", 3, "%r8", 4) + "    ld.global.f32 %f3, [%rd2];\n    sub.f32 %f3, %f3, %f1;\n"
                "    mul.f32 %f3, %f3, 0f3FB8AA3B;\n    ex2.approx.ftz.f32 %f3, %f3;\n    mul.f32 %f3, %f3, %f6;\n"
                "    setp.eq.u32 %p5, %r7, %r9;\n    sub.f32 %f7, %f3, %f30;\n    selp.f32 %f3, %f7, %f3, %p5;\n"
-               + addr("%rd5", 1, "%r8", 4) + "    st.global.f32 [%rd5], %f3;\n")
+               + addr("%rd5", 2, "%r8", 4) + "    st.global.f32 [%rd5], %f3;\n")
     + "    bra.uni ROW_DONE;\nIGNORED:\n    setp.eq.u32 %p4, %r6, 0;\n" + addr("%rd4", 0, "%r1", 4)
-    + "    @%p4 st.global.f32 [%rd4], 0f00000000;\n"
-    + col_loop("ZERO", "%r31", addr("%rd5", 1, "%r8", 4) + "    st.global.f32 [%rd5], 0f00000000;\n")
+    + "    @%p4 st.global.f32 [%rd4], 0f00000000;\n" + addr("%rd6", 1, "%r1", 4)
+    + "    @%p4 st.global.f32 [%rd6], 0f00000000;\n"
+    + col_loop("ZERO", "%r31", addr("%rd5", 2, "%r8", 4) + "    st.global.f32 [%rd5], 0f00000000;\n")
     + "ROW_DONE:\n")
+# acc[0] += scale * sum(loss[0..n]), acc[1] += sum(hits[0..n]): one warp (a
+# fixed summation order, so the reported loss is the same bits run to run),
+# lanes stride over n, butterfly, lane 0 adds. pointers: acc 0, loss 1, hits 2.
+xa = f"""
+.visible .entry softmax_xent_sums_f32({params(["acc", "loss", "hits"], ["n"], ["scale"])})
+{{
+{REGS}{load_params(["acc", "loss", "hits"], ["n"], ["scale"])}    mov.u32 %r6, %tid.x;
+    mov.u32 %r1, %r6;
+    mov.f32 %f1, 0f00000000;
+    mov.f32 %f2, 0f00000000;
+LOOP:
+    setp.ge.u32 %p1, %r1, %r30;
+    @%p1 bra REDUCE;
+{addr("%rd1", 1, "%r1", 4)}    ld.global.f32 %f3, [%rd1];
+    add.f32 %f1, %f1, %f3;
+{addr("%rd2", 2, "%r1", 4)}    ld.global.f32 %f3, [%rd2];
+    add.f32 %f2, %f2, %f3;
+    add.u32 %r1, %r1, 32;
+    bra.uni LOOP;
+REDUCE:
+{warp_sum("%f1")}{warp_sum("%f2")}    setp.ne.u32 %p2, %r6, 0;
+    @%p2 bra DONE;
+    ld.global.f32 %f4, [%rd20];
+    fma.rn.f32 %f4, %f1, %f30, %f4;
+    st.global.f32 [%rd20], %f4;
+    ld.global.f32 %f5, [%rd20+4];
+    add.f32 %f5, %f5, %f2;
+    st.global.f32 [%rd20+4], %f5;
+DONE:
+    ret;
+}}
+"""
 # Softmax cross-entropy over a vocabulary split into chunks (logits [rows,
 # chunk] = columns offset..offset+chunk). Running statistics per row live in
 # `stats`, three f32 (max, sum of exp(logit - max), target logit) as
@@ -390,12 +439,13 @@ xf = elementwise("softmax_xent_finish_f32", ["loss", "stats", "labels"], ["n", "
     "STORE:\n" + addr("%rd4", 0, "%r1", 4) + "    st.global.f32 [%rd4], %f5;\n")
 
 write("softmax_xent.ptx", "Fused softmax cross-entropy (f32 logits, u32 labels, ignore index as u32 bits).\n"
-      "softmax_xent_f32: whole-vocabulary rows, loss and dlogits = scale * (softmax - onehot) in one pass.\n"
+      "softmax_xent_f32: whole-vocabulary rows, loss, argmax hit and dlogits = scale * (softmax - onehot)\n"
+      "in one pass; softmax_xent_sums_f32 (one warp) adds scale * sum(loss) and sum(hits) to acc[0..2].\n"
       "Vocabulary in chunks: softmax_xent_stats_f32 folds one chunk (columns offset..offset+chunk) into\n"
       "per-row running stats (max, sum exp(logit - max), target logit: three f32 a row), then\n"
       "softmax_xent_finish_f32 writes the loss and softmax_xent_grad_f32 one chunk's dlogits.\n"
       "One warp per row (finish: one thread per row). Labels must be < vocab or equal the ignore\n"
-      "index (the launcher's caller guarantees it).", [xe, xs, xg, xf])
+      "index (the launcher's caller guarantees it).", [xe, xa, xs, xg, xf])
 
 # Embedding forward / backward.
 em = []

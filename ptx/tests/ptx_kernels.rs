@@ -257,7 +257,7 @@ fn rowwise_launchers_reject_bad_arguments() {
     );
     assert_eq!(
         arg(
-            kernels::softmax_cross_entropy(4, 10, -100, f32::INFINITY, 256, 512, 768, 1024)
+            kernels::softmax_cross_entropy(4, 10, -100, f32::INFINITY, 256, 384, 512, 768, 1024)
                 .unwrap_err()
         ),
         "grad_scale"
@@ -559,14 +559,13 @@ fn chunked_cross_entropy_kernels_match_twins() {
 
     // Chunked equals unchunked (the one-pass whole-row kernel).
     let pl = it.alloc_slice(&logits).unwrap();
-    let (pl1, pd1) = (
+    let (pl1, ph1, pd1) = (
+        it.alloc_zeroed(rows * 4).unwrap(),
         it.alloc_zeroed(rows * 4).unwrap(),
         it.alloc_zeroed(rows * vocab * 4).unwrap(),
     );
-    it.run(
-        &kernels::softmax_cross_entropy(rows, vocab, ignore, scale, pl1, pd1, pl, plab).unwrap(),
-    )
-    .unwrap();
+    let l = kernels::softmax_cross_entropy(rows, vocab, ignore, scale, pl1, ph1, pd1, pl, plab);
+    it.run(&l.unwrap()).unwrap();
     let whole_loss = it.read_f32(pl1, rows).unwrap();
     let whole_dl = it.read_f32(pd1, rows * vocab).unwrap();
     assert!(rel_err(&gloss, &to_f64(&whole_loss)) < 1e-5);
@@ -578,25 +577,60 @@ fn loss_embedding_adamw_kernels_match_twins() {
     let mut r = rng(62);
     // Cross-entropy.
     let (rows, vocab, ignore) = (6usize, 300usize, -100i32);
-    let logits = uniform(&mut r, rows * vocab, 6.0);
+    let mut logits = uniform(&mut r, rows * vocab, 6.0);
     let labels: Vec<i32> = vec![3, ignore, 299, 0, 150, 7];
+    // Argmax cases: a clear hit in lane 3 (row 0), a hit in the last column
+    // (row 2), a tie the earlier column wins against the label (row 4: a
+    // miss), and a maximum away from the label (row 5).
+    logits[3] = 9.0;
+    logits[2 * vocab + 299] = 9.0;
+    logits[4 * vocab + 20] = 9.0;
+    logits[4 * vocab + 150] = 9.0;
+    logits[5 * vocab + 7 + 96] = 9.0;
     let mut it = interp();
     let (pl, plab) = (
         it.alloc_slice(&logits).unwrap(),
         it.alloc_slice(&labels).unwrap(),
     );
-    let (ploss, pd) = (
+    let (ploss, phits, pd) = (
+        it.alloc_zeroed(rows * 4).unwrap(),
         it.alloc_zeroed(rows * 4).unwrap(),
         it.alloc_zeroed(rows * vocab * 4).unwrap(),
     );
-    it.run(
-        &kernels::softmax_cross_entropy(rows, vocab, ignore, 0.25, ploss, pd, pl, plab).unwrap(),
-    )
-    .unwrap();
+    let l = kernels::softmax_cross_entropy(rows, vocab, ignore, 0.25, ploss, phits, pd, pl, plab);
+    it.run(&l.unwrap()).unwrap();
     let (mut loss, mut dl) = (vec![0.0f32; rows], vec![0.0f32; rows * vocab]);
     cpu::softmax_cross_entropy(&logits, &labels, vocab, ignore, 0.25, &mut loss, &mut dl).unwrap();
-    assert!(rel_err(&it.read_f32(ploss, rows).unwrap(), &to_f64(&loss)) < 1e-5);
+    let got_loss = it.read_f32(ploss, rows).unwrap();
+    assert!(rel_err(&got_loss, &to_f64(&loss)) < 1e-5);
     assert!(rel_err(&it.read_f32(pd, rows * vocab).unwrap(), &to_f64(&dl)) < 1e-5);
+    let mut hits = vec![0.0f32; rows];
+    cpu::argmax_hits(&logits, &labels, vocab, ignore, &mut hits).unwrap();
+    assert_eq!(hits, [1.0, 0.0, 1.0, 0.0, 0.0, 0.0], "the twin's own cases");
+    let got_hits = it.read_f32(phits, rows).unwrap();
+    assert_eq!(got_hits, hits);
+
+    // The step's accumulators: added to what they held, hits counted.
+    let pacc = it.alloc_slice(&[1.5f32, 2.0]).unwrap();
+    it.run(&kernels::softmax_xent_sums(rows, 0.25, pacc, ploss, phits).unwrap())
+        .unwrap();
+    let acc = it.read_f32(pacc, 2).unwrap();
+    let want = 1.5 + 0.25 * loss.iter().map(|&x| f64::from(x)).sum::<f64>();
+    assert!(
+        (f64::from(acc[0]) - want).abs() < 1e-5 * want,
+        "{} vs {want}",
+        acc[0]
+    );
+    assert_eq!(acc[1], 4.0);
+    // More rows than lanes: every element counted once.
+    let n = 1000;
+    let ones = vec![1.0f32; n];
+    let xs: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let (px, po) = (it.alloc_slice(&xs).unwrap(), it.alloc_slice(&ones).unwrap());
+    let pacc = it.alloc_zeroed(8).unwrap();
+    it.run(&kernels::softmax_xent_sums(n, 2.0, pacc, px, po).unwrap())
+        .unwrap();
+    assert_eq!(it.read_f32(pacc, 2).unwrap(), [2.0 * 499_500.0, 1000.0]);
 
     // Embedding forward and scatter-add backward (repeated ids).
     let (tokens, dim, v) = (7usize, 40usize, 5usize);

@@ -202,8 +202,15 @@ fn linear_rope_fwd(
     // On the GPU: the GEMM into f32, RoPE in f32 in place (each thread
     // reads its pair before writing it), one rounding to y's dtype.
     if y.dt == DType::BF16 {
-        if let Some(blas) = super::gemm_blas(ctx, &[x, w], Tv::f32(y.v), b.as_ref()) {
+        let b32 = b.map(|b| Tv {
+            dt: DType::F32,
+            ..b
+        });
+        if let Some(blas) = super::gemm_blas(ctx, &[x, w], Tv::f32(y.v), b32.as_ref()) {
             let s = ctx.s();
+            // The bias in f32, the type cuBLASLt's epilogue reads it in.
+            let widened = super::f32_bias(ctx, b)?;
+            let b = widened.as_ref().map(|w| w.view()).or(b);
             let z = ctx.alloc(t * out, "qk projection")?;
             let zv = z.view();
             super::gemm(s, blas, &spec, x, w, b, zv)?;

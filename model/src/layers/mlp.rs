@@ -100,12 +100,18 @@ fn wide(ctx: &Ctx<'_>, lp: &LayerParams, hn: Tv<'_>, n: usize, aux: bool) -> Res
     let w1 = ctx.p(&lp.w1)?;
     // (Only the dtype of an f32 output matters to the check.)
     let f32_out = Tv::f32(hn.v);
+    let b1_32 = b1.map(|b| Tv {
+        dt: DType::F32,
+        ..b
+    });
     let on_gpu = act.view().dt == DType::BF16
-        && super::gemm_blas(ctx, &[hn, w1], f32_out, b1.as_ref()).is_some()
+        && super::gemm_blas(ctx, &[hn, w1], f32_out, b1_32.as_ref()).is_some()
         && w3.is_none_or(|w3| super::gemm_blas(ctx, &[hn, w3], f32_out, None).is_some());
     if let (true, Some(blas)) = (on_gpu, ctx.blas) {
         let s = ctx.s();
         let z1f = ctx.alloc(n * inter, "mlp pre-activation")?;
+        let widened = super::f32_bias(ctx, b1)?;
+        let b1 = widened.as_ref().map(Buf::view).or(b1);
         super::gemm(s, blas, &spec, hn, w1, b1, z1f.view())?;
         let a32 = ctx.alloc(n * inter, "mlp activation")?;
         let (z1v, av) = (z1f.view(), a32.view());

@@ -341,6 +341,16 @@ pub(crate) fn gemm_blas<'a>(
     ok.then_some(blas)
 }
 
+/// The bias of a GEMM into an f32 output (cuBLASLt's epilogue reads it in
+/// the output's type): `None` when `b` is absent or f32 already (use `b`),
+/// else its f32 copy, widened on the GPU (`out` elements: cheap).
+pub(crate) fn f32_bias(ctx: &Ctx<'_>, b: Option<Tv<'_>>) -> Result<Option<Buf>> {
+    match b {
+        Some(b) => ctx.narrowed_to(b, DType::F32, "bias f32"),
+        None => Ok(None),
+    }
+}
+
 /// `d (+)= op(a) op(b) (+ bias)` through cuBLASLt on `s`.
 pub(crate) fn gemm(
     s: &Stream,
@@ -520,20 +530,21 @@ pub(crate) fn linear_bwd(
         let g = dy16.as_ref().map_or(dy, |b| b.view());
         gemm(s, blas, &wgrad_spec(t, inp, out), g, x, None, dw)?;
         if let Some(db) = db {
-            // The bias gradient (GPT's biases): a column sum, still a host
-            // kernel (a GEMM against ones, or a reduction kernel, would keep
-            // dy on the device).
-            kernel(
-                s,
-                "bias_grad",
-                (t * out) as f64,
-                &[dy],
-                &[db],
-                move |i, o| {
-                    add_column_sums(i[0], out, o[0]);
-                    Ok(())
-                },
-            )?;
+            // The bias gradient (GPT's biases), the column sums of dy: a
+            // GEMV against a row of ones, `db[1, out] += ones[1, t] dy[t,
+            // out]` (unit leading dimensions nowhere), so dy stays on the
+            // device.
+            let ones = ctx.alloc_as(t, DType::BF16, "ones")?;
+            fill(s, ones.view(), 1.0)?;
+            let spec = MatmulSpec {
+                m: 1,
+                n: out,
+                k: t,
+                trans_a: Transpose::No,
+                trans_b: Transpose::No,
+                accumulate: true,
+            };
+            gemm(s, blas, &spec, ones.view(), g, None, db)?;
         }
         if let Some((dx, acc)) = dx {
             let dx_spec = dgrad_spec(t, inp, out, acc);

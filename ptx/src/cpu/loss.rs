@@ -250,3 +250,30 @@ pub fn softmax_cross_entropy(
     });
     Ok(labels.iter().filter(|&&l| l != ignore_index).count())
 }
+
+/// Per row of `logits: [rows, vocab]`, 1.0 when the row's first maximum is
+/// its label and 0.0 otherwise (and for ignored rows): the accuracy metric's
+/// hits, as `softmax_xent_f32` writes them beside the loss. NaNs never win.
+pub fn argmax_hits(
+    logits: &[f32],
+    labels: &[i32],
+    vocab: usize,
+    ignore_index: i32,
+    hits: &mut [f32],
+) -> Result<()> {
+    const K: &str = "argmax_hits";
+    check_labels(K, logits.len(), labels, vocab, ignore_index)?;
+    check_len(K, "hits", hits.len(), labels.len())?;
+    for ((h, row), &label) in hits.iter_mut().zip(logits.chunks(vocab)).zip(labels) {
+        // The first strict maximum above -inf (column 0 when there is none).
+        let (mut best, mut top) = (0, f32::NEG_INFINITY);
+        for (j, &z) in row.iter().enumerate() {
+            if z > top {
+                (best, top) = (j, z);
+            }
+        }
+        let hit = label != ignore_index && best as i64 == i64::from(label);
+        *h = if hit { 1.0 } else { 0.0 };
+    }
+    Ok(())
+}

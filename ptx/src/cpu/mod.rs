@@ -16,7 +16,9 @@ mod rowwise;
 
 pub use attention::{attn_bwd_chunk, attn_delta, attn_fwd_chunk, lse_merge, AttnShape};
 pub use element::{widen, DType, Element};
-pub use loss::{ce_chunk_grad, ce_chunk_stats, ce_finish, softmax_cross_entropy, CeStats};
+pub use loss::{
+    argmax_hits, ce_chunk_grad, ce_chunk_stats, ce_finish, softmax_cross_entropy, CeStats,
+};
 pub use matmul::{gemm_f32, matmul, MatmulSpec, Transpose};
 pub use optim::{adamw_step, sq_norm, AdamW};
 pub use permute::{cast, narrow_bytes, ulysses_pack, ulysses_unpack, widen_bytes};

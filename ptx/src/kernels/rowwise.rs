@@ -525,10 +525,13 @@ pub fn ce_chunk_grad(
     ))
 }
 
-/// Fused softmax cross-entropy over full-vocabulary f32 rows: per-row loss
-/// and `dlogits = grad_scale * (softmax - onehot)`; labels are i32 with
-/// `ignore_index` (negative indices other than it are the caller's bug:
-/// labels live on the device and cannot be checked here).
+/// Fused softmax cross-entropy over full-vocabulary f32 rows: per-row loss,
+/// per-row argmax hit (1.0 when the row's first maximum is its label, else
+/// 0.0; the twin is [`crate::cpu::argmax_hits`]) and the gradient
+/// `dlogits = grad_scale * (softmax - onehot)`. Labels are i32 with
+/// `ignore_index` (ignored rows: loss, hit and dlogits 0); negative indices
+/// other than it are the caller's bug: labels live on the device and cannot
+/// be checked here.
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_cross_entropy(
     rows: usize,
@@ -536,6 +539,7 @@ pub fn softmax_cross_entropy(
     ignore_index: i32,
     grad_scale: f32,
     loss: u64,
+    hits: u64,
     dlogits: u64,
     logits: u64,
     labels: u64,
@@ -547,6 +551,7 @@ pub fn softmax_cross_entropy(
         K,
         &[
             ("loss", loss, 4),
+            ("hits", hits, 4),
             ("dlogits", dlogits, 4),
             ("logits", logits, 4),
             ("labels", labels, 4),
@@ -563,6 +568,32 @@ pub fn softmax_cross_entropy(
             Arg::F32(grad_scale),
         ],
     ))
+}
+
+/// `acc[0] += scale * sum(loss[..n])` and `acc[1] += sum(hits[..n])` (f32):
+/// the step's loss and accuracy accumulators, on the device. One warp, so
+/// the sum's order (and the reported loss's bits) is the same every run.
+pub fn softmax_xent_sums(
+    n: usize,
+    scale: f32,
+    acc: u64,
+    loss: u64,
+    hits: u64,
+) -> Result<KernelLaunch> {
+    const K: &str = "softmax_xent_sums";
+    let n = count(K, "n", n)?;
+    check_grad_scale(K, scale)?;
+    let mut args = ptrs(K, &[("acc", acc, 4), ("loss", loss, 4), ("hits", hits, 4)])?;
+    args.push(Arg::U32(n));
+    args.push(Arg::F32(scale));
+    Ok(KernelLaunch {
+        module: SOFTMAX_XENT_PTX,
+        entry: "softmax_xent_sums_f32".to_string(),
+        grid: Dim3::new(1, 1, 1),
+        block: Dim3::new(32, 1, 1),
+        shared_bytes: 0,
+        args,
+    })
 }
 
 /// Embedding lookup of `tokens` ids into rows of `dim` (an id >= vocab traps).
