@@ -105,6 +105,40 @@ cat >"$cfg" <<'JSON'
  "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 64, "rope_theta": 10000.0,
  "max_position_embeddings": 4096}
 JSON
+# --device auto (the default) on a GPU machine: the default f32 tiny model
+# stays on the cpu device and says why; a bf16 model at head dim 64 trains
+# on the GPU, its losses near the cpu device's.
+run_dir=$(mktemp -d)
+auto=$(target/debug/fpdt train --seq-len 256 --chunk 64 --steps 1 --warmup 1 --no-progress \
+  --out "$run_dir/default" 2>&1) || true
+if ! grep -q "but the trainer runs on the cpu device: f32" <<<"$auto" \
+  || ! grep -q "on the cpu device, S = " <<<"$auto"; then
+  echo "fake-cuda-test: fpdt train (auto) did not choose the cpu device for f32:" >&2
+  echo "$auto" | head -4 >&2
+  exit 1
+fi
+bfargs=(--model "$cfg" --precision bf16 --seq-len 256 --chunk 64 --steps 2 --warmup 1
+  --seq-stages none --eval-every 2 --eval-batches 1 --no-progress)
+auto=$(FPDT_FAKE_CUDA_INTERP=1 target/debug/fpdt train --device-memory 4M "${bfargs[@]}" \
+  --out "$run_dir/auto" 2>&1) || true
+cpu=$(target/debug/fpdt train --device cpu "${bfargs[@]}" --out "$run_dir/cpu" 2>&1) || true
+rm -rf "$run_dir"
+if ! grep -q "training on the cuda device" <<<"$auto" \
+  || ! grep -q "every layer op as a PTX kernel" <<<"$auto"; then
+  echo "fake-cuda-test: fpdt train (auto, bf16, head dim 64) did not train on the cuda device:" >&2
+  echo "$auto" | tail -8 >&2
+  exit 1
+fi
+near=$(python3 - "$(losses "$auto")" "$(losses "$cpu")" <<'PY'
+import re, sys
+a, b = ([float(x) for x in re.findall(r"[0-9.]+", s)] for s in sys.argv[1:3])
+print("yes" if len(a) == 2 == len(b) and all(abs(x - y) <= 1e-2 * abs(y) for x, y in zip(a, b)) else "no")
+PY
+)
+if [ "$near" != yes ]; then
+  echo "fake-cuda-test: bf16 losses on the GPU '$(losses "$auto")' far from the cpu's '$(losses "$cpu")'" >&2
+  exit 1
+fi
 ov=$(FPDT_FAKE_CUDA_INTERP=1 target/debug/fpdt bench overlap --device cuda --precision bf16 \
   --model "$cfg" --chunks 8 --chunks-per-seq 2 --reps 1 --device-memory 4M --host-memory 32M \
   --no-progress 2>&1) || true
@@ -114,4 +148,4 @@ if ! grep -q "bf16; median of 1 step each, cuda device" <<<"$ov"; then
   echo "$ov" | tail -8 >&2
   exit 1
 fi
-echo "fake-cuda-test: the cuda tests, fpdt info, fpdt train --device cuda (f32 and bf16) and fpdt bench overlap --device cuda passed against the fake driver"
+echo "fake-cuda-test: the cuda tests, fpdt info, fpdt train --device cuda (f32 and bf16) and auto, and fpdt bench overlap --device cuda passed against the fake driver"

@@ -26,15 +26,15 @@ use super::parse_bytes_arg;
 /// Where to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {
-    /// The best device the trainer runs on: cpu for now (on cuda its layers
-    /// still run as host kernels, staged through pinned memory, which is
-    /// slower than the cpu device); says so when a GPU is present.
+    /// The best device for the run: cuda when a GPU is found and the run
+    /// computes there (bf16 at head dims 64 or 128, cuBLASLt loaded), else
+    /// cpu (says why on a GPU machine).
     Auto,
     /// The cpu backend.
     Cpu,
-    /// An NVIDIA GPU: the P ranks share it (memory, streams, copies and
-    /// collectives on the GPU; the layers as host kernels staged through
-    /// each rank's pinned arena until their PTX dispatch lands).
+    /// An NVIDIA GPU: the P ranks share it (memory, streams, copies,
+    /// collectives and, in bf16, every layer op on the GPU; what has no GPU
+    /// kernel runs as a host kernel staged through each rank's pinned arena).
     Cuda,
 }
 
@@ -679,22 +679,69 @@ fn step_line(r: &StepRecord, passkey: bool) -> String {
     s
 }
 
+/// Resolves `--device`: `auto` is cuda when a GPU is found and the run
+/// computes there (bf16, attention at a head dim the kernels take, cuBLASLt
+/// loaded), else cpu; on a GPU machine it says why it chose cpu (the cuda
+/// device would stage the host kernels through pinned memory, slower than
+/// the cpu device).
+fn pick_device(
+    asked: DeviceChoice,
+    cfg: &ModelConfig,
+    precision: Precision,
+) -> (DeviceChoice, Option<String>) {
+    if asked != DeviceChoice::Auto {
+        return (asked, None);
+    }
+    let gpus = match fpdt_runtime::cuda::probe() {
+        Ok(g) if !g.is_empty() => g,
+        _ => return (DeviceChoice::Cpu, None),
+    };
+    let found = format!("{} GPU(s) found ({})", gpus.len(), gpus[0].name);
+    let host_on_cuda = match (precision, cfg.head_dim) {
+        (Precision::F32, _) => Some(
+            "f32 runs attention and the GEMMs as host kernels on cuda (--precision bf16 runs \
+             them on the GPU)"
+                .to_string(),
+        ),
+        (Precision::Bf16, 64 | 128) => None,
+        (Precision::Bf16, d) => Some(format!(
+            "the attention kernels take head dims 64 and 128, this model's is {d}"
+        )),
+    };
+    if let Some(reason) = host_on_cuda {
+        return (
+            DeviceChoice::Cpu,
+            Some(format!(
+                "{found}, but the trainer runs on the cpu device: {reason}; --device cuda runs \
+                 there anyway"
+            )),
+        );
+    }
+    if let Err(e) = fpdt_runtime::cublaslt::CublasLt::load() {
+        return (
+            DeviceChoice::Cpu,
+            Some(format!(
+                "{found}, but the trainer runs on the cpu device: cuBLASLt did not load ({e}), \
+                 so the GEMMs would be host kernels; --device cuda runs there anyway"
+            )),
+        );
+    }
+    (
+        DeviceChoice::Cuda,
+        Some(format!("{found}: training on the cuda device")),
+    )
+}
+
 /// `fpdt train`.
 pub fn train(args: &TrainArgs) -> Result<ExitCode> {
     let plan = args.check()?;
-    if args.device == DeviceChoice::Auto {
-        if let Ok(gpus) = fpdt_runtime::cuda::probe() {
-            if let Some(g) = gpus.first() {
-                eprintln!(
-                    "fpdt train: note: {} GPU(s) found ({}), but the trainer runs on the cpu \
-                     device: on cuda only bf16 runs at head dims 64 and 128 compute on the GPU \
-                     (the embedding, the loss and AdamW stay on the host), and that path has not \
-                     been measured on a GPU yet; --device cuda --precision bf16 runs there",
-                    gpus.len(),
-                    g.name
-                );
-            }
-        }
+    let (choice, why) = pick_device(args.device, &plan.config, plan.schedule.precision);
+    if let Some(why) = why {
+        eprintln!("fpdt train: note: {why}");
+    }
+    if choice == DeviceChoice::Cuda && args.device == DeviceChoice::Auto {
+        // What `--device cuda` checks when the flag is parsed.
+        check_cuda()?;
     }
     let s = plan.schedule;
     let what = match (&plan.data, &plan.task) {
@@ -705,7 +752,7 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         ),
         (None, None) => "nothing".into(),
     };
-    let device_name = match args.device {
+    let device_name = match choice {
         DeviceChoice::Cuda => "the cuda device",
         DeviceChoice::Auto | DeviceChoice::Cpu => "the cpu device",
     };
@@ -746,7 +793,7 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
             s.seq_len
         );
     }
-    let device = match args.device {
+    let device = match choice {
         DeviceChoice::Cuda => TrainDevice::Cuda(CudaConfig {
             device_memory: Some(args.device_memory),
             host_memory: args.host_memory,
@@ -768,23 +815,27 @@ pub fn train(args: &TrainArgs) -> Result<ExitCode> {
         opts.clone(),
         plan.init.as_ref().map(|h| h.params.clone()),
     )?;
-    if args.device == DeviceChoice::Cuda {
+    if choice == DeviceChoice::Cuda {
         let bf16 = s.precision == Precision::Bf16;
-        let d = plan.config.head_dim;
+        let gpu_attention = matches!(plan.config.head_dim, 64 | 128);
+        let gemms = match trainer.group().ranks().first().map(|r| r.gemm_backend()) {
+            Some(b) if bf16 => b,
+            Some(_) => "host kernels (cuBLASLt takes bf16: --precision bf16)".to_string(),
+            None => "?".to_string(),
+        };
         println!(
-            "on cuda: the norms' forward as PTX; attention as PTX {}; GEMMs on {}; the other \
-             ops as host kernels staged through pinned memory",
-            if !bf16 {
-                "only with --precision bf16 (host kernels in f32)".to_string()
-            } else if matches!(d, 64 | 128) {
-                "kernels".to_string()
-            } else {
-                format!("only at head dims 64 and 128 (host kernels at {d})")
-            },
-            match trainer.group().ranks().first().map(|r| r.gemm_backend()) {
-                Some(b) if bf16 => b,
-                Some(_) => "host kernels (cuBLASLt takes bf16: --precision bf16)".to_string(),
-                None => "?".to_string(),
+            "on cuda: {}; GEMMs on {gemms}; AdamW on the host arena's fp32 master shard",
+            match (bf16, gpu_attention) {
+                (true, true) => "every layer op as a PTX kernel".to_string(),
+                (true, false) => format!(
+                    "the layer ops as PTX kernels but attention, a host kernel at head dim {} \
+                     (the kernels take 64 and 128)",
+                    plan.config.head_dim
+                ),
+                (false, _) => "the norms, embedding, loss and element-wise ops as PTX kernels; \
+                     attention and the GEMMs as host kernels (f32: --precision bf16 runs them on \
+                     the GPU)"
+                    .to_string(),
             }
         );
     }
