@@ -285,6 +285,12 @@ fn attention_and_gemms_run_on_the_gpu_in_bf16_near_the_cpu_step() {
         } else {
             eprintln!("{test}: the GEMM checks skipped, no cuBLASLt: {backend}");
         }
+        // RoPE read its positions from the rank's positions buffer, no
+        // copy per call.
+        assert!(
+            !names.iter().any(|n| n == "h2d rope positions"),
+            "{what}: positions copied per call"
+        );
         // More than one chunk: partial outputs were merged on the GPU.
         assert!(names.iter().any(|n| n.contains("lse_merge_f32")), "{what}");
         // And no attention op fell back to a host kernel.

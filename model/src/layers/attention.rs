@@ -247,14 +247,46 @@ fn linear_rope_fwd(
     )
 }
 
-/// `pos` in device memory, copied on the compute stream from the host
-/// arena (ordered with the kernels, no host wait).
-fn positions_on_device(ctx: &Ctx<'_>, pos: &[u32]) -> Result<fpdt_runtime::DeviceBuffer> {
+/// `pos` on the device: a slice of the rank's positions buffer when `pos`
+/// is a run of consecutive positions inside it (every chunk's are), else a
+/// copy on the compute stream from the host arena (ordered with the
+/// kernels, no host wait).
+fn positions_on_device<'a>(ctx: &Ctx<'a>, pos: &[u32]) -> Result<Positions<'a>> {
+    let first = pos.first().map_or(0, |&p| p as usize);
+    let consecutive = pos
+        .iter()
+        .enumerate()
+        .all(|(k, &p)| p as usize == first + k);
+    if let Some(all) = ctx
+        .positions
+        .filter(|b| consecutive && (first + pos.len()) * 4 <= b.len())
+    {
+        return Ok(Positions::Slice(
+            all.bytes(first * 4..(first + pos.len()) * 4)?,
+        ));
+    }
     let mut h = ctx.dev.alloc_host(pos.len() * 4, "rope positions")?;
     h.write(|x: &mut [u32]| x.copy_from_slice(pos))?;
     let d = ctx.dev.alloc(pos.len() * 4, "rope positions")?;
     ctx.s().copy(h.view(), d.view())?;
-    Ok(d)
+    Ok(Positions::Copy(d))
+}
+
+/// Token positions on the device (u32).
+enum Positions<'a> {
+    /// A slice of the rank's positions buffer.
+    Slice(fpdt_runtime::View<'a>),
+    /// A copy made for this call.
+    Copy(fpdt_runtime::DeviceBuffer),
+}
+
+impl Positions<'_> {
+    fn view(&self) -> fpdt_runtime::View<'_> {
+        match self {
+            Positions::Slice(v) => *v,
+            Positions::Copy(b) => b.view(),
+        }
+    }
 }
 
 /// Whether an attention kernel runs as PTX: on the GPU (not forced to host

@@ -121,6 +121,8 @@ pub(crate) struct Ctx<'a> {
     /// The device's cuBLASLt, when `gpu` and the library loaded: the
     /// linear layers' GEMMs run there (bf16 operands).
     pub blas: Option<&'a Blas>,
+    /// On cuda: the positions `0..seq_len` (u32) on the device, for RoPE.
+    pub positions: Option<&'a DeviceBuffer>,
 }
 
 impl Ctx<'_> {
