@@ -648,17 +648,31 @@ impl<C: Communicator> RankModel<C> {
         }
         // The squared norm of this shard, then of all shards.
         let sq = self.dev.alloc(F32, "grad norm")?;
-        crate::layers::kernel(
-            &s,
-            "grad_sq_norm",
-            2.0 * k as f64,
-            &[Tv::f32(opt.dev_shard.view())],
-            &[Tv::f32(sq.view())],
-            |i, o| {
-                o[0][0] = fpdt_ptx::cpu::sq_norm(i[0]) as f32;
-                Ok(())
-            },
-        )?;
+        if self.dev.kind() == DeviceKind::Cuda && !self.host_kernels {
+            // On the GPU (red.add of per-warp sums: the last bits vary run to
+            // run), not a host kernel staging the whole shard to the host.
+            fill(&s, Tv::f32(sq.view()), 0.0)?;
+            let shard = opt.dev_shard.view();
+            let l = fpdt_ptx::kernels::sq_norm(
+                k,
+                fpdt_ptx::cpu::DType::F32,
+                sq.view().addr() as u64,
+                shard.addr() as u64,
+            )?;
+            crate::layers::ptx_launch(&s, &l, 2.0 * k as f64, &[shard], &[sq.view()])?;
+        } else {
+            crate::layers::kernel(
+                &s,
+                "grad_sq_norm",
+                2.0 * k as f64,
+                &[Tv::f32(opt.dev_shard.view())],
+                &[Tv::f32(sq.view())],
+                |i, o| {
+                    o[0][0] = fpdt_ptx::cpu::sq_norm(i[0]) as f32;
+                    Ok(())
+                },
+            )?;
+        }
         self.comm
             .all_reduce(&s, sq.view(), DType::F32, ReduceOp::Sum)?;
         s.copy(opt.dev_shard.view(), opt.host_grad.view())?;

@@ -197,6 +197,52 @@ fn adamw_steps_on_cuda_follow_the_cpu_group() {
             "step {step}: weights"
         );
     }
+    // With the PTX kernels: the gradient norm on the GPU (sq_norm), the
+    // clipped update near the cpu's.
+    let Some(mut g) = gpu_group(test, &cfg, sched, &p32) else {
+        return;
+    };
+    let mut c = FpdtGroup::cpu(&cfg, sched, &p32, &cpu()).expect("a cpu group");
+    let clipped = fpdt_model::OptimStep {
+        clip: 0.5,
+        ..fpdt_model::OptimStep::typical(1e-2)
+    };
+    for step in 1..=2u64 {
+        let (tokens, targets) = random_batch(&cfg, 24, 200 + step);
+        g.ranks()[0].device().trace().clear();
+        g.step(&tokens, &targets).expect("cuda step");
+        c.step(&tokens, &targets).expect("cpu step");
+        let a = g.optimizer_step(&clipped).expect("cuda optimizer step");
+        let b = c.optimizer_step(&clipped).expect("cpu optimizer step");
+        let names: Vec<String> = g.ranks()[0]
+            .device()
+            .trace()
+            .events()
+            .iter()
+            .map(|e| e.name.to_string())
+            .collect();
+        assert!(
+            names.iter().any(|n| n == "sq_norm_f32"),
+            "step {step}: {names:?}"
+        );
+        assert!(
+            !names.iter().any(|n| n == "grad_sq_norm"),
+            "step {step}: norm on the host"
+        );
+        let rel = (a.grad_norm - b.grad_norm).abs() / b.grad_norm;
+        assert!(
+            rel < 1e-5,
+            "step {step}: |g| {} vs cpu {}",
+            a.grad_norm,
+            b.grad_norm
+        );
+        assert!(
+            b.grad_norm > 0.5 && a.clip_scale < 1.0,
+            "step {step}: not clipped"
+        );
+        let e = rel_dist(&g.params().unwrap(), &c.params().unwrap());
+        assert!(e < 1e-5, "step {step}: weights {e:e} from the cpu's");
+    }
 }
 
 #[test]
