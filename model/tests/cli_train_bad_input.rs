@@ -247,3 +247,68 @@ fn unwritable_out_and_a_checkpoint_from_another_config() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("old"), "{err}");
 }
+
+/// Under a launcher: a world of one trains as usual; a larger world is
+/// refused in one line naming the variables and what to run instead (not
+/// every process training its own copy into one --out); a broken launcher
+/// environment names the missing variable.
+#[test]
+fn launcher_environments() {
+    let d = TempDir::new("launcher");
+    let run = |env: &[(&str, &str)], out: &str| -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fpdt"));
+        for v in [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "SLURM_PROCID",
+            "SLURM_NTASKS",
+        ] {
+            c.env_remove(v);
+        }
+        c.args([
+            "train",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--seq-len",
+            "64",
+            "--chunk",
+            "16",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--eval-batches",
+            "1",
+            "--out",
+        ])
+        .arg(d.s(out))
+        .envs(env.iter().copied())
+        .output()
+        .expect("run fpdt")
+    };
+    let refused = |env: &[(&str, &str)], want: &[&str]| {
+        let o = run(env, "refused");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(1), "{env:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{env:?}: one line: {err}");
+        for w in want {
+            assert!(err.contains(w), "{env:?}: `{w}` missing from {err}");
+        }
+        assert!(!d.0.join("refused").exists(), "{env:?}: wrote its --out");
+    };
+    refused(
+        &[("RANK", "1"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")],
+        &["RANK=1", "WORLD_SIZE=4", "--ranks 4"],
+    );
+    refused(
+        &[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")],
+        &["SLURM_PROCID=0", "SLURM_NTASKS=2", "--ranks 2"],
+    );
+    refused(&[("RANK", "0")], &["WORLD_SIZE", "torchrun"]);
+    refused(&[("RANK", "zero"), ("WORLD_SIZE", "1")], &["RANK", "zero"]);
+    let o = run(&[("RANK", "0"), ("WORLD_SIZE", "1")], "single");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("done: 2 steps"));
+}

@@ -70,8 +70,9 @@ pub struct TrainArgs {
     /// Device backend.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
-    /// Sequence-parallel ranks in this process (P); under torchrun or Slurm
-    /// (RANK/WORLD_SIZE set) one rank per process instead.
+    /// Sequence-parallel ranks in this process (P). Under torchrun or Slurm
+    /// a world of one process is fine; one rank per process is refused (not
+    /// supported yet).
     #[arg(long, default_value_t = 2, value_name = "P")]
     pub ranks: usize,
     /// Model: a preset (tiny-llama, tiny-gpt, gpt2-124m, llama-3-8b, ...) or
@@ -220,6 +221,49 @@ fn parse_width(s: &str) -> std::result::Result<TokenWidth, String> {
     TokenWidth::parse(s).ok_or_else(|| format!("`{s}` is not a token width: use u16 or u32"))
 }
 
+/// Under torchrun or srun (`RANK` or `SLURM_PROCID` set): a world of one
+/// process trains as usual; a larger one is refused rather than having
+/// every process train its own copy into the same --out. One rank per
+/// process is not in the trainer yet (the NCCL communicator and the
+/// rendezvous it would use are in fpdt-comm, and `fpdt-rendezvous-check`
+/// tries a launcher's set-up).
+pub(super) fn check_launcher(get: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+    if get("RANK").is_none() && get("SLURM_PROCID").is_none() {
+        return Ok(());
+    }
+    // Only the rank and the world size matter here: rank 0's address is
+    // not needed to refuse (or to train alone).
+    let lookup = |k: &str| {
+        get(k).or_else(|| match k {
+            "MASTER_ADDR" => Some("localhost".to_string()),
+            "MASTER_PORT" => Some("29500".to_string()),
+            _ => None,
+        })
+    };
+    let env = fpdt_comm::rendezvous::RendezvousEnv::from_lookup(lookup).map_err(|e| {
+        ModelError::Usage {
+            flag: "launcher environment".into(),
+            message: e.to_string(),
+        }
+    })?;
+    if env.world_size <= 1 {
+        return Ok(());
+    }
+    let (rank, world) = match env.launcher {
+        fpdt_comm::rendezvous::Launcher::Torchrun => ("RANK", "WORLD_SIZE"),
+        fpdt_comm::rendezvous::Launcher::Slurm => ("SLURM_PROCID", "SLURM_NTASKS"),
+    };
+    Err(ModelError::Usage {
+        flag: world.into(),
+        message: format!(
+            "{rank}={} of {world}={}: fpdt train runs its ranks in one process (--ranks P, \
+             sharing this process's device); one rank per process under a launcher is not \
+             supported yet: launch one process with --ranks {}",
+            env.rank, env.world_size, env.world_size
+        ),
+    })
+}
+
 pub(super) fn usage(flag: &str, message: impl Into<String>) -> ModelError {
     ModelError::Usage {
         flag: flag.into(),
@@ -299,6 +343,7 @@ pub(super) fn finite_in(flag: &str, v: f64, lo: f64, hi: f64, rule: &str) -> Res
 impl TrainArgs {
     /// Checks every flag (and the files they name); errors name the flag.
     pub fn check(&self) -> Result<TrainPlan> {
+        check_launcher(&|k| std::env::var(k).ok())?;
         if self.device == DeviceChoice::Cuda {
             check_cuda()?;
         }
