@@ -43,6 +43,8 @@ cargo test --no-run --message-format=json -p fpdt-ptx --lib --test ptx_kernels 2
 echo "==> GPU bench"
 cargo bench -p fpdt-comm --bench gpu --no-run --message-format=json 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
 cargo bench -p fpdt-ptx --bench gpu --no-run --message-format=json 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
+echo "==> end-to-end bench (the cpu device beside PyTorch on the GPU machine's CPUs)"
+cargo bench -p fpdt-model --bench e2e --no-run --message-format=json 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
 echo "==> fpdt"
 cargo build --release -p fpdt-model --bin fpdt --message-format=json 2>/dev/null | collect || { echo "the build above failed: rerun its cargo command to see why" >&2; exit 1; }
 strip .gpu/* 2>/dev/null || true

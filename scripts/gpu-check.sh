@@ -88,7 +88,7 @@ timeout "$LIMIT" "$BIN/fpdt-comm-gpu" 2>&1 | grep -v '^RESULT' || { echo "comm g
 step "The model on the GPU: its step and AdamW equal the cpu device's (host kernels), and its bf16 step with PTX attention and cuBLASLt GEMMs stays near it"
 [ -x "$BIN/fpdt-model-cuda" ] && run "fpdt-model-cuda" "$BIN/fpdt-model-cuda" --test-threads=1
 
-step "fpdt train --device cuda (default task; then 16K tokens), tokens/s of the staged path"
+step "fpdt train on the GPU: the default task (f32: attention and GEMMs as host kernels), 16K tokens, bf16, then the 168M Llama at 64K in bf16 (tokens/s, MFU)"
 run_dir=$(mktemp -d)
 timeout "$LIMIT" "$BIN/fpdt" train --device cuda --steps 20 --warmup 2 --eval-every 10 \
   --no-progress --log-every 5 --out "$run_dir/a" 2>&1 | grep -Ev '^(metrics|checkpoint|loss curve|trace)' \
@@ -101,8 +101,8 @@ timeout "$LIMIT" "$BIN/fpdt" train --device cuda --precision bf16 --steps 20 --w
   --eval-every 10 --no-progress --log-every 5 --out "$run_dir/c" 2>&1 \
   | grep -Ev '^(metrics|checkpoint|loss curve|trace)' || { echo "fpdt train --precision bf16 FAILED"; status=1; }
 # A 168M Llama (scripts/llama-small.json: 8 layers, 8 heads of 128) at 64K
-# tokens in bf16: norms, RoPE, attention, SwiGLU, the permutes and the GEMMs
-# on the GPU; the embedding, the loss and AdamW on the host.
+# tokens in bf16: every layer op on the GPU (PTX kernels and cuBLASLt), the
+# AdamW update on the host arena's fp32 master shard.
 timeout "$LIMIT" "$BIN/fpdt" train --device cuda --precision bf16 --model scripts/llama-small.json \
   --seq-len 65536 --chunk 8192 --steps 3 --warmup 1 --eval-every 0 --eval-batches 1 \
   --seq-stages none --device-memory 48G --host-memory 16G --no-progress --log-every 1 \
@@ -116,14 +116,17 @@ timeout "$LIMIT" "$BIN/fpdt" bench overlap --device cuda --precision bf16 --mode
   --device-memory 40G --host-memory 16G --no-progress 2>&1 | tail -n 12 \
   || { echo "fpdt bench overlap --device cuda FAILED"; status=1; }
 
+step "End to end on this machine's CPUs: fpdt train on the cpu device beside PyTorch, same model and step (issue #9)"
+if [ -x "$BIN/fpdt-model-e2e" ]; then
+  FPDT_E2E_BIN="$BIN/fpdt" FPDT_E2E_SCRIPT="$PWD/benches/e2e_torch.py" timeout "$LIMIT" \
+    "$BIN/fpdt-model-e2e" 2>&1 | tail -n 12 || { echo "the e2e bench FAILED"; status=1; }
+fi
+
 step "Not measured by this version"
 cat <<'TXT'
-- a whole FPDT layer step with offload against the same step resident
-  (the attention pass above is its largest part), and a GPT training run
-  at 64K+ tokens with tokens/s and MFU: a bf16 step at head dim 64/128 now
-  computes on the GPU except the embedding, the loss and AdamW (host by
-  design), but no bench times it yet, and the tiny presets the runs above
-  train keep attention on the host.
+- one rank per process over NCCL (the trainer refuses a launcher world
+  above one; two ranks would need two GPUs anyway): the in-process ranks
+  above share the one GPU.
 TXT
 
 echo

@@ -7,7 +7,10 @@
 //! chunks, offload and checkpointing on) and the plain one (P = 1, one
 //! chunk, nothing offloaded, no recompute), which does the same work as
 //! PyTorch's step. Medians over the timed steps (the first steps, which
-//! include warm-up and the traced step, are dropped).
+//! include warm-up and the traced step, are dropped). `FPDT_E2E_BIN` and
+//! `FPDT_E2E_SCRIPT` point it at a prebuilt fpdt and the script elsewhere
+//! (scripts/gpu-check.sh runs it on the GPU machine's CPUs, where PyTorch
+//! is installed).
 
 #[path = "../../benches/support/mod.rs"]
 mod support;
@@ -28,20 +31,33 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The fpdt binary: `FPDT_E2E_BIN` (a prebuilt copy on another machine,
+/// as scripts/gpu-check.sh runs this bench), else the one cargo built.
+fn fpdt_bin() -> std::path::PathBuf {
+    std::env::var_os("FPDT_E2E_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_fpdt").into())
+}
+
 /// Runs `fpdt train` with `extra`; (median tokens/s, median MFU).
 fn ours(out: &Path, extra: &[&str]) -> Result<(f64, f64), String> {
     let steps = STEPS.to_string();
     let seq = SEQ.to_string();
-    let o = Command::new(env!("CARGO_BIN_EXE_fpdt"))
+    let o = Command::new(fpdt_bin())
         .args([
             "train",
+            "--device",
+            "cpu",
             "--no-progress",
             "--seq-len",
             &seq,
             "--steps",
             &steps,
         ])
-        .args(["--warmup", "1", "--eval-every", "0", "--ckpt-every", "1000"])
+        // At S throughout (the default's sequence-length warmup would time
+        // mostly 64-token steps).
+        .args(["--seq-stages", "none", "--warmup", "1", "--eval-every", "0"])
+        .args(["--ckpt-every", "1000"])
         .args(["--trace-step", "0", "--log-every", "0", "--out"])
         .arg(out)
         .args(extra)
@@ -65,7 +81,10 @@ fn ours(out: &Path, extra: &[&str]) -> Result<(f64, f64), String> {
 
 /// Runs the PyTorch twin; its tokens/s and a description, or why not.
 fn torch() -> Result<(f64, String), String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/e2e_torch.py");
+    let script = match std::env::var_os("FPDT_E2E_SCRIPT") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/e2e_torch.py"),
+    };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let o = Command::new("python3")
         .arg(&script)
