@@ -21,7 +21,7 @@ use fpdt_runtime::{
 
 use crate::config::{ModelConfig, ParamLayout, Precision, Schedule};
 use crate::error::{ModelError, Result};
-use crate::layers::{block, embedding, fill, loss, Ctx, Stash, Tv, F32};
+use crate::layers::{block, embedding, fill, loss, Ctx, Gemms, Stash, Tv, F32};
 use crate::reference::check_batch;
 use fpdt_ptx::cpu::{narrow_bytes, widen_bytes, DType as Storage};
 
@@ -164,8 +164,14 @@ pub struct RankModel<C: Communicator> {
     /// On cuda: the token positions `0..seq_len` (u32), uploaded once, so
     /// RoPE's kernels read any chunk's (contiguous) positions from a slice
     /// of it instead of a copy per call (`S * 4` bytes: 8 MiB at 2M
-    /// tokens, outside the planner's count).
+    /// tokens). On meta with the GPU path modelled: its size alone.
     positions: Option<DeviceBuffer>,
+    /// On meta: model the cuda device's GPU path (PTX kernels, cuBLASLt
+    /// GEMMs, their allocations) instead of the cpu device's host kernels.
+    gpu_path: bool,
+    /// On meta with the GPU path modelled: the cuBLASLt workspace the cuda
+    /// device holds.
+    meta_workspace: Option<DeviceBuffer>,
 }
 
 impl<C: Communicator> std::fmt::Debug for RankModel<C> {
@@ -249,9 +255,7 @@ impl<C: Communicator> RankModel<C> {
         }
         fill(dev.compute(), Tv::f32(grads.view()), 0.0)?;
         let blas = if dev.kind() == DeviceKind::Cuda {
-            // cuBLASLt's recommended 32 MiB, or 1/16 of a small budget.
-            let ws = (dev.device_budget() / 16).min(WORKSPACE_BYTES) & !255;
-            Blas::with_workspace(&dev, ws).map_err(|e| e.to_string())
+            Blas::with_workspace(&dev, Self::workspace_bytes(&dev)).map_err(|e| e.to_string())
         } else {
             Err(format!("the {} device multiplies on the host", dev.kind()))
         };
@@ -289,7 +293,57 @@ impl<C: Communicator> RankModel<C> {
             host_kernels: false,
             blas,
             positions,
+            gpu_path: false,
+            meta_workspace: None,
         })
+    }
+
+    /// The cuBLASLt workspace a cuda device of this budget gets: the
+    /// recommended 32 MiB, or 1/16 of a small budget.
+    fn workspace_bytes(dev: &Device) -> usize {
+        (dev.device_budget() / 16).min(WORKSPACE_BYTES) & !255
+    }
+
+    /// On the meta device: plan the step the cuda device runs (its PTX
+    /// kernels, its cuBLASLt GEMMs, and what they allocate: the positions
+    /// buffer, the GEMM workspace, f32 GEMM outputs) when `on`, instead of
+    /// the cpu device's host kernels (the default, whose peaks the cpu
+    /// device measures exactly). Refused on the other devices, which run
+    /// the path they have.
+    pub fn model_gpu_path(&mut self, on: bool) -> Result<()> {
+        if self.dev.kind() != DeviceKind::Meta {
+            return Err(ModelError::config(
+                "gpu path",
+                on,
+                format!(
+                    "is modelled on the meta device only (this rank runs on {})",
+                    self.dev.kind()
+                ),
+            ));
+        }
+        if on == self.gpu_path {
+            return Ok(());
+        }
+        if on {
+            let ws = Self::workspace_bytes(&self.dev);
+            self.positions = Some(self.dev.alloc(self.sched.seq_len * 4, "rope positions")?);
+            self.meta_workspace = Some(self.dev.alloc(ws, "cublaslt workspace")?);
+        } else {
+            self.positions = None;
+            self.meta_workspace = None;
+        }
+        self.gpu_path = on;
+        Ok(())
+    }
+
+    /// Whether this rank's layer ops run (or, on meta, are modelled) as
+    /// PTX kernels and cuBLASLt GEMMs rather than host kernels.
+    fn on_gpu(&self) -> bool {
+        match self.dev.kind() {
+            DeviceKind::Cuda => !self.host_kernels,
+            DeviceKind::Meta => self.gpu_path,
+            DeviceKind::Cpu => false,
+        }
     }
 
     /// Where the linear layers' GEMMs run: cuBLASLt (and its file), or
@@ -434,8 +488,13 @@ impl<C: Communicator> RankModel<C> {
             // dominating).
             gdt: self.sched.precision.storage(),
             grads: &self.grads,
-            gpu: self.dev.kind() == DeviceKind::Cuda && !self.host_kernels,
-            blas: self.blas.as_ref().ok().filter(|_| !self.host_kernels),
+            gpu: self.on_gpu(),
+            gemms: match self.dev.kind() {
+                DeviceKind::Cuda => self.blas.as_ref().ok().map(|b| Gemms(Some(b))),
+                DeviceKind::Meta => Some(Gemms(None)),
+                DeviceKind::Cpu => None,
+            }
+            .filter(|_| self.on_gpu()),
             positions: self.positions.as_ref(),
         };
         let s = ctx.s();
@@ -631,6 +690,7 @@ impl<C: Communicator> RankModel<C> {
             ));
         }
         let s = self.dev.compute().clone();
+        let on_gpu = self.on_gpu();
         let opt = &mut self.opt;
         let k = opt.range.len();
         match self.grad_state {
@@ -648,7 +708,7 @@ impl<C: Communicator> RankModel<C> {
         }
         // The squared norm of this shard, then of all shards.
         let sq = self.dev.alloc(F32, "grad norm")?;
-        if self.dev.kind() == DeviceKind::Cuda && !self.host_kernels {
+        if on_gpu {
             // On the GPU (red.add of per-warp sums: the last bits vary run to
             // run), not a host kernel staging the whole shard to the host.
             fill(&s, Tv::f32(sq.view()), 0.0)?;
@@ -873,6 +933,11 @@ impl FpdtGroup {
     /// [`RankModel::set_host_kernels`] on every rank.
     pub fn set_host_kernels(&mut self, on: bool) {
         self.ranks.iter_mut().for_each(|r| r.set_host_kernels(on));
+    }
+
+    /// [`RankModel::model_gpu_path`] on every rank.
+    pub fn model_gpu_path(&mut self, on: bool) -> Result<()> {
+        self.ranks.iter_mut().try_for_each(|r| r.model_gpu_path(on))
     }
 
     /// The ranks.

@@ -352,3 +352,112 @@ fn attention_and_gemms_run_on_the_gpu_in_bf16_near_the_cpu_step() {
         assert!(e < 2e-2, "{what}: gradients {e:e} from the cpu's");
     }
 }
+
+#[test]
+fn the_meta_planner_modelling_the_gpu_path_allocates_what_the_cuda_step_does() {
+    let test = "the_meta_planner_modelling_the_gpu_path_allocates_what_the_cuda_step_does";
+    // The shape of the bf16 test above: every op on its PTX kernel or
+    // cuBLASLt, whose allocations (f32 GEMM outputs, the positions
+    // buffer, the workspace) differ from the host kernels'.
+    let cfg = ModelConfig {
+        rope_theta: 10_000.0,
+        ..ModelConfig::llama(31, 128, 1, 2, 2, 64)
+    };
+    let params = random_params_std(&cfg, 5, 0.05);
+    let p32: Vec<f32> = params.iter().map(|&x| x as f32).collect();
+    let (tokens, targets) = random_batch(&cfg, 24, 9);
+    let meta_cfg = fpdt_runtime::MetaConfig {
+        device_memory: cuda_config().device_memory.unwrap_or(4 << 20),
+        host_memory: cuda_config().host_memory,
+        ..fpdt_runtime::MetaConfig::default()
+    };
+    // Peak device bytes of each rank over one step, by tag.
+    type Peaks = Vec<(usize, Vec<(&'static str, usize)>)>;
+    let peaks = |g: &FpdtGroup| -> Peaks {
+        g.ranks()
+            .iter()
+            .map(|r| {
+                let u = r.device().ledger().usage(fpdt_runtime::Space::Device);
+                let tags = u.tags.iter().map(|(t, s)| (*t, s.peak)).collect();
+                (u.peak, tags)
+            })
+            .collect()
+    };
+    for (offload, chunks) in [(true, 3), (false, 2)] {
+        let what = format!("S=24 P=2 u={chunks} offload={offload} bf16");
+        let sched = Schedule {
+            offload,
+            precision: Precision::Bf16,
+            ..Schedule::fpdt(24, 2, chunks)
+        };
+        let Some(mut g) = gpu_group(test, &cfg, sched, &p32) else {
+            return;
+        };
+        if !g.ranks()[0].gemm_backend().starts_with("cuBLASLt") {
+            eprintln!(
+                "{test}: skipped, no cuBLASLt: {}",
+                g.ranks()[0].gemm_backend()
+            );
+            return;
+        }
+        // One training step as the planner runs it: the accumulation, then
+        // the optimizer (clipping on: the gradient norm's kernel). Peaks
+        // after each, apart from the in-process group's reduction scratch:
+        // ranks sharing one GPU pull their peers' slices into it, while
+        // NCCL, which the planner models, reduces in buffers of its own
+        // allocated at init.
+        let step = fpdt_model::fpdt::OptimStep::typical(3e-4);
+        let run = |g: &mut FpdtGroup, tokens: &[u32], targets: &[i32]| -> [Peaks; 2] {
+            g.accumulate(tokens, targets, 1.0)
+                .expect("the accumulation");
+            let acc = peaks(g);
+            g.optimizer_step(&step).expect("the optimizer step");
+            [acc, peaks(g)]
+        };
+        let scratch = |tags: &[(&str, usize)]| {
+            tags.iter()
+                .find(|t| t.0 == "collective scratch")
+                .map_or(0, |t| t.1)
+        };
+        let want = run(&mut g, &tokens, &targets);
+        let zeros = (vec![0u32; 24], vec![0i32; 24]);
+        // Without the GPU path the planner counts the host kernels'
+        // allocations: not the cuda step's.
+        let mut m = FpdtGroup::meta(&cfg, sched, &meta_cfg).expect("a meta group");
+        let host = run(&mut m, &zeros.0, &zeros.1);
+        assert_ne!(host[0][0].1, want[0][0].1, "{what}: the host path's peaks");
+        let mut m = FpdtGroup::meta(&cfg, sched, &meta_cfg).expect("a meta group");
+        m.model_gpu_path(true).expect("the gpu path on meta");
+        let got = run(&mut m, &zeros.0, &zeros.1);
+        for (phase, (w, g)) in ["accumulation", "optimizer step"]
+            .iter()
+            .zip(want.iter().zip(&got))
+        {
+            for (r, (w, g)) in w.iter().zip(g).enumerate() {
+                let what = format!("{what}: rank {r} after the {phase}");
+                let tags: Vec<_> = w.1.iter().filter(|t| t.0 != "collective scratch").collect();
+                assert_eq!(
+                    g.1.iter().collect::<Vec<_>>(),
+                    tags,
+                    "{what}: per-tag peaks, meta vs cuda"
+                );
+                assert_eq!(scratch(&g.1), 0, "{what}: meta has no scratch");
+                // The whole peak: the cuda device's at most the scratch above.
+                assert!(
+                    g.0 <= w.0 && w.0 <= g.0 + scratch(&w.1),
+                    "{what}: peak device bytes, meta {} vs cuda {} (scratch {})",
+                    g.0,
+                    w.0,
+                    scratch(&w.1)
+                );
+            }
+        }
+    }
+    // The other devices run the path they have.
+    let sched = Schedule::fpdt(24, 2, 2);
+    let mut c = FpdtGroup::cpu(&cfg, sched, &p32, &cpu()).expect("a cpu group");
+    let e = c
+        .model_gpu_path(true)
+        .expect_err("cpu has no modelled path");
+    assert!(e.to_string().contains("meta device only"), "{e}");
+}

@@ -375,8 +375,8 @@ mod tests {
     #[test]
     fn enqueue_on_meta_costs_the_launch() {
         let dev = Device::meta(fpdt_runtime::MetaConfig::default()).unwrap();
-        // Meta addresses are offsets from 0; launchers refuse a null one.
-        let _pad = dev.alloc(256, "pad").unwrap();
+        // The first block too: meta addresses start above a nonzero base,
+        // as launchers, which refuse a null pointer, need.
         let a = dev.alloc(4096, "a").unwrap();
         let b = dev.alloc(4096, "b").unwrap();
         let o = dev.alloc(4096, "o").unwrap();

@@ -71,6 +71,10 @@ pub(crate) struct MemInner {
     uses: Mutex<UseState>,
 }
 
+/// Where the meta device's addresses start (1 TiB: aligned to anything a
+/// kernel asks for, and never null).
+const META_BASE: usize = 1 << 40;
+
 impl MemInner {
     fn lock(&self) -> MutexGuard<'_, UseState> {
         self.uses.lock().unwrap_or_else(|e| e.into_inner())
@@ -85,7 +89,14 @@ impl MemInner {
     }
 
     pub(crate) fn addr(&self) -> usize {
-        self.block.addr()
+        if self.has_data {
+            self.block.addr()
+        } else {
+            // The meta device's blocks are offsets from 0: placed at a
+            // nonzero base (as a GPU's virtual addresses are), so kernel
+            // launchers, which refuse a null pointer, take them too.
+            META_BASE + self.block.addr()
+        }
     }
 
     pub(crate) fn device_id(&self) -> u64 {
@@ -424,7 +435,7 @@ impl<'a> View<'a> {
     }
 
     /// Address of the first byte, for kernel launchers on a real device
-    /// (a plain offset on the meta device).
+    /// (on the meta device an offset above a fixed nonzero base).
     pub fn addr(&self) -> usize {
         self.mem.addr() + self.offset
     }

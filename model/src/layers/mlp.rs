@@ -107,7 +107,7 @@ fn wide(ctx: &Ctx<'_>, lp: &LayerParams, hn: Tv<'_>, n: usize, aux: bool) -> Res
     let on_gpu = act.view().dt == DType::BF16
         && super::gemm_blas(ctx, &[hn, w1], f32_out, b1_32.as_ref()).is_some()
         && w3.is_none_or(|w3| super::gemm_blas(ctx, &[hn, w3], f32_out, None).is_some());
-    if let (true, Some(blas)) = (on_gpu, ctx.blas) {
+    if let (true, Some(blas)) = (on_gpu, ctx.gemms) {
         let s = ctx.s();
         let z1f = ctx.alloc(n * inter, "mlp pre-activation")?;
         let widened = super::f32_bias(ctx, b1)?;

@@ -96,6 +96,12 @@ impl Buf {
     }
 }
 
+/// The GEMM engine of the GPU path: the device's cuBLASLt on cuda; `None`
+/// inside on the meta device modelling that path (each GEMM costed, the
+/// same allocations around it).
+#[derive(Clone, Copy)]
+pub(crate) struct Gemms<'a>(pub Option<&'a Blas>);
+
 /// What every layer of one rank works with.
 pub(crate) struct Ctx<'a> {
     pub cfg: &'a ModelConfig,
@@ -118,9 +124,10 @@ pub(crate) struct Ctx<'a> {
     /// Launch the PTX kernel of an op where it has one (on cuda, unless
     /// host kernels were asked for); else the op's host kernel.
     pub gpu: bool,
-    /// The device's cuBLASLt, when `gpu` and the library loaded: the
-    /// linear layers' GEMMs run there (bf16 operands).
-    pub blas: Option<&'a Blas>,
+    /// Where the linear layers' GEMMs run when `gpu` (bf16 operands): the
+    /// device's cuBLASLt on cuda, costed as the same GEMM on meta; None:
+    /// host kernels.
+    pub gemms: Option<Gemms<'a>>,
     /// On cuda: the positions `0..seq_len` (u32) on the device, for RoPE.
     pub positions: Option<&'a DeviceBuffer>,
 }
@@ -335,8 +342,8 @@ pub(crate) fn gemm_blas<'a>(
     ab: &[Tv<'_>],
     d: Tv<'_>,
     bias: Option<&Tv<'_>>,
-) -> Option<&'a Blas> {
-    let blas = ctx.blas.filter(|_| ctx.gpu)?;
+) -> Option<Gemms<'a>> {
+    let blas = ctx.gemms.filter(|_| ctx.gpu)?;
     let ok = ab.iter().all(|t| t.dt == DType::BF16)
         && matches!(d.dt, DType::BF16 | DType::F32)
         && bias.is_none_or(|b| b.dt == d.dt);
@@ -356,7 +363,7 @@ pub(crate) fn f32_bias(ctx: &Ctx<'_>, b: Option<Tv<'_>>) -> Result<Option<Buf>> 
 /// `d (+)= op(a) op(b) (+ bias)` through cuBLASLt on `s`.
 pub(crate) fn gemm(
     s: &Stream,
-    blas: &Blas,
+    blas: Gemms<'_>,
     spec: &MatmulSpec,
     a: Tv<'_>,
     b: Tv<'_>,
@@ -365,7 +372,7 @@ pub(crate) fn gemm(
 ) -> Result<()> {
     fpdt_ptx::matmul::matmul(
         s,
-        Some(blas),
+        blas.0,
         spec,
         &fpdt_ptx::matmul::MatmulViews {
             a: a.v,
