@@ -18,7 +18,7 @@ use fpdt_alloc::AllocError;
 use fpdt_comm::CommError;
 use fpdt_runtime::{CostModel, Device, MetaConfig, OpKind, RuntimeError, Space};
 
-use crate::config::{ModelConfig, Schedule};
+use crate::config::{ModelConfig, Precision, Schedule};
 use crate::error::{ModelError, Result};
 use crate::fpdt::{FpdtGroup, OptimStep};
 
@@ -73,6 +73,11 @@ pub struct PlanSpec {
     /// Tokens per loss sub-chunk (0: the schedule's default, the MLP
     /// sub-chunk C/(2P)).
     pub loss_chunk: usize,
+    /// Working precision. f32 plans the host kernels' path (the cpu
+    /// device's, whose peaks it matches exactly); bf16 plans what the cuda
+    /// device runs: its PTX kernels and cuBLASLt GEMMs and what they
+    /// allocate ([`crate::fpdt::RankModel::model_gpu_path`]).
+    pub precision: Precision,
 }
 
 impl PlanSpec {
@@ -95,6 +100,7 @@ impl PlanSpec {
             offload: true,
             checkpoint: true,
             loss_chunk: 0,
+            precision: Precision::F32,
         }
     }
 
@@ -182,12 +188,14 @@ impl PlanSpec {
                     offload: self.offload,
                     checkpoint: self.checkpoint,
                     loss_chunk: self.loss_chunk,
+                    precision: self.precision,
                     ..Schedule::fpdt(s, self.gpus, s / self.chunk)
                 }
             }
             PlanKind::Ulysses => Schedule {
                 checkpoint: true,
                 loss_chunk: self.loss_chunk,
+                precision: self.precision,
                 ..Schedule::ulysses(s, self.gpus)
             },
         };
@@ -454,6 +462,9 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec, kind: PlanKind) -> Result<PlanRe
     let sched = spec.schedule(kind)?;
     sched.validate(cfg)?;
     let mut g = FpdtGroup::meta(cfg, sched, &meta_config(spec))?;
+    if sched.precision == Precision::Bf16 {
+        g.model_gpu_path(true)?;
+    }
     // What the construction allocated (weights, gradients, optimizer
     // state) is held when recording starts; the replay starts from it.
     let mut starts = Vec::with_capacity(g.ranks().len());
@@ -470,6 +481,9 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec, kind: PlanKind) -> Result<PlanRe
         };
         starts.push((held(Space::Device), held(Space::Host)));
         d.ledger().start_recording();
+        // Totals only: the events of a long step (hundreds of millions at
+        // 4M tokens on 8 ranks) would not fit in this machine's memory.
+        d.trace().set_enabled(false);
         d.trace().clear();
         t0.push(d.now_ns());
     }
@@ -495,20 +509,16 @@ pub fn plan(cfg: &ModelConfig, spec: &PlanSpec, kind: PlanKind) -> Result<PlanRe
         let rank_ns = end.saturating_sub(t0[i]);
         step_ns = step_ns.max(rank_ns);
         opt_ns = opt_ns.max(end.saturating_sub(t_mid[i]));
-        let mut b = StreamBusy::default();
-        for e in d.trace().events() {
-            let s = e.duration_ns() as f64 * 1e-9;
-            match e.kind {
-                OpKind::Kernel => {
-                    b.compute += s;
-                    executed += e.flops;
-                }
-                OpKind::Collective => b.collective += s,
-                OpKind::CopyH2D => b.h2d += s,
-                OpKind::CopyD2H => b.d2h += s,
-                OpKind::CopyD2D | OpKind::CopyH2H => b.other_copies += s,
-            }
-        }
+        let totals = d.trace().totals();
+        let secs = |k: OpKind| totals.of(k).busy_ns as f64 * 1e-9;
+        let b = StreamBusy {
+            compute: secs(OpKind::Kernel),
+            collective: secs(OpKind::Collective),
+            h2d: secs(OpKind::CopyH2D),
+            d2h: secs(OpKind::CopyD2H),
+            other_copies: secs(OpKind::CopyD2D) + secs(OpKind::CopyH2H),
+        };
+        executed += totals.of(OpKind::Kernel).flops;
         d.trace().clear();
         if rank_ns >= slowest {
             slowest = rank_ns;

@@ -391,6 +391,7 @@ fn fpdt_plan_names_the_flag_of_bad_input() -> TestResult {
     let with =
         |extra: &[&'static str]| -> Vec<&'static str> { m.iter().chain(extra).copied().collect() };
     plan_fails(&with(&["--gpus", "0"]), &["--gpus"])?;
+    plan_fails(&with(&["--precision", "fp8"]), &["--precision", "fp8"])?;
     plan_fails(
         &with(&["--gpus", "3", "--seq-len", "384", "--chunk", "96"]),
         &["--gpus", "heads (4)"],
@@ -421,5 +422,40 @@ fn fpdt_plan_names_the_flag_of_bad_input() -> TestResult {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("FPDT fits"), "{out}");
     assert!(out.contains("largest sequence that fits"), "{out}");
+    Ok(())
+}
+
+#[test]
+fn a_bf16_plan_counts_what_the_gpu_path_allocates() -> TestResult {
+    // Head dim 64: the attention kernels' (llama: RoPE reads positions).
+    let cfg = ModelConfig {
+        rope_theta: 10_000.0,
+        ..ModelConfig::llama(31, 128, 2, 2, 2, 64)
+    };
+    let at = |precision| -> Result<PlanReport, Box<dyn Error>> {
+        let s = PlanSpec {
+            precision,
+            ..spec(1024, 2, 256, 1 << 30, 1 << 30)
+        };
+        Ok(planner::plan(&cfg, &s, PlanKind::Fpdt)?)
+    };
+    let f32 = report_tag_peaks(&at(fpdt_model::config::Precision::F32)?.device);
+    let bf16 = report_tag_peaks(&at(fpdt_model::config::Precision::Bf16)?.device);
+    // The cuda device's own buffers: the GEMM workspace (cuBLASLt's 32
+    // MiB) and the positions 0..S (u32) RoPE reads, in bf16 only.
+    assert_eq!(
+        bf16.get("cublaslt workspace"),
+        Some(&(32 << 20)),
+        "{bf16:?}"
+    );
+    assert_eq!(bf16.get("rope positions"), Some(&(1024 * 4)), "{bf16:?}");
+    for t in ["cublaslt workspace", "rope positions"] {
+        assert!(!f32.contains_key(t), "{t} in the f32 plan: {f32:?}");
+    }
+    // The layer inputs (kept resident: one rank's chunk rows of hidden
+    // 128) in bf16: half the f32 bytes.
+    let x = |m: &BTreeMap<&str, usize>| m.get("x").copied().unwrap_or(0);
+    assert!(x(&f32) > 0, "{f32:?}");
+    assert_eq!(2 * x(&bf16), x(&f32), "layer inputs: {bf16:?} vs {f32:?}");
     Ok(())
 }

@@ -45,6 +45,6 @@ pub use memory::{
     View,
 };
 pub use stream::{Event, HostFn, Stream, Work};
-pub use trace::{OpKind, Trace, TraceEvent};
+pub use trace::{KindTotal, OpKind, Trace, TraceEvent, TraceTotals};
 
 pub use fpdt_alloc::{fmt_bytes, SlabStats, TagStats};

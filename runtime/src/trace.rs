@@ -35,6 +35,20 @@ pub enum OpKind {
 }
 
 impl OpKind {
+    /// Every kind, in the order [`TraceTotals`] indexes them.
+    pub const ALL: [OpKind; 6] = [
+        OpKind::Kernel,
+        OpKind::CopyH2D,
+        OpKind::CopyD2H,
+        OpKind::CopyD2D,
+        OpKind::CopyH2H,
+        OpKind::Collective,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
     /// Whether the operation is a copy.
     pub fn is_copy(self) -> bool {
         matches!(
@@ -85,12 +99,51 @@ impl TraceEvent {
     }
 }
 
-/// The trace of one device. Recording can be switched off; it is on by default.
+/// What the operations of one kind added up to.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KindTotal {
+    /// Operations.
+    pub count: u64,
+    /// Their durations, summed (overlaps counted twice), ns.
+    pub busy_ns: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Their floating-point operations.
+    pub flops: f64,
+}
+
+/// Running totals per [`OpKind`] of everything a trace saw, kept whether or
+/// not events are recorded: what a long step needs (busy time per stream
+/// kind, FLOPs executed) in constant memory, where its events would not fit
+/// (a planned 4M-token step enqueues hundreds of millions of operations).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TraceTotals {
+    kinds: [KindTotal; 6],
+}
+
+impl TraceTotals {
+    /// The totals of `kind`.
+    pub fn of(&self, kind: OpKind) -> KindTotal {
+        self.kinds[kind.index()]
+    }
+
+    fn add(&mut self, ev: &TraceEvent) {
+        let t = &mut self.kinds[ev.kind.index()];
+        t.count += 1;
+        t.busy_ns += ev.duration_ns();
+        t.bytes += ev.bytes;
+        t.flops += ev.flops;
+    }
+}
+
+/// The trace of one device. Recording events can be switched off (it is on
+/// by default); the totals are always kept.
 #[derive(Debug)]
 pub struct Trace {
     device: String,
     enabled: AtomicBool,
     events: Mutex<Vec<TraceEvent>>,
+    totals: Mutex<TraceTotals>,
 }
 
 impl Trace {
@@ -99,10 +152,11 @@ impl Trace {
             device,
             enabled: AtomicBool::new(true),
             events: Mutex::new(Vec::new()),
+            totals: Mutex::new(TraceTotals::default()),
         }
     }
 
-    /// Turns recording on or off.
+    /// Turns recording events on or off (the totals are kept either way).
     pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::Relaxed);
     }
@@ -113,9 +167,19 @@ impl Trace {
     }
 
     pub(crate) fn record(&self, ev: TraceEvent) {
+        self.totals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(&ev);
         if self.is_enabled() {
             self.lock().push(ev);
         }
+    }
+
+    /// The totals per kind of every operation since the last
+    /// [`Trace::clear`], recorded as events or not.
+    pub fn totals(&self) -> TraceTotals {
+        *self.totals.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<TraceEvent>> {
@@ -127,9 +191,10 @@ impl Trace {
         self.lock().clone()
     }
 
-    /// Forgets the events recorded so far.
+    /// Forgets the events recorded so far, and the totals.
     pub fn clear(&self) {
         self.lock().clear();
+        *self.totals.lock().unwrap_or_else(|e| e.into_inner()) = TraceTotals::default();
     }
 
     /// The device's name, used as the process name in Chrome traces.
@@ -254,5 +319,37 @@ mod tests {
         assert_eq!(busy_ns(&rb), 20);
         assert_eq!(busy_ns(&[]), 0);
         assert_eq!(overlap_ns(&ra, &rb), 10);
+    }
+
+    #[test]
+    fn totals_add_up_the_events_whether_recorded_or_not() {
+        for (i, k) in OpKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i, "{k:?}");
+        }
+        let t = Trace::new("d".into());
+        let copy = TraceEvent {
+            kind: OpKind::CopyH2D,
+            bytes: 64,
+            ..ev(5, 12)
+        };
+        t.record(TraceEvent {
+            flops: 3.0,
+            bytes: 8,
+            ..ev(0, 10)
+        });
+        t.set_enabled(false);
+        t.record(TraceEvent {
+            flops: 4.0,
+            ..ev(10, 30)
+        });
+        t.record(copy);
+        assert_eq!(t.events().len(), 1, "only the first was recorded");
+        let k = t.totals().of(OpKind::Kernel);
+        assert_eq!((k.count, k.busy_ns, k.bytes, k.flops), (2, 30, 8, 7.0));
+        let c = t.totals().of(OpKind::CopyH2D);
+        assert_eq!((c.count, c.busy_ns, c.bytes), (1, 7, 64));
+        assert_eq!(t.totals().of(OpKind::Collective), KindTotal::default());
+        t.clear();
+        assert_eq!(t.totals(), TraceTotals::default());
     }
 }

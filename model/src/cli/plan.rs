@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use fpdt_runtime::fmt_bytes;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Precision};
 use crate::error::{ModelError, Result};
 use crate::planner::{self, fmt_tokens, MaxLen, MemoryReport, PlanKind, PlanReport, PlanSpec};
 
@@ -57,6 +57,12 @@ pub struct PlanArgs {
     /// Tokens per loss sub-chunk (0: the MLP sub-chunk, C/(2P)).
     #[arg(long, default_value_t = 0, value_name = "TOKENS")]
     pub loss_chunk: usize,
+    /// Working precision: f32 (the host kernels' path, exact against the
+    /// cpu device), or bf16 (bf16 weights, activations and offloaded
+    /// chunks, planned as the cuda device runs them: PTX kernels and
+    /// cuBLASLt GEMMs).
+    #[arg(long, default_value = "f32", value_name = "f32|bf16")]
+    pub precision: String,
     /// Search up to this many tokens for the largest sequence that fits
     /// (0: no search).
     #[arg(long, default_value_t = 16 << 20, value_name = "TOKENS")]
@@ -170,6 +176,10 @@ fn checked_spec(args: &PlanArgs, config: &ModelConfig) -> Result<PlanSpec> {
             ),
         ));
     }
+    let precision: Precision = args
+        .precision
+        .parse()
+        .map_err(|e: ModelError| usage("--precision", e.to_string()))?;
     Ok(PlanSpec {
         seq_len: args.seq_len,
         gpus: args.gpus,
@@ -183,6 +193,7 @@ fn checked_spec(args: &PlanArgs, config: &ModelConfig) -> Result<PlanSpec> {
         offload: args.offload == Switch::On,
         checkpoint: args.checkpoint == Switch::On,
         loss_chunk: args.loss_chunk,
+        precision,
     })
 }
 
@@ -407,7 +418,7 @@ pub fn plan(args: &PlanArgs) -> Result<ExitCode> {
     let spec = checked_spec(args, &config)?;
     println!(
         "plan: {} ({:.2}B parameters, {:.3e} FLOP/token at S = {}), {} GPUs of {}, {} of host \
-         memory each; {} TFLOP/s peak x {} kernel efficiency, PCIe {} GB/s, NVLink {} GB/s",
+         memory each; {} TFLOP/s peak x {} kernel efficiency, PCIe {} GB/s, NVLink {} GB/s; {}",
         args.model,
         config.param_count() as f64 / 1e9,
         config.flops_per_token(spec.seq_len),
@@ -419,6 +430,10 @@ pub fn plan(args: &PlanArgs) -> Result<ExitCode> {
         spec.kernel_efficiency,
         spec.host_link_gbps,
         spec.nvlink_gbps,
+        match spec.precision {
+            Precision::F32 => "f32 (the host kernels' path)",
+            Precision::Bf16 => "bf16 (the cuda device's PTX kernels and cuBLASLt GEMMs)",
+        },
     );
     let fpdt = planner::plan(&config, &spec, PlanKind::Fpdt)?;
     let ulysses = planner::plan(&config, &spec, PlanKind::Ulysses)?;
@@ -508,9 +523,10 @@ pub fn plan(args: &PlanArgs) -> Result<ExitCode> {
             ],
         );
         println!(
-            "(ours: weights and gradients in f32 replicated on every GPU with a sharded \
+            "(ours: {} weights and f32 gradients replicated on every GPU with a sharded \
              optimizer; the paper: bf16 with ZeRO-3. MFU counts 6N + 6 L H d S FLOPs per \
-             token, causal attention as half, recomputation not counted.)"
+             token, causal attention as half, recomputation not counted.)",
+            spec.precision.name()
         );
     }
     println!(
